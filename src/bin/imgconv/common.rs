@@ -1,0 +1,93 @@
+//! Pieces shared by the subcommands: opening, errors, progress bars, signals.
+
+use std::io::IsTerminal;
+use std::path::Path;
+
+use imgconv::{Format, Image, OpenOptions};
+
+/// A command's failure: the exit code and the error to print.
+pub type CmdError = (u8, imgconv::Error);
+
+/// A command's outcome.
+pub type CmdResult = Result<std::process::ExitCode, CmdError>;
+
+/// Maps a library error to exit code `code`.
+pub fn fail(code: u8) -> impl Fn(imgconv::Error) -> CmdError {
+    move |e| (code, e)
+}
+
+/// Parses a `-f`/`-O` format name.
+pub fn parse_format(s: &str) -> Result<Format, String> {
+    s.parse::<Format>().map_err(|e| e.to_string())
+}
+
+/// Opens `path` with an optional format and trust mode.
+pub fn open_image(path: &str, format: Option<Format>, untrusted: bool) -> imgconv::Result<Image> {
+    let mut o = if untrusted {
+        OpenOptions::untrusted()
+    } else {
+        OpenOptions::trusted()
+    };
+    o.format = format;
+    imgconv::open(Path::new(path), &o)
+}
+
+/// A progress bar on stderr when `-p` was given and stderr is a terminal.
+pub fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(100);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "    ({percent:>3}.00/100%) [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    Some(pb)
+}
+
+/// Formats a byte count as qemu-img does ("1 GiB", "196 KiB", "1.5 MiB").
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    // qemu prints three significant digits without trailing zeros ("%0.3g").
+    let s = if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    };
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        &s
+    };
+    format!("{s} {}", UNITS[u])
+}
+
+/// Removes temporary outputs and exits on SIGINT / SIGTERM / SIGHUP.
+pub fn install_signal_handlers() {
+    extern "C" fn on_signal(sig: libc::c_int) {
+        imgconv::io::output::remove_pending_files();
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + sig) };
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing a handler that only calls async-signal-safe functions
+        // (unlink via remove_file, _exit).
+        unsafe {
+            libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        }
+    }
+}

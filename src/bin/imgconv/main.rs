@@ -1,0 +1,51 @@
+//! `imgconv`: qemu-img's command line for raw, qcow2, VMDK and VDI images.
+
+mod common;
+mod compare;
+mod convert;
+mod info;
+mod map;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Read, write, inspect and convert virtual-disk images (raw, qcow2, VMDK, VDI).
+///
+/// The syntax follows qemu-img: `imgconv convert -f qcow2 -O vmdk in.qcow2 out.vmdk`.
+#[derive(Parser)]
+#[command(name = "imgconv", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what an image is: format, sizes, backing file, format-specific details.
+    Info(info::Args),
+    /// Convert an image to another format (or the same one, compacted).
+    Convert(convert::Args),
+    /// Compare the guest-visible contents of two images.
+    Compare(compare::Args),
+    /// Show where the data of an image lies.
+    Map(map::Args),
+}
+
+fn main() -> ExitCode {
+    common::install_signal_handlers();
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Compare(a) => compare::run(a),
+        Command::Map(a) => map::run(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err((code, e)) => {
+            eprintln!("imgconv: {e}");
+            ExitCode::from(code)
+        }
+    }
+}

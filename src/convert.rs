@@ -1,0 +1,805 @@
+//! The conversion engine: one pipeline for every pair of formats.
+//!
+//! A dispatcher thread walks the source's [`BlockDevice::map`] and cuts the disk into
+//! grain-aligned units: stretches that read as zeros become zero runs without being read;
+//! data stretches become jobs of at most `chunk_size` bytes. Worker threads read each job,
+//! find all-zero grains, compare with the target's backing image when there is one, and
+//! run the writer's encoder (compression). The calling thread receives the results,
+//! puts them back in order and hands them to the [`ImageWriter`]. A fixed number of
+//! tokens bounds the jobs in flight, so memory stays bounded whatever the image size.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use crate::detect::Format;
+use crate::device::{BlockDevice, Extent};
+use crate::error::{Error, Result};
+use crate::image::Image;
+use crate::io::OutputSet;
+use crate::writer::{DataRun, GrainEncoder, ImageWriter, WriteOptions};
+
+/// Progress callback: `(bytes done, bytes total)`.
+pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
+
+/// Set by [`interrupt`]; every running conversion stops with [`Error::Interrupted`].
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Asks every running conversion to stop (e.g. from a signal handler).
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Default size of one unit of work.
+pub const DEFAULT_CHUNK: u64 = 2 << 20;
+
+/// How the engine runs: threads, sparseness, progress, backing image of the target.
+#[derive(Clone)]
+pub struct EngineOptions {
+    /// Worker threads (`-m`); 0 = the number of cores.
+    pub threads: usize,
+    /// Smallest run of zeros to leave unwritten (`-S`); 0 writes every data byte.
+    pub min_sparse: u64,
+    /// Bytes per unit of work (rounded to the writer's grain size).
+    pub chunk_size: u64,
+    /// Called after each unit is written.
+    pub progress: Option<Arc<ProgressFn>>,
+    /// The target's backing image: grains that read the same there are not written.
+    pub target_backing: Option<Arc<dyn BlockDevice>>,
+    /// The target is known to read as zeros already (`--target-is-zero`).
+    pub target_is_zero: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            threads: 0,
+            min_sparse: 4096,
+            chunk_size: DEFAULT_CHUNK,
+            progress: None,
+            target_backing: None,
+            target_is_zero: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for EngineOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineOptions")
+            .field("threads", &self.threads)
+            .field("min_sparse", &self.min_sparse)
+            .field("chunk_size", &self.chunk_size)
+            .field("target_backing", &self.target_backing.is_some())
+            .finish()
+    }
+}
+
+/// Everything `convert` needs: the target format, its options, and how to run.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// Output format.
+    pub format: Format,
+    /// Writer options (`-o`, `-c`, backing file).
+    pub write: WriteOptions,
+    /// Engine options (`-m`, `-S`, progress).
+    pub engine: EngineOptions,
+    /// Write into an existing target without creating or truncating it (`-n`).
+    pub no_create: bool,
+}
+
+impl ConvertOptions {
+    /// Conversion to `format` with default options.
+    pub fn new(format: Format) -> Self {
+        ConvertOptions {
+            format,
+            write: WriteOptions::default(),
+            engine: EngineOptions::default(),
+            no_create: false,
+        }
+    }
+
+    /// Sets a writer option (`-o key=value`).
+    pub fn option(mut self, key: &str, value: &str) -> Self {
+        self.write.options.insert(key.to_string(), value.to_string());
+        self
+    }
+
+    /// Sets the VMDK subformat (`-o subformat=…`).
+    pub fn subformat(self, subformat: &str) -> Self {
+        self.option("subformat", subformat)
+    }
+
+    /// Compresses the output (`-c`).
+    pub fn compressed(mut self, on: bool) -> Self {
+        self.write.compressed = on;
+        self
+    }
+
+    /// Sets the number of worker threads (`-m`).
+    pub fn threads(mut self, n: usize) -> Self {
+        self.engine.threads = n;
+        self
+    }
+
+    /// Reports progress through `f(done, total)`.
+    pub fn progress(mut self, f: impl Fn(u64, u64) + Send + Sync + 'static) -> Self {
+        self.engine.progress = Some(Arc::new(f));
+        self
+    }
+}
+
+/// Converts `src` into a new image at `dst`. The file appears only when complete.
+pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions) -> Result<()> {
+    let out = if opts.no_create {
+        OutputSet::in_place()
+    } else {
+        OutputSet::new()
+    };
+    convert_to(src.device().as_ref(), dst.as_ref(), out, opts)
+}
+
+/// Converts `src` into a stream (e.g. stdout), for formats that can be written in one
+/// pass (raw, streamOptimized VMDK).
+pub fn convert_to_writer(
+    src: &Image,
+    w: Box<dyn std::io::Write + Send>,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    convert_to(
+        src.device().as_ref(),
+        Path::new("-"),
+        OutputSet::to_stream(w),
+        opts,
+    )
+}
+
+/// Converts any device into `dst` through `out`, then commits the output.
+pub fn convert_to(
+    src: &dyn BlockDevice,
+    dst: &Path,
+    mut out: OutputSet,
+    opts: &ConvertOptions,
+) -> Result<()> {
+    let writer = crate::format::create_writer(opts.format, dst, src.size(), &opts.write, &mut out)?;
+    run(src, writer, &opts.engine)?;
+    out.commit()
+}
+
+/// What one unit of work becomes.
+enum Piece {
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+        encoded: Option<Vec<Option<Vec<u8>>>>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// A unit of work, cut by the dispatcher.
+enum Job {
+    /// Reads as zeros in the source.
+    Zero { seq: u64, offset: u64, len: u64 },
+    /// Has data; `parts` are the source's extents inside it.
+    Data {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        parts: Vec<Extent>,
+        /// Already read (sequential-only sources are read by the dispatcher).
+        buf: Option<Vec<u8>>,
+    },
+}
+
+struct Done {
+    seq: u64,
+    pieces: Vec<Piece>,
+    bytes: u64,
+}
+
+fn align_down(x: u64, a: u64) -> u64 {
+    x - x % a
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+/// True when every byte of `buf` is zero (fast path for the zero scan).
+pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to gives the aligned middle.
+    let (head, mid, tail) = unsafe { buf.align_to::<u128>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && mid.chunks(8).all(|c| c.iter().fold(0, |a, &x| a | x) == 0)
+}
+
+/// Runs the pipeline: `src` → workers → `writer`, then `writer.finish()`.
+pub fn run(src: &dyn BlockDevice, mut writer: Box<dyn ImageWriter>, opts: &EngineOptions) -> Result<()> {
+    let size = src.size();
+    let grain = writer.grain_size().max(1);
+    let zero_gran = if opts.min_sparse == 0 {
+        0
+    } else {
+        align_up(opts.min_sparse.max(grain), grain)
+    };
+    let chunk = align_up(opts.chunk_size.max(grain), zero_gran.max(grain));
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    } else {
+        opts.threads
+    }
+    .clamp(1, 64);
+    let encoder = writer.encoder();
+    let max_in_flight = threads * 4;
+    let cancel = AtomicBool::new(false);
+
+    let (job_tx, job_rx) = sync_channel::<Job>(threads * 2);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (done_tx, done_rx) = sync_channel::<Result<Done>>(max_in_flight);
+    let (token_tx, token_rx) = sync_channel::<()>(max_in_flight);
+    for _ in 0..max_in_flight {
+        token_tx.send(()).expect("token channel has room");
+    }
+
+    let ctx = WorkerCtx {
+        src,
+        grain,
+        zero_gran,
+        encoder: encoder.as_deref(),
+        backing: opts.target_backing.as_deref(),
+        cancel: &cancel,
+    };
+
+    let result = std::thread::scope(|s| -> Result<()> {
+        {
+            let done_tx = done_tx.clone();
+            let cancel = &cancel;
+            s.spawn(move || {
+                let r = dispatch(src, size, grain, chunk, &job_tx, &token_rx, cancel);
+                if let Err(e) = r {
+                    let _ = done_tx.send(Err(e));
+                }
+            });
+        }
+        for _ in 0..threads {
+            let job_rx = job_rx.clone();
+            let done_tx = done_tx.clone();
+            let ctx = &ctx;
+            s.spawn(move || worker(ctx, &job_rx, &done_tx));
+        }
+        drop(done_tx);
+        let r = collect(&mut *writer, size, &done_rx, &token_tx, opts);
+        if r.is_err() {
+            cancel.store(true, Ordering::SeqCst);
+        }
+        drop(done_rx);
+        drop(token_tx);
+        r
+    });
+    result?;
+    writer.finish()
+}
+
+/// Walks the map and sends jobs in ascending order.
+fn dispatch(
+    src: &dyn BlockDevice,
+    size: u64,
+    grain: u64,
+    chunk: u64,
+    jobs: &SyncSender<Job>,
+    tokens: &Receiver<()>,
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let sequential = src.sequential_only();
+    let mut pos = 0u64;
+    let mut seq = 0u64;
+    while pos < size {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        let ext = src.map(pos, size - pos)?;
+        check_extent(&ext, pos, size)?;
+        let job = if ext.kind.reads_as_zero() {
+            // Coalesce following zero extents, then keep whole grains only.
+            let mut zend = ext.end();
+            while zend < size {
+                let e = src.map(zend, size - zend)?;
+                check_extent(&e, zend, size)?;
+                if !e.kind.reads_as_zero() {
+                    break;
+                }
+                zend = e.end();
+            }
+            let end = if zend == size { size } else { align_down(zend, grain) };
+            if end > pos {
+                let j = Job::Zero {
+                    seq,
+                    offset: pos,
+                    len: end - pos,
+                };
+                pos = end;
+                Some(j)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let job = match job {
+            Some(j) => j,
+            None => {
+                let (end, parts) = data_unit(src, pos, size, grain, chunk)?;
+                let buf = if sequential {
+                    Some(read_parts(src, pos, end - pos, &parts)?)
+                } else {
+                    None
+                };
+                let j = Job::Data {
+                    seq,
+                    offset: pos,
+                    len: end - pos,
+                    parts,
+                    buf,
+                };
+                pos = end;
+                j
+            }
+        };
+        if tokens.recv().is_err() || jobs.send(job).is_err() {
+            return Ok(()); // the collector has stopped
+        }
+        seq += 1;
+    }
+    Ok(())
+}
+
+fn check_extent(e: &Extent, pos: u64, size: u64) -> Result<()> {
+    if e.offset != pos || e.len == 0 || e.end() > size {
+        return Err(Error::Format(format!(
+            "internal error: map({pos:#x}) returned {}+{} on a {size}-byte disk",
+            e.offset, e.len
+        )));
+    }
+    Ok(())
+}
+
+/// Cuts a data unit starting at `pos` (grain-aligned): up to `chunk` bytes, ending early
+/// where a zero stretch covers at least one whole grain.
+fn data_unit(
+    src: &dyn BlockDevice,
+    pos: u64,
+    size: u64,
+    grain: u64,
+    chunk: u64,
+) -> Result<(u64, Vec<Extent>)> {
+    let limit = (pos + chunk).min(size);
+    let mut parts = Vec::new();
+    let mut cur = pos;
+    while cur < limit {
+        let mut e = src.map(cur, limit - cur)?;
+        check_extent(&e, cur, size)?;
+        if e.kind.reads_as_zero() && cur > pos {
+            let cut = align_up(cur, grain);
+            if cut + grain <= e.end() || (e.end() == size && cut < size) {
+                if cut > cur {
+                    e.len = cut - cur;
+                    parts.push(e);
+                }
+                return Ok((cut.min(size), parts));
+            }
+        }
+        cur = e.end();
+        parts.push(e);
+    }
+    let end = if limit == size {
+        size
+    } else {
+        // A data extent ending mid-grain: extend the unit to the grain's end.
+        let end = align_up(limit, grain).min(size);
+        while cur < end {
+            let e = src.map(cur, end - cur)?;
+            check_extent(&e, cur, size)?;
+            cur = e.end();
+            parts.push(e);
+        }
+        end
+    };
+    Ok((end, parts))
+}
+
+/// Reads a unit: data parts from the source, zero parts as zeros.
+fn read_parts(src: &dyn BlockDevice, offset: u64, len: u64, parts: &[Extent]) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len as usize];
+    for p in parts {
+        if !p.kind.reads_as_zero() {
+            let s = (p.offset - offset) as usize;
+            src.read_at(&mut buf[s..s + p.len as usize], p.offset)?;
+        }
+    }
+    Ok(buf)
+}
+
+struct WorkerCtx<'a> {
+    src: &'a dyn BlockDevice,
+    grain: u64,
+    zero_gran: u64,
+    encoder: Option<&'a dyn GrainEncoder>,
+    backing: Option<&'a dyn BlockDevice>,
+    cancel: &'a AtomicBool,
+}
+
+fn worker(ctx: &WorkerCtx<'_>, jobs: &Mutex<Receiver<Job>>, done: &SyncSender<Result<Done>>) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        if ctx.cancel.load(Ordering::Relaxed) {
+            return;
+        }
+        let r = process(ctx, job);
+        let failed = r.is_err();
+        if done.send(r).is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn process(ctx: &WorkerCtx<'_>, job: Job) -> Result<Done> {
+    match job {
+        Job::Zero { seq, offset, len } => Ok(Done {
+            seq,
+            pieces: zero_pieces(ctx, offset, len)?,
+            bytes: len,
+        }),
+        Job::Data {
+            seq,
+            offset,
+            len,
+            parts,
+            buf,
+        } => {
+            let buf = match buf {
+                Some(b) => b,
+                None => read_parts(ctx.src, offset, len, &parts)?,
+            };
+            Ok(Done {
+                seq,
+                pieces: data_pieces(ctx, offset, buf)?,
+                bytes: len,
+            })
+        }
+    }
+}
+
+/// A zero stretch of the source: nothing to store, unless the target's backing image
+/// has data there that must be hidden.
+fn zero_pieces(ctx: &WorkerCtx<'_>, offset: u64, len: u64) -> Result<Vec<Piece>> {
+    let Some(backing) = ctx.backing else {
+        return Ok(vec![Piece::Zero { offset, len }]);
+    };
+    let mut pieces = Vec::new();
+    let end = offset + len;
+    let bsize = backing.size();
+    let mut cur = offset;
+    while cur < end.min(bsize) {
+        let e = backing.map(cur, end.min(bsize) - cur)?;
+        if !e.kind.reads_as_zero() {
+            let s = align_down(e.offset, ctx.grain).max(offset);
+            let t = align_up(e.end(), ctx.grain).min(end);
+            push_zero(&mut pieces, s, t - s);
+        }
+        cur = e.end();
+    }
+    Ok(pieces)
+}
+
+fn push_zero(pieces: &mut Vec<Piece>, offset: u64, len: u64) {
+    if let Some(Piece::Zero { offset: o, len: l }) = pieces.last_mut() {
+        if *o + *l >= offset {
+            *l = (offset + len).max(*o + *l) - *o;
+            return;
+        }
+    }
+    pieces.push(Piece::Zero { offset, len });
+}
+
+/// Splits a read unit into data and zero pieces, and encodes the data grains.
+fn data_pieces(ctx: &WorkerCtx<'_>, offset: u64, buf: Vec<u8>) -> Result<Vec<Piece>> {
+    #[derive(PartialEq, Clone, Copy)]
+    enum K {
+        Data,
+        Zero,
+        Skip,
+    }
+    let len = buf.len() as u64;
+    let gran = if ctx.zero_gran == 0 {
+        len.max(1)
+    } else {
+        ctx.zero_gran
+    };
+    let mut runs: Vec<(K, u64, u64)> = Vec::new(); // (kind, start, end) relative to offset
+    let mut backing_buf = Vec::new();
+    let mut s = 0u64;
+    while s < len {
+        let e = (s + gran).min(len);
+        let block = &buf[s as usize..e as usize];
+        let zero = ctx.zero_gran != 0 && is_zero(block);
+        let k = match ctx.backing {
+            None => {
+                if zero {
+                    K::Zero
+                } else {
+                    K::Data
+                }
+            }
+            Some(b) => {
+                // Compare with what the target's backing image shows here.
+                let bsize = b.size();
+                let (gs, ge) = (offset + s, offset + e);
+                backing_buf.clear();
+                backing_buf.resize((e - s) as usize, 0);
+                if gs < bsize {
+                    let n = (ge.min(bsize) - gs) as usize;
+                    b.read_at(&mut backing_buf[..n], gs)?;
+                }
+                if backing_buf.as_slice() == block {
+                    K::Skip
+                } else if zero {
+                    K::Zero
+                } else {
+                    K::Data
+                }
+            }
+        };
+        match runs.last_mut() {
+            Some((lk, _, le)) if *lk == k => *le = e,
+            _ => runs.push((k, s, e)),
+        }
+        s = e;
+    }
+    let mut pieces = Vec::with_capacity(runs.len());
+    let single = runs.len() == 1;
+    let mut buf = Some(buf);
+    for (k, s, e) in runs {
+        match k {
+            K::Skip => {}
+            K::Zero => pieces.push(Piece::Zero {
+                offset: offset + s,
+                len: e - s,
+            }),
+            K::Data => {
+                let data = if single {
+                    buf.take().unwrap_or_default()
+                } else {
+                    buf.as_ref().map(|b| b[s as usize..e as usize].to_vec()).unwrap_or_default()
+                };
+                let encoded = match ctx.encoder {
+                    Some(enc) => Some(
+                        data.chunks(ctx.grain as usize)
+                            .enumerate()
+                            .map(|(i, g)| enc.encode(offset + s + i as u64 * ctx.grain, g))
+                            .collect::<Result<Vec<_>>>()?,
+                    ),
+                    None => None,
+                };
+                pieces.push(Piece::Data {
+                    offset: offset + s,
+                    data,
+                    encoded,
+                });
+            }
+        }
+    }
+    Ok(pieces)
+}
+
+/// Receives results, restores their order and feeds the writer.
+fn collect(
+    writer: &mut dyn ImageWriter,
+    size: u64,
+    done: &Receiver<Result<Done>>,
+    tokens: &SyncSender<()>,
+    opts: &EngineOptions,
+) -> Result<()> {
+    let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
+    let mut next = 0u64;
+    let mut written = 0u64;
+    let mut zero_to_write = opts.target_backing.is_some() || !opts.target_is_zero;
+    if opts.target_is_zero {
+        zero_to_write = opts.target_backing.is_some();
+    }
+    if let Some(p) = &opts.progress {
+        p(0, size);
+    }
+    while written < size {
+        let d = match done.recv() {
+            Ok(d) => d?,
+            Err(_) => {
+                return Err(Error::Format(
+                    "internal error: conversion workers stopped early".into(),
+                ))
+            }
+        };
+        pending.insert(d.seq, d);
+        while let Some(d) = pending.remove(&next) {
+            for p in d.pieces {
+                match p {
+                    Piece::Data {
+                        offset,
+                        data,
+                        encoded,
+                    } => writer.write_data(DataRun {
+                        offset,
+                        data: &data,
+                        encoded: encoded.as_deref(),
+                    })?,
+                    Piece::Zero { offset, len } => {
+                        if zero_to_write {
+                            writer.write_zeros(offset, len)?
+                        }
+                    }
+                }
+            }
+            written += d.bytes;
+            next += 1;
+            let _ = tokens.send(());
+            if let Some(p) = &opts.progress {
+                p(written, size);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{ExtentKind, MemDevice};
+
+    /// A device with a fixed extent layout, for testing the dispatcher.
+    struct Patchy {
+        data: Vec<u8>,
+        zero_from: u64,
+        zero_to: u64,
+    }
+
+    impl BlockDevice for Patchy {
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            let o = offset as usize;
+            buf.copy_from_slice(&self.data[o..o + buf.len()]);
+            Ok(())
+        }
+        fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+            let end = offset + len;
+            let (kind, e) = if offset < self.zero_from {
+                (ExtentKind::Data, self.zero_from)
+            } else if offset < self.zero_to {
+                (ExtentKind::Unallocated, self.zero_to)
+            } else {
+                (ExtentKind::Data, self.size())
+            };
+            Ok(Extent::new(offset, e.min(end) - offset, kind))
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        grain: u64,
+        log: Arc<Mutex<Vec<(bool, u64, u64)>>>,
+        image: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl ImageWriter for Recorder {
+        fn grain_size(&self) -> u64 {
+            self.grain
+        }
+        fn write_data(&mut self, run: DataRun<'_>) -> Result<()> {
+            assert_eq!(run.offset % self.grain, 0);
+            self.log
+                .lock()
+                .unwrap()
+                .push((true, run.offset, run.data.len() as u64));
+            let mut img = self.image.lock().unwrap();
+            let o = run.offset as usize;
+            img[o..o + run.data.len()].copy_from_slice(run.data);
+            Ok(())
+        }
+        fn write_zeros(&mut self, offset: u64, len: u64) -> Result<()> {
+            self.log.lock().unwrap().push((false, offset, len));
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8 | 1).collect()
+    }
+
+    #[test]
+    fn covers_the_disk_in_order() {
+        for threads in [1, 3] {
+            let mut data = pattern(10 * 65536 + 1000);
+            data[3 * 65536 + 100..6 * 65536 + 17].fill(0);
+            let dev = Patchy {
+                data: data.clone(),
+                zero_from: 3 * 65536 + 100,
+                zero_to: 6 * 65536 + 17,
+            };
+            let rec = Recorder {
+                grain: 65536,
+                image: Arc::new(Mutex::new(vec![0; data.len()])),
+                ..Default::default()
+            };
+            let (log, image) = (rec.log.clone(), rec.image.clone());
+            let opts = EngineOptions {
+                threads,
+                chunk_size: 3 * 65536,
+                ..Default::default()
+            };
+            run(&dev, Box::new(rec), &opts).unwrap();
+            assert_eq!(*image.lock().unwrap(), data);
+            let log = log.lock().unwrap();
+            let mut pos = 0;
+            for &(_, o, l) in log.iter() {
+                assert_eq!(o, pos, "runs are contiguous and ascending");
+                pos += l;
+            }
+            assert_eq!(pos, data.len() as u64);
+            // Grains 4 and 5 are entirely zero and never written as data.
+            assert!(log
+                .iter()
+                .filter(|r| r.0)
+                .all(|&(_, o, l)| o + l <= 4 * 65536 || o >= 6 * 65536));
+        }
+    }
+
+    #[test]
+    fn zero_detection_and_min_sparse_zero() {
+        let mut data = pattern(1 << 20);
+        data[4096..8192].fill(0);
+        let dev = MemDevice::new(data.clone());
+        for (min_sparse, expect_zero) in [(4096u64, true), (0, false)] {
+            let rec = Recorder {
+                grain: 512,
+                image: Arc::new(Mutex::new(vec![0; data.len()])),
+                ..Default::default()
+            };
+            let (log, image) = (rec.log.clone(), rec.image.clone());
+            let opts = EngineOptions {
+                min_sparse,
+                ..Default::default()
+            };
+            run(&dev, Box::new(rec), &opts).unwrap();
+            assert_eq!(*image.lock().unwrap(), data);
+            let has_zero = log.lock().unwrap().iter().any(|r| !r.0);
+            assert_eq!(has_zero, expect_zero);
+        }
+    }
+
+    #[test]
+    fn is_zero_checks_every_byte() {
+        let mut v = vec![0u8; 4099];
+        assert!(is_zero(&v));
+        for i in [0, 1, 17, 2048, 4098] {
+            v[i] = 1;
+            assert!(!is_zero(&v[1..]) || i == 0);
+            v[i] = 0;
+        }
+        assert!(is_zero(&[]));
+    }
+}

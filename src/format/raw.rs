@@ -1,0 +1,267 @@
+//! raw: the disk's bytes, nothing else.
+//!
+//! Reading reports holes of sparse files (`SEEK_DATA` / `SEEK_HOLE`) as zero extents.
+//! Writing skips zero ranges, so the output is as sparse as the source or sparser. Sizes
+//! are kept byte-exact (qemu-img rounds a raw size up to 512; imgconv does not).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::detect::Format;
+use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
+use crate::error::{Error, Result};
+use crate::image::{ImageInfo, OpenContext, Opened};
+use crate::io::{write_all_at, OutputSet, Storage};
+use crate::writer::{DataRun, ImageWriter, WriteOptions};
+
+/// A raw image as a block device.
+pub struct RawDevice {
+    storage: Arc<dyn Storage>,
+}
+
+impl RawDevice {
+    /// The device over `storage`.
+    pub fn new(storage: Arc<dyn Storage>) -> Self {
+        RawDevice { storage }
+    }
+}
+
+impl BlockDevice for RawDevice {
+    fn size(&self) -> u64 {
+        self.storage.len()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_bounds(offset, buf.len() as u64, self.size())?;
+        self.storage
+            .read_exact_at(buf, offset)
+            .map_err(|e| match self.storage.path() {
+                Some(p) => Error::io(p, e),
+                None => Error::Stream(e),
+            })
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+        let len = clamp_map_request(offset, len, self.size())?;
+        let (kind, end) = match self.storage.segment(offset) {
+            Some((true, end)) => (ExtentKind::Data, end),
+            Some((false, end)) => (ExtentKind::Zero, end),
+            None => (ExtentKind::Data, offset + len),
+        };
+        let mut e = Extent::new(offset, (end - offset).clamp(1, len), kind);
+        if kind == ExtentKind::Data {
+            e.host_offset = Some(offset);
+        }
+        Ok(e)
+    }
+}
+
+/// Opens a raw image (any file is one).
+pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
+    let mut info = ImageInfo::new(ctx.filename.clone(), Format::Raw, storage.len());
+    info.actual_size = Some(storage.allocated_bytes());
+    Ok(Opened {
+        device: Arc::new(RawDevice::new(storage)),
+        info,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prealloc {
+    Off,
+    Falloc,
+    Full,
+}
+
+enum Sink {
+    File { file: File, path: PathBuf },
+    Stream { w: Box<dyn Write + Send>, pos: u64 },
+}
+
+/// Writes raw images: sparse files, or a byte stream (stdout).
+pub struct RawWriter {
+    sink: Sink,
+    size: u64,
+    in_place: bool,
+    prealloc: Prealloc,
+}
+
+/// Creates a raw writer for `target` (or the output stream of `out`).
+pub fn create_writer(
+    target: &Path,
+    size: u64,
+    opts: &WriteOptions,
+    out: &mut OutputSet,
+) -> Result<Box<dyn ImageWriter>> {
+    let mut opts = opts.clone();
+    let prealloc = match opts.take("preallocation").as_deref() {
+        None | Some("off") => Prealloc::Off,
+        Some("falloc") => Prealloc::Falloc,
+        Some("full") => Prealloc::Full,
+        Some(v) => {
+            return Err(Error::invalid(format!(
+                "raw: preallocation '{v}' is not one of off, falloc, full"
+            )))
+        }
+    };
+    opts.reject_unknown(Format::Raw)?;
+    if opts.backing_file.is_some() {
+        return Err(Error::invalid("raw images cannot have a backing file"));
+    }
+    if opts.compressed {
+        return Err(Error::unsupported("raw", "compression (-c)"));
+    }
+    let in_place = out.is_in_place();
+    let sink = match out.take_stream() {
+        Some(w) => Sink::Stream { w, pos: 0 },
+        None => {
+            let file = out.create(target)?;
+            let path = target.to_path_buf();
+            if in_place {
+                let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+                let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(true);
+                if is_file && len < size {
+                    return Err(Error::invalid(format!(
+                        "{}: output file is smaller than input file ({len} < {size})",
+                        path.display()
+                    )));
+                }
+            } else {
+                file.set_len(size).map_err(|e| Error::io(&path, e))?;
+                if prealloc != Prealloc::Off && size > 0 {
+                    fallocate(&file, 0, 0, size).map_err(|e| Error::io(&path, e))?;
+                }
+            }
+            Sink::File { file, path }
+        }
+    };
+    Ok(Box::new(RawWriter {
+        sink,
+        size,
+        in_place,
+        prealloc,
+    }))
+}
+
+fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            mode,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+fn write_zero_bytes(w: &mut dyn FnMut(&[u8], u64) -> Result<()>, offset: u64, len: u64) -> Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(ZEROS.len() as u64) as usize;
+        w(&ZEROS[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+impl RawWriter {
+    fn stream_to(&mut self, offset: u64) -> Result<()> {
+        if let Sink::Stream { w, pos } = &mut self.sink {
+            while *pos < offset {
+                let n = (offset - *pos).min(ZEROS.len() as u64) as usize;
+                w.write_all(&ZEROS[..n])?;
+                *pos += n as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ImageWriter for RawWriter {
+    fn grain_size(&self) -> u64 {
+        512
+    }
+
+    fn write_data(&mut self, run: DataRun<'_>) -> Result<()> {
+        match &mut self.sink {
+            Sink::File { file, path } => write_all_at(file, run.data, run.offset, path),
+            Sink::Stream { .. } => {
+                self.stream_to(run.offset)?;
+                if let Sink::Stream { w, pos } = &mut self.sink {
+                    w.write_all(run.data)?;
+                    *pos += run.data.len() as u64;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn write_zeros(&mut self, offset: u64, len: u64) -> Result<()> {
+        match &mut self.sink {
+            Sink::File { file, path } => {
+                if self.in_place {
+                    const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                    if fallocate(file, PUNCH, offset, len).is_ok() {
+                        return Ok(());
+                    }
+                } else if self.prealloc != Prealloc::Full {
+                    return Ok(()); // a new file reads as zeros already
+                }
+                let (file, path) = (&*file, path.clone());
+                write_zero_bytes(
+                    &mut |b, o| write_all_at(file, b, o, &path),
+                    offset,
+                    len,
+                )
+            }
+            Sink::Stream { .. } => Ok(()), // gaps are filled by the next write or finish
+        }
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        let size = self.size;
+        self.stream_to(size)?;
+        match &mut self.sink {
+            Sink::File { file, path } => file.sync_data().map_err(|e| Error::io(&*path, e)),
+            Sink::Stream { w, .. } => Ok(w.flush()?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemStorage;
+
+    #[test]
+    fn reads_memory_as_raw() {
+        let dev = RawDevice::new(Arc::new(MemStorage::new(vec![7u8; 1000])));
+        assert_eq!(dev.size(), 1000);
+        let mut b = [0u8; 10];
+        dev.read_at(&mut b, 990).unwrap();
+        assert_eq!(b, [7u8; 10]);
+        assert!(dev.read_at(&mut b, 991).is_err());
+        let e = dev.map(0, 5000).unwrap();
+        assert_eq!((e.len, e.kind), (1000, ExtentKind::Data));
+    }
+
+    #[test]
+    fn refuses_unknown_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = WriteOptions::default();
+        o.parse_o("cluster_size=4k").unwrap();
+        let mut out = OutputSet::new();
+        assert!(create_writer(&dir.path().join("x"), 10, &o, &mut out).is_err());
+    }
+}
