@@ -89,9 +89,15 @@ impl VdiDevice {
         Ok(())
     }
 
-    fn io_err(&self, e: std::io::Error) -> Error {
+    fn io_err(&self, e: std::io::Error, host: u64) -> Error {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            return Error::corrupt(FORMAT, "data block", 0, "the file ends inside a data block");
+            // The block map was checked against the file size at open; the file shrank.
+            return Error::corrupt(
+                FORMAT,
+                "data block",
+                host,
+                "the file ends inside a data block",
+            );
         }
         match self.storage.path() {
             Some(p) => Error::io(p, e),
@@ -119,7 +125,7 @@ impl BlockDevice for VdiDevice {
                 Block::Data(host) => self
                     .storage
                     .read_exact_at(part, host + within)
-                    .map_err(|e| self.io_err(e))?,
+                    .map_err(|e| self.io_err(e, host))?,
                 Block::Zero => part.fill(0),
                 Block::Free if self.has_parent => self.read_parent(part, pos)?,
                 Block::Free => part.fill(0),
@@ -212,21 +218,24 @@ pub fn read_header(storage: &dyn Storage) -> Result<(PreHeader, Header)> {
     Ok((p, h))
 }
 
+/// Bytes of block map read at a time.
+const MAP_READ_CHUNK: usize = 1 << 20;
+
 /// Reads the block map and checks every entry: inside the image's blocks, unique, and
 /// its data inside the file.
 fn read_block_map(storage: &dyn Storage, h: &Header) -> Result<Vec<u32>> {
     let file_len = storage.len();
     // `validate` has checked that the map lies inside the file, so its size is bounded
     // by the file's.
-    let mut raw = vec![0u8; h.blocks as usize * 4];
-    read_struct(
-        storage,
-        &mut raw,
-        h.blocks_offset as u64,
-        FORMAT,
-        "block map",
-    )?;
-    let map = parse_block_map(&raw);
+    // Read in pieces so that the raw bytes never double the map's memory.
+    let mut map = Vec::with_capacity(h.blocks as usize);
+    let mut raw = vec![0u8; (h.blocks as usize * 4).min(MAP_READ_CHUNK)];
+    while map.len() < h.blocks as usize {
+        let n = ((h.blocks as usize - map.len()) * 4).min(raw.len());
+        let at = h.blocks_offset as u64 + map.len() as u64 * 4;
+        read_struct(storage, &mut raw[..n], at, FORMAT, "block map")?;
+        map.extend(parse_block_map(&raw[..n]));
+    }
     drop(raw);
     let mut seen = vec![0u64; (h.blocks as usize).div_ceil(64)];
     let bs = h.block_size as u64;
