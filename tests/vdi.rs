@@ -1011,3 +1011,31 @@ mod prop {
         }
     }
 }
+
+#[test]
+fn blank_images_come_from_the_zero_device() {
+    // What `imgconv create -f vdi` does: convert a zero device.
+    use imgconv::convert::{convert_to, ConvertOptions};
+    use imgconv::device::ZeroDevice;
+    use imgconv::io::OutputSet;
+    let d = scratch();
+    for (name, fixed) in [("blank.vdi", false), ("blank-fixed.vdi", true)] {
+        let p = d.path().join(name);
+        let mut o = ConvertOptions::new(imgconv::Format::Vdi);
+        if fixed {
+            o = o.option("static", "on");
+        }
+        convert_to(&ZeroDevice::new(64 * MIB), &p, OutputSet::new(), &o).unwrap();
+        let chk = qemu_img(&["check", s(&p)]);
+        assert!(chk.contains("No errors"), "{chk}");
+        let q = qemu_info(&p);
+        assert_eq!(q["virtual-size"], 64 * MIB);
+        let (_, h) = read_head(&p);
+        assert_eq!(h.blocks_allocated, if fixed { 64 } else { 0 });
+        let len = std::fs::metadata(&p).unwrap().len();
+        assert_eq!(len, 2 * MIB + if fixed { 64 * MIB } else { 0 });
+        let zero = d.path().join("zero.raw");
+        make_raw(&zero, 64 * MIB, &[]);
+        assert_same(&zero, &p);
+    }
+}
