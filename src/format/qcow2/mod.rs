@@ -1,5 +1,7 @@
 //! qcow2: not implemented yet.
 
+pub mod header;
+
 use std::path::Path;
 use std::sync::Arc;
 
