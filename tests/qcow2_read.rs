@@ -1137,3 +1137,33 @@ fn backing_loops_and_deep_chains_are_refused() {
     let ok = d.path().join("c15.qcow2");
     imgconv::open(&ok, &OpenOptions::default()).unwrap();
 }
+
+#[test]
+fn persistent_bitmaps_are_listed_like_qemu() {
+    let d = scratch();
+    let img = create(d.path(), "bm.qcow2", "", "4M");
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "128k", "--disable", s(&img), "other"]);
+    io(&img, &["write -P 0x15 0 64k"]);
+    check(&img, d.path());
+    let info = our_info(&img);
+    assert_eq!(
+        info["format-specific"]["data"]["bitmaps"].as_array().map(|a| a.len()),
+        Some(2)
+    );
+}
+
+#[test]
+fn odd_sized_compressed_images() {
+    let d = scratch();
+    let raw = d.path().join("odd.raw");
+    make_raw(&raw, 1_000_448, &[(0, 1_000_448, 0x2d)]);
+    for ct in ["zlib", "zstd"] {
+        let img = d.path().join(format!("odd-{ct}.qcow2"));
+        qemu_img(&[
+            "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+            &format!("compression_type={ct}"), s(&raw), s(&img),
+        ]);
+        check(&img, d.path());
+    }
+}

@@ -362,14 +362,17 @@ impl Qcow2Device {
             "compressed cluster",
         )?;
         let mut cluster = vec![0u8; self.cluster_size() as usize];
-        self.decompress(&input, &mut cluster, off)?;
+        // A short last cluster of the disk needs only its guest part.
+        let need = (self.size - cluster_start).min(self.cluster_size()) as usize;
+        self.decompress(&input, &mut cluster, need, off)?;
         let from = (pos - cluster_start) as usize;
         buf.copy_from_slice(&cluster[from..from + buf.len()]);
         Ok(())
     }
 
-    /// Fills all of `out` from `input`; anything after a full cluster is ignored.
-    fn decompress(&self, input: &[u8], out: &mut [u8], host: u64) -> Result<()> {
+    /// Decompresses `input` into `out`, which must receive at least `need` bytes;
+    /// anything after a full `out` is ignored.
+    fn decompress(&self, input: &[u8], out: &mut [u8], need: usize, host: u64) -> Result<()> {
         let bad = |why: String| Error::corrupt(FMT, "compressed cluster", host, why);
         match self.compression {
             CompressionType::Zlib => {
@@ -391,7 +394,7 @@ impl Qcow2Device {
                 if pool.len() < DECODER_POOL {
                     pool.push(d);
                 }
-                if produced == out.len() as u64 {
+                if produced >= need as u64 {
                     return Ok(());
                 }
                 Err(bad(match r {
@@ -431,7 +434,7 @@ impl Qcow2Device {
                         break;
                     }
                 }
-                let full = outb.pos() == want;
+                let full = outb.pos() >= need;
                 let mut pool = self.zstd.lock().unwrap_or_else(|e| e.into_inner());
                 if pool.len() < DECODER_POOL && result.is_ok() {
                     pool.push(d);
