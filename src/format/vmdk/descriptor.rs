@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(d.extents[2].kind, ExtentType::Zero);
         assert_eq!(d.get("ddb.adapterType"), Some("ide"));
         assert_eq!(d.get("ddb.geometry.heads"), Some("16"));
-        assert_eq!(d.total_sectors(), Some(4194408));
+        assert_eq!(d.total_sectors(), Some(4194412));
         let again = Descriptor::parse(&d.render(), 0).unwrap();
         assert_eq!(again, d);
         assert!(looks_like_descriptor(b"# Disk Descriptor File\nversion=1"));

@@ -894,7 +894,7 @@ mod tests {
         o.adapter = "lsilogic".into();
         let d = build_descriptor(&o, 1 << 30, vec![]);
         assert_eq!(d.get("ddb.geometry.heads"), Some("255"));
-        assert_eq!(d.get("ddb.geometry.cylinders"), Some("66841"));
+        assert_eq!(d.get("ddb.geometry.cylinders"), Some("66837"));
         assert_eq!(d.parent_cid, NO_PARENT_CID);
     }
 }
