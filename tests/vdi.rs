@@ -907,7 +907,6 @@ fn empty_and_oversized_targets_are_refused() {
 }
 
 #[test]
-#[ignore = "needs the qcow2 reader (branch qcow2r); run after merging it"]
 fn qcow2_sources_written_as_vdi_are_identical() {
     let d = scratch();
     let raw = d.path().join("src.raw");
@@ -928,12 +927,16 @@ fn qcow2_sources_written_as_vdi_are_identical() {
 }
 
 #[test]
-#[ignore = "needs the VMDK reader (branch vmdk); run after merging it"]
 fn vmdk_sources_written_as_vdi_are_identical() {
     let d = scratch();
     let raw = d.path().join("src.raw");
     sample_raw(&raw, 12 * MIB);
-    for sub in ["monolithicSparse", "streamOptimized"] {
+    for sub in [
+        "monolithicSparse",
+        "streamOptimized",
+        "monolithicFlat",
+        "twoGbMaxExtentSparse",
+    ] {
         let m = d.path().join(format!("{sub}.vmdk"));
         qemu_img(&[
             "convert",
