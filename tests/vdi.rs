@@ -1042,3 +1042,35 @@ fn blank_images_come_from_the_zero_device() {
         assert_same(&zero, &p);
     }
 }
+
+#[test]
+fn vdi_snapshot_of_a_vmdk_base_opens_with_the_parent_given() {
+    let d = scratch();
+    let size = 4 * MIB;
+    let praw = d.path().join("p.raw");
+    make_raw(&praw, size, &[(0, 4 * MIB as usize, 3)]);
+    let base = d.path().join("base.vmdk");
+    qemu_img(&["convert", "-f", "raw", "-O", "vmdk", s(&praw), s(&base)]);
+    let craw = d.path().join("c.raw");
+    make_raw(&craw, size, &[(MIB, 8192, 5)]);
+    let child = d.path().join("snap.vdi");
+    imgconv(&["convert", "-O", "vdi", s(&craw), s(&child)]);
+    patch(&child, |h, _| {
+        h.image_type = 4;
+        h.uuid_linkage = Uuid::random();
+    });
+    // Not found by searching (the base is no VDI) ...
+    assert!(imgconv::open(&child, &OpenOptions::default()).is_err());
+    // ... but opened on the parent the caller names.
+    let img = imgconv::format::vdi::open_with_parent(&child, "base.vmdk", &OpenOptions::default())
+        .unwrap();
+    assert_eq!(img.info().backing_filename_format.as_deref(), Some("vmdk"));
+    let mut all = vec![0u8; size as usize];
+    img.device().read_at(&mut all, 0).unwrap();
+    let want = expected_child(
+        &std::fs::read(&praw).unwrap(),
+        &std::fs::read(&craw).unwrap(),
+        None,
+    );
+    assert!(all == want);
+}

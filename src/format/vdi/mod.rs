@@ -28,8 +28,9 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
 }
 
 /// Opens the differencing VDI at `path` on top of the parent image `parent` (relative
-/// names resolve against `path`'s folder). The parent's image UUID must be the child's
-/// parent UUID. Untrusted options refuse the parent, as for any reference.
+/// names resolve against `path`'s folder). The parent may be of any format (VirtualBox
+/// puts VDI snapshots on VMDK base disks too); a VDI parent's image UUID must be the
+/// child's parent UUID. Untrusted options refuse the parent, as for any reference.
 pub fn open_with_parent(
     path: impl AsRef<Path>,
     parent: &str,

@@ -318,7 +318,7 @@ pub fn open_with(
         if let Some(img) = open_parent(ctx, &h, parent)? {
             info.backing_filename = Some(img.info().filename.clone());
             info.full_backing_filename = Some(img.info().filename.clone());
-            info.backing_filename_format = Some("vdi".into());
+            info.backing_filename_format = Some(img.info().format.name().into());
             info.backing = Some(Box::new(img.info().clone()));
             parent_dev = Some(img.device().clone());
         }
@@ -375,8 +375,10 @@ fn open_parent(ctx: &OpenContext, h: &Header, source: ParentSource) -> Result<Op
         return Ok(None);
     }
     let uuid = h.uuid_linkage.to_string();
-    let name = match source {
-        ParentSource::Explicit(name) => name,
+    // A searched parent is a VDI by construction; an explicit one may be any format
+    // (VirtualBox puts VDI snapshots on top of VMDK base disks too).
+    let (name, fmt) = match source {
+        ParentSource::Explicit(name) => (name, None),
         ParentSource::Search => {
             if ctx.options.untrusted {
                 // Refused before any other file is even looked at.
@@ -386,25 +388,29 @@ fn open_parent(ctx: &OpenContext, h: &Header, source: ParentSource) -> Result<Op
                     reference: uuid,
                 });
             }
-            find_parent(ctx, h)?
+            (find_parent(ctx, h)?, Some(Format::Vdi))
         }
     };
-    let img = ctx.open_backing(FORMAT, PARENT_FIELD, &name, Some(Format::Vdi))?;
+    let img = ctx.open_backing(FORMAT, PARENT_FIELD, &name, fmt)?;
     if let Some(img) = &img {
+        // Where the parent states an image UUID (every VDI does), it must be the one
+        // the child names; a parent without one was vouched for by the caller.
         let got = img
             .info()
             .format_specific
             .as_ref()
-            .and_then(|v| v["data"]["uuid"].as_str().map(str::to_string))
-            .unwrap_or_default();
-        if got != uuid {
-            return Err(Error::BackingChain {
-                path: ctx.path.clone().unwrap_or_default(),
-                reason: format!(
-                    "parent {} has image UUID {got}, but the child's parent UUID is {uuid}",
-                    img.info().filename
-                ),
-            });
+            .and_then(|v| v["data"]["uuid"].as_str().map(str::to_string));
+        let is_vdi = img.info().format == Format::Vdi;
+        if let Some(got) = got.filter(|_| is_vdi) {
+            if got != uuid {
+                return Err(Error::BackingChain {
+                    path: ctx.path.clone().unwrap_or_default(),
+                    reason: format!(
+                        "parent {} has image UUID {got}, but the child's parent UUID is {uuid}",
+                        img.info().filename
+                    ),
+                });
+            }
         }
     }
     Ok(img)
