@@ -1167,3 +1167,82 @@ fn odd_sized_compressed_images() {
         check(&img, d.path());
     }
 }
+
+/// Random byte mutations of small images (metadata and data): opening and reading must
+/// give a result or a typed error, never a panic or a hang.
+#[test]
+fn mutated_images_never_panic() {
+    use imgconv::format::qcow2;
+    use imgconv::image::OpenContext;
+    use imgconv::io::MemStorage;
+    use std::sync::Arc;
+
+    let d = scratch();
+    let raw = pattern_raw(d.path(), 1 << 20);
+    let mut templates = Vec::new();
+    for (name, opts, compress) in [
+        ("plain.qcow2", "cluster_size=4k", false),
+        ("comp.qcow2", "cluster_size=4k", true),
+        ("zstd.qcow2", "cluster_size=16k,compression_type=zstd,extended_l2=on", true),
+        ("v2.qcow2", "compat=0.10,cluster_size=512", false),
+    ] {
+        let img = d.path().join(name);
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2", "-o", opts];
+        if compress {
+            args.push("-c");
+        }
+        args.extend([s(&raw), s(&img)]);
+        qemu_img(&args);
+        templates.push(std::fs::read(&img).unwrap());
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let opts = OpenOptions::default();
+    let mut opened = 0;
+    let t = Instant::now();
+    for i in 0..2000 {
+        let mut b = templates[i % templates.len()].clone();
+        let n = 1 + next() % 6;
+        for _ in 0..n {
+            // Mostly the metadata near the start of the file, sometimes anywhere.
+            let span = if next() % 4 == 0 { b.len() } else { b.len().min(0x8000) };
+            let at = (next() as usize) % span;
+            b[at] = match next() % 3 {
+                0 => next() as u8,
+                1 => b[at] ^ (1 << (next() % 8)),
+                _ => 0xff,
+            };
+        }
+        let ctx = OpenContext::detached("fuzz", &opts);
+        let Ok(img) = qcow2::open(Arc::new(MemStorage::new(b)), &ctx) else {
+            continue;
+        };
+        opened += 1;
+        let dev = img.device;
+        let size = dev.size();
+        let mut buf = vec![0u8; 256 << 10];
+        for off in [0, size / 3, size.saturating_sub(buf.len() as u64)] {
+            let len = (buf.len() as u64).min(size.saturating_sub(off)) as usize;
+            let _ = dev.read_at(&mut buf[..len], off);
+        }
+        let mut pos = 0;
+        let mut steps = 0;
+        while pos < size && steps < 10_000 {
+            match dev.map(pos, size - pos) {
+                Ok(e) => {
+                    assert!(e.offset == pos && e.len > 0 && e.end() <= size, "{e:?}");
+                    pos = e.end();
+                }
+                Err(_) => break,
+            }
+            steps += 1;
+        }
+    }
+    assert!(opened > 100, "only {opened} mutated images opened");
+    assert!(t.elapsed().as_secs() < 60, "took {:?}", t.elapsed());
+}
