@@ -130,44 +130,8 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
             format!("compression type {}", h.compression_type),
         ));
     }
-    if h.size > MAX_VIRTUAL_SIZE {
-        return Err(Error::TooLarge {
-            format: FMT,
-            structure: "virtual size",
-            size: h.size,
-            limit: MAX_VIRTUAL_SIZE,
-        });
-    }
-
-    // Active L1 table.
-    let l1_bytes = h.l1_size as u64 * 8;
-    if l1_bytes > MAX_QCOW2_L1_BYTES {
-        return Err(Error::TooLarge {
-            format: FMT,
-            structure: "L1 table",
-            size: l1_bytes,
-            limit: MAX_QCOW2_L1_BYTES,
-        });
-    }
-    if (h.l1_size as u64) < h.min_l1_size() {
-        return Err(corrupt(
-            36,
-            format!(
-                "L1 table has {} entries, the virtual size needs {}",
-                h.l1_size,
-                h.min_l1_size()
-            ),
-        ));
-    }
-    if h.l1_size > 0 {
-        check_table(
-            h.l1_table_offset,
-            l1_bytes,
-            cluster_size,
-            file_len,
-            "L1 table",
-        )?;
-    }
+    // Active L1 table (and the virtual size it must cover).
+    check_l1(&h, file_len)?;
 
     // Refcount table: not needed for reading, but a header pointing it elsewhere is bad.
     let rt_bytes = h.refcount_table_clusters as u64 * cluster_size;
@@ -305,6 +269,49 @@ fn read_bitmaps(
     parse_bitmap_directory(&dir, ext.nb_bitmaps, ext.directory_offset)
 }
 
+/// Checks an L1 table's size against the limit and the virtual size, and its place in
+/// the file (for the active table, or a snapshot's with the header fields swapped in).
+fn check_l1(h: &Header, file_len: u64) -> Result<()> {
+    if h.size > MAX_VIRTUAL_SIZE {
+        return Err(Error::TooLarge {
+            format: FMT,
+            structure: "virtual size",
+            size: h.size,
+            limit: MAX_VIRTUAL_SIZE,
+        });
+    }
+    let cluster_size = h.cluster_size();
+    let l1_bytes = h.l1_size as u64 * 8;
+    if l1_bytes > MAX_QCOW2_L1_BYTES {
+        return Err(Error::TooLarge {
+            format: FMT,
+            structure: "L1 table",
+            size: l1_bytes,
+            limit: MAX_QCOW2_L1_BYTES,
+        });
+    }
+    if (h.l1_size as u64) < h.min_l1_size() {
+        return Err(corrupt(
+            36,
+            format!(
+                "L1 table has {} entries, the virtual size needs {}",
+                h.l1_size,
+                h.min_l1_size()
+            ),
+        ));
+    }
+    if h.l1_size > 0 {
+        check_table(
+            h.l1_table_offset,
+            l1_bytes,
+            cluster_size,
+            file_len,
+            "L1 table",
+        )?;
+    }
+    Ok(())
+}
+
 /// Checks that a table is cluster aligned and inside the file.
 fn check_table(
     offset: u64,
@@ -414,7 +421,46 @@ fn format_specific(m: &Qcow2Metadata) -> serde_json::Value {
 /// Opens a qcow2 image: validates its metadata, follows its backing file and external
 /// data file (unless the options forbid it), and exposes the virtual disk.
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
-    let m = read_metadata(storage.as_ref())?;
+    open_inner(storage, ctx, None)
+}
+
+/// Opens the internal snapshot `which` (matched by ID first, then by name) as a
+/// read-only virtual disk, like `qemu-img convert -l`.
+///
+/// The snapshot's L1 table is validated like the active one; the disk size is the one
+/// recorded with the snapshot (the image's current size when none was recorded).
+pub fn open_snapshot(storage: Arc<dyn Storage>, ctx: &OpenContext, which: &str) -> Result<Opened> {
+    open_inner(storage, ctx, Some(which))
+}
+
+fn open_inner(
+    storage: Arc<dyn Storage>,
+    ctx: &OpenContext,
+    snapshot: Option<&str>,
+) -> Result<Opened> {
+    let mut m = read_metadata(storage.as_ref())?;
+    if let Some(which) = snapshot {
+        let sn = m
+            .snapshots
+            .iter()
+            .find(|s| s.id == which)
+            .or_else(|| m.snapshots.iter().find(|s| s.name == which))
+            .ok_or_else(|| Error::invalid(format!("qcow2: the image has no snapshot {which:?}")))?;
+        let mut h = m.header.clone();
+        h.size = sn.disk_size().unwrap_or(h.size);
+        h.l1_size = sn.l1_size;
+        h.l1_table_offset = sn.l1_table_offset;
+        check_l1(&h, storage.len()).map_err(|e| match e {
+            Error::Corrupt { offset, reason, .. } => Error::corrupt(
+                FMT,
+                "snapshot L1 table",
+                offset,
+                format!("snapshot {which:?}: {reason}"),
+            ),
+            other => other,
+        })?;
+        m.header = h;
+    }
     let h = &m.header;
 
     let mut info = ImageInfo::new(ctx.filename.clone(), Format::Qcow2, h.size);
