@@ -361,6 +361,27 @@ fn full_backing_name(image_name: &str, backing: &str) -> String {
     }
 }
 
+/// Refuses references that QEMU would open through a network or pseudo protocol
+/// (`json:{...}`, `nbd://…`, `http://…`): imgconv only opens files. Untrusted mode
+/// refuses every reference anyway, with its own error.
+fn refuse_protocol(ctx: &OpenContext, field: &'static str, name: &str) -> Result<()> {
+    if ctx.options.untrusted {
+        return Ok(());
+    }
+    let scheme = name.split_once("://").map(|(s, _)| s).filter(|s| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    if name.starts_with("json:") || scheme.is_some() {
+        return Err(Error::unsupported(
+            FMT,
+            format!("{field} {name:?} names a protocol, not a file"),
+        ));
+    }
+    Ok(())
+}
+
 /// qemu-img's `format-specific` data for a qcow2 image.
 fn format_specific(m: &Qcow2Metadata) -> serde_json::Value {
     let h = &m.header;
@@ -490,19 +511,20 @@ fn open_inner(
         }
     }
 
-    // Everything from the header is validated: now follow references.
+    // Everything from the header is validated: now follow references (in metadata-only
+    // mode they are recorded above and not opened).
+    let follow = !ctx.options.metadata_only;
     let data: Option<Arc<dyn Storage>> = match (&m.data_file, h.has_external_data_file()) {
-        (Some(name), true) => {
-            if ctx.options.metadata_only {
-                None
-            } else {
-                Some(ctx.open_reference(FMT, FIELD_DATA_FILE, name)?)
-            }
+        (Some(name), true) if follow => {
+            refuse_protocol(ctx, FIELD_DATA_FILE, name)?;
+            Some(ctx.open_reference(FMT, FIELD_DATA_FILE, name)?)
         }
+        (Some(_), true) => None,
         _ => Some(storage.clone()),
     };
     let backing = match &m.backing_file {
-        Some(name) => {
+        Some(name) if follow => {
+            refuse_protocol(ctx, FIELD_BACKING, name)?;
             let fmt =
                 match &m.backing_format {
                     Some(f) => Some(Format::from_str(f).map_err(|_| {
@@ -518,7 +540,7 @@ fn open_inner(
                 None => None,
             }
         }
-        None => None,
+        _ => None,
     };
 
     let mut l1 = Vec::new();
@@ -689,6 +711,24 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn protocols_are_refused() {
+        let ctx = OpenContext::detached("x", &OpenOptions::default());
+        for bad in [
+            "json:{\"file\":{}}",
+            "nbd://host/x",
+            "http://example.com/a.img",
+        ] {
+            assert!(matches!(
+                refuse_protocol(&ctx, FIELD_BACKING, bad),
+                Err(Error::Unsupported { .. })
+            ));
+        }
+        for ok in ["base.qcow2", "/abs/a:b.qcow2", "dir/x.img"] {
+            refuse_protocol(&ctx, FIELD_BACKING, ok).unwrap();
+        }
     }
 
     #[test]
