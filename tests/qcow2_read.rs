@@ -1143,12 +1143,22 @@ fn persistent_bitmaps_are_listed_like_qemu() {
     let d = scratch();
     let img = create(d.path(), "bm.qcow2", "", "4M");
     qemu_img(&["bitmap", "--add", s(&img), "b0"]);
-    qemu_img(&["bitmap", "--add", "-g", "128k", "--disable", s(&img), "other"]);
+    qemu_img(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "128k",
+        "--disable",
+        s(&img),
+        "other",
+    ]);
     io(&img, &["write -P 0x15 0 64k"]);
     check(&img, d.path());
     let info = our_info(&img);
     assert_eq!(
-        info["format-specific"]["data"]["bitmaps"].as_array().map(|a| a.len()),
+        info["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .map(|a| a.len()),
         Some(2)
     );
 }
@@ -1161,8 +1171,16 @@ fn odd_sized_compressed_images() {
     for ct in ["zlib", "zstd"] {
         let img = d.path().join(format!("odd-{ct}.qcow2"));
         qemu_img(&[
-            "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
-            &format!("compression_type={ct}"), s(&raw), s(&img),
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ct}"),
+            s(&raw),
+            s(&img),
         ]);
         check(&img, d.path());
     }
@@ -1183,7 +1201,11 @@ fn mutated_images_never_panic() {
     for (name, opts, compress) in [
         ("plain.qcow2", "cluster_size=4k", false),
         ("comp.qcow2", "cluster_size=4k", true),
-        ("zstd.qcow2", "cluster_size=16k,compression_type=zstd,extended_l2=on", true),
+        (
+            "zstd.qcow2",
+            "cluster_size=16k,compression_type=zstd,extended_l2=on",
+            true,
+        ),
         ("v2.qcow2", "compat=0.10,cluster_size=512", false),
     ] {
         let img = d.path().join(name);
@@ -1210,7 +1232,11 @@ fn mutated_images_never_panic() {
         let n = 1 + next() % 6;
         for _ in 0..n {
             // Mostly the metadata near the start of the file, sometimes anywhere.
-            let span = if next() % 4 == 0 { b.len() } else { b.len().min(0x8000) };
+            let span = if next() % 4 == 0 {
+                b.len()
+            } else {
+                b.len().min(0x8000)
+            };
             let at = (next() as usize) % span;
             b[at] = match next() % 3 {
                 0 => next() as u8,
@@ -1269,7 +1295,15 @@ fn snapshot_contents_read_like_qemu_convert_l() {
         let mut ours = vec![0u8; 2 << 20];
         snap.device.read_at(&mut ours, 0).unwrap();
         let out = d.path().join("sn.raw");
-        qemu_img(&["convert", "-l", "snapshot.name=first", "-O", "raw", s(&img), s(&out)]);
+        qemu_img(&[
+            "convert",
+            "-l",
+            "snapshot.name=first",
+            "-O",
+            "raw",
+            s(&img),
+            s(&out),
+        ]);
         let theirs = std::fs::read(&out).unwrap();
         let n = ours.len();
         let diff = (0..n).find(|&i| ours[i] != theirs[i]);

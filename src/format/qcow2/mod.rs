@@ -81,8 +81,10 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
     let mut prefix = vec![0u8; file_len.min(V2_HEADER_LEN as u64) as usize];
     read_struct(storage, &mut prefix, 0, FMT, "header")?;
     if prefix.len() < V2_HEADER_LEN as usize {
-        // Header::parse names the problem (magic first, then the length).
-        Header::parse(&prefix)?;
+        // Header::parse names the problem (the length, or the magic).
+        return Err(Header::parse(&prefix)
+            .err()
+            .unwrap_or_else(|| corrupt(0, "the file is shorter than a header")));
     }
     let cluster_bits = u32::from_be_bytes(prefix[20..24].try_into().expect("4 bytes"));
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
