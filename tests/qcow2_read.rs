@@ -537,6 +537,18 @@ fn external_data_file() {
         let refs = ours["references"].as_array().unwrap();
         assert_eq!(refs[0]["field"], "external data file");
         assert_eq!(refs[0]["name"], Value::String(data.clone()));
+        // Untrusted: the data file is refused, or only recorded in metadata-only mode.
+        match imgconv::open(&img, &OpenOptions::untrusted()) {
+            Err(Error::UntrustedReference { field, .. }) => assert_eq!(field, "external data file"),
+            other => panic!(
+                "expected an untrusted-reference error, got {}",
+                brief(&other)
+            ),
+        }
+        let meta = imgconv::open(&img, &OpenOptions::untrusted().metadata_only()).unwrap();
+        assert_eq!(meta.info().references[0].name, data);
+        let mut b = [0u8; 512];
+        assert!(meta.device().read_at(&mut b, 0).is_err());
     }
 }
 
