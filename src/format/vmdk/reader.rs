@@ -265,7 +265,15 @@ fn shown_name(ctx: &OpenContext, name: &str) -> String {
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     let head = sniff(storage.as_ref())?;
     refuse_other_magics(&head)?;
-    if le32(&head) == SPARSE_MAGIC && storage.len() >= SECTOR {
+    if le32(&head) == SPARSE_MAGIC {
+        if storage.len() < SECTOR {
+            return Err(Error::corrupt(
+                FMT,
+                "sparse extent header",
+                0,
+                format!("file ends at {} bytes, inside the header", storage.len()),
+            ));
+        }
         let h = SparseHeader::parse(&head, 0)?;
         h.validate(0)?;
         let desc = embedded_descriptor(storage.as_ref(), &h)?;
