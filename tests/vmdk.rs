@@ -1014,3 +1014,46 @@ fn descriptor_features_zero_noaccess_vmfs_and_comment_spellings() {
     let m = img.device().map(512 * 1024, 512 * 512).unwrap();
     assert!(m.kind.reads_as_zero());
 }
+
+#[test]
+fn qcow2_and_vdi_sources_written_as_every_subformat() {
+    let d = scratch();
+    let src = sample_raw(d.path());
+    let mut sources = Vec::new();
+    for (name, args) in [
+        ("plain.qcow2", vec!["-O", "qcow2"]),
+        ("compressed.qcow2", vec!["-O", "qcow2", "-c"]),
+        ("dynamic.vdi", vec!["-O", "vdi"]),
+        ("static.vdi", vec!["-O", "vdi", "-o", "static=on"]),
+    ] {
+        let p = d.path().join(name);
+        let mut a = vec!["convert"];
+        a.extend(args);
+        a.extend([s(&src), s(&p)]);
+        qemu_img(&a);
+        sources.push(p);
+    }
+    for p in &sources {
+        for sf in SUBFORMATS {
+            let o = d.path().join(format!(
+                "{}-{sf}.vmdk",
+                p.file_name().unwrap().to_string_lossy()
+            ));
+            imgconv(&[
+                "convert",
+                "-O",
+                "vmdk",
+                "-o",
+                &format!("subformat={sf}"),
+                s(p),
+                s(&o),
+            ]);
+            assert_same(p, &o);
+            assert!(
+                qemu_img(&["check", s(&o)]).contains("No errors"),
+                "{}",
+                o.display()
+            );
+        }
+    }
+}
