@@ -1057,3 +1057,36 @@ fn qcow2_and_vdi_sources_written_as_every_subformat() {
         }
     }
 }
+
+#[test]
+fn huge_sparse_vmdk_converts_in_time_proportional_to_data() {
+    let d = scratch();
+    let src = d.path().join("big.raw");
+    make_raw(
+        &src,
+        1 << 40,
+        &[(1 << 39, 70_000, 1), ((1 << 40) - 4096, 4096, 2)],
+    );
+    for sf in ["monolithicSparse", "streamOptimized"] {
+        let q = d.path().join(format!("{sf}.vmdk"));
+        qemu_img(&[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sf}"),
+            s(&src),
+            s(&q),
+        ]);
+        let out = d.path().join(format!("{sf}.raw"));
+        let t = Instant::now();
+        imgconv(&["convert", "-O", "raw", s(&q), s(&out)]);
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "{sf}: {:?}",
+            t.elapsed()
+        );
+        assert_same(&src, &out);
+        std::fs::remove_file(&out).unwrap();
+    }
+}

@@ -173,24 +173,10 @@ impl BlockDevice for VmdkDevice {
             Source::Sparse(ext) => {
                 let gb = ext.grain_bytes();
                 let first = within / gb;
-                let kind0 = ext.lookup(first)?;
+                let max = (within + len).div_ceil(gb) - first;
+                let (kind0, count) = ext.run(first, max)?;
                 let compressed = ext.header.compressed();
-                let mut g = first;
-                let mut end_within = (first + 1) * gb;
-                while end_within < within + len {
-                    let next = ext.lookup(g + 1)?;
-                    let same = match (kind0, next) {
-                        (Grain::At(a), Grain::At(b)) => {
-                            compressed || b == a + (g + 1 - first) * ext.header.grain_size
-                        }
-                        (a, b) => a == b,
-                    };
-                    if !same {
-                        break;
-                    }
-                    g += 1;
-                    end_within += gb;
-                }
+                let end_within = (first + count) * gb;
                 let n = end_within.min(within + len) - within;
                 match kind0 {
                     Grain::Unallocated => self.map_parent(offset, n),

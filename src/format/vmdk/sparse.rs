@@ -160,7 +160,12 @@ impl SparseExtent {
         let Some(gt) = self.grain_table((g / per) as usize)? else {
             return Ok(Grain::Unallocated);
         };
-        let e = gt[(g % per) as usize];
+        self.classify(g, gt[(g % per) as usize])
+    }
+
+    /// What grain-table entry `e` of grain `g` means.
+    fn classify(&self, g: u64, e: u32) -> Result<Grain> {
+        let per = self.header.num_gtes_per_gt as u64;
         match e {
             0 => Ok(Grain::Unallocated),
             1 if self.header.zeroed_grain() => Ok(Grain::Zero),
@@ -181,6 +186,55 @@ impl SparseExtent {
                 Ok(Grain::At(s as u64))
             }
         }
+    }
+
+    /// The kind of grain `g` and how many grains from `g` on (at most `max`) continue
+    /// it: the same kind, and for plain allocated grains, contiguous in the file.
+    /// Walks grain tables a slice at a time, skipping absent tables whole.
+    pub fn run(&self, g: u64, max: u64) -> Result<(Grain, u64)> {
+        let first = self.lookup(g)?;
+        let per = self.header.num_gtes_per_gt as u64;
+        let grains = self.header.grains();
+        let compressed = self.header.compressed();
+        let mut n = 1u64;
+        while n < max {
+            let cur = g + n;
+            let in_gt = (per - cur % per).min(max - n);
+            if cur >= grains || self.grain_table((cur / per) as usize)?.is_none() {
+                if first != Grain::Unallocated {
+                    break;
+                }
+                n += in_gt;
+                continue;
+            }
+            let start = (cur % per) as usize;
+            let gt = self
+                .grain_table((cur / per) as usize)?
+                .expect("checked above");
+            let mut k = 0u64;
+            while k < in_gt && cur + k < grains {
+                let next = self.classify(cur + k, gt[start + k as usize])?;
+                let same = match (first, next) {
+                    (Grain::At(a), Grain::At(b)) => {
+                        compressed || b == a + (n + k) * self.header.grain_size
+                    }
+                    (a, b) => a == b,
+                };
+                if !same {
+                    return Ok((first, n + k));
+                }
+                k += 1;
+            }
+            n += k;
+            if k < in_gt {
+                // Past the last grain: unallocated.
+                if first != Grain::Unallocated {
+                    break;
+                }
+                n += in_gt - k;
+            }
+        }
+        Ok((first, n.min(max)))
     }
 
     /// Reads `buf.len()` bytes from grain `g` (allocated at `sector`), starting `within`
