@@ -317,19 +317,19 @@ fn corpus_malformed_vmdks_are_refused_fast() {
         assert_eq!(o.status.code(), Some(1), "{name}");
         assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
     }
-    // seSparse without a descriptor: refused by name rather than misread as raw.
+}
+
+#[test]
+fn sesparse_reads_like_qemu_and_rejects_damage() {
+    let Some(c) = corpus_dir() else { return };
+    let d = scratch();
     let f = corpus_file(
         &c,
         "dissect-hypervisor/vmdk/sesparse.vmdk.gz",
         d.path(),
         "sesparse.vmdk",
     );
-    let e = open_err(&f, &OpenOptions::default());
-    assert!(
-        matches!(&e, Error::Unsupported { feature, .. } if feature.contains("seSparse")),
-        "{e}"
-    );
-    // ... and with a descriptor naming it.
+    // qemu reads it only through a descriptor; imgconv both ways.
     let desc = d.path().join("se.vmdk");
     std::fs::write(
         &desc,
@@ -337,11 +337,55 @@ fn corpus_malformed_vmdks_are_refused_fast() {
          RW 1048576 SESPARSE \"sesparse.vmdk\"\n",
     )
     .unwrap();
-    let e = open_err(&desc, &OpenOptions::default());
-    assert!(
-        matches!(&e, Error::Unsupported { feature, .. } if feature.contains("seSparse")),
-        "{e}"
-    );
+    check_to_raw(&desc, d.path());
+    let out = d.path().join("direct.raw");
+    imgconv(&["convert", "-O", "raw", s(&f), s(&out)]);
+    assert_same_fmt(&desc, "vmdk", &out, "raw");
+    // dissect's test: the first 16 MiB read as 'a'.
+    let img = imgconv::open(&f, &OpenOptions::default()).unwrap();
+    assert_eq!(img.size(), 512 << 20);
+    let mut b = vec![0u8; 16 << 20];
+    img.device().read_at(&mut b, 0).unwrap();
+    assert!(b.iter().all(|&x| x == b'a'));
+    let ours: serde_json::Value =
+        serde_json::from_str(&imgconv(&["info", "--output=json", s(&desc)])).unwrap();
+    assert_eq!(ours["format-specific"], qemu_info(&desc)["format-specific"]);
+
+    let orig = std::fs::read(&f).unwrap();
+    let q = |i: usize| u64::from_le_bytes(orig[i * 8..i * 8 + 8].try_into().unwrap());
+    let (gd, gt) = (q(16) as usize * 512, q(18) as usize * 512);
+    for (what, bytes) in [
+        ("version", patched(&orig, 8, 3, 8)),
+        ("grain size", patched(&orig, 24, 16, 8)),
+        ("capacity", patched(&orig, 16, 1 << 60, 8)),
+        ("volatile magic", patched(&orig, q(10) as usize * 512, 1, 8)),
+        ("GD past EOF", patched(&orig, 128, 1 << 40, 8)),
+        ("GD entry", patched(&orig, gd, 0x2000_0000_0000_0000, 8)),
+        (
+            "GD entry index",
+            patched(&orig, gd, 0x1000_0000_7fff_ffff, 8),
+        ),
+        (
+            "GT entry kind",
+            patched(&orig, gt, 0x5000_0000_0000_0000, 8),
+        ),
+        (
+            "GT entry index",
+            patched(&orig, gt, 0x3000_0fff_ffff_ffff, 8),
+        ),
+        ("truncated", orig[..orig.len() / 2].to_vec()),
+    ] {
+        let p = d.path().join("bad-se.vmdk");
+        std::fs::write(&p, &bytes).unwrap();
+        let e = open_err(&p, &OpenOptions::default());
+        assert!(
+            matches!(
+                e,
+                Error::Corrupt { format: "vmdk", .. } | Error::Unsupported { format: "vmdk", .. }
+            ),
+            "{what}: {e:?}"
+        );
+    }
 }
 
 #[test]

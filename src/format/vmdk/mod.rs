@@ -10,7 +10,8 @@
 //!
 //! - [`header`]: the `KDMV` header and stream markers;
 //! - [`descriptor`]: the text descriptor;
-//! - [`sparse`]: reading one sparse extent;
+//! - [`sparse`]: reading one hosted sparse extent;
+//! - [`sesparse`]: reading one ESXi seSparse extent;
 //! - [`reader`]: opening an image and serving it as a block device;
 //! - [`stream`]: reading a streamOptimized file sequentially from a pipe;
 //! - [`writer`]: every subformat's writer.
@@ -18,6 +19,7 @@
 pub mod descriptor;
 pub mod header;
 pub mod reader;
+pub mod sesparse;
 pub mod sparse;
 pub mod stream;
 pub mod writer;

@@ -16,7 +16,8 @@ use crate::limits::{MAX_DESCRIPTOR_BYTES, MAX_VIRTUAL_SIZE};
 use super::descriptor::NO_PARENT_CID;
 use super::descriptor::{decode_text, looks_like_descriptor, Access, Descriptor, ExtentType};
 use super::header::{SparseHeader, COWD_MAGIC, FMT, SECTOR, SESPARSE_MAGIC, SPARSE_MAGIC};
-use super::sparse::{Grain, SparseExtent};
+use super::sesparse::SeSparseExtent;
+use super::sparse::{Grain, GrainSource, SparseExtent};
 
 /// Where the bytes of one extent come from.
 enum Source {
@@ -28,7 +29,7 @@ enum Source {
     /// Reads as zeros (ZERO extents, NOACCESS extents).
     Zero,
     /// A hosted sparse extent.
-    Sparse(Arc<SparseExtent>),
+    Sparse(Arc<dyn GrainSource>),
     /// Not opened (metadata-only mode): reading it is an error.
     Unopened(String),
 }
@@ -175,7 +176,7 @@ impl BlockDevice for VmdkDevice {
                 let first = within / gb;
                 let max = (within + len).div_ceil(gb) - first;
                 let (kind0, count) = ext.run(first, max)?;
-                let compressed = ext.header.compressed();
+                let compressed = ext.compressed();
                 let end_within = (first + count) * gb;
                 let n = end_within.min(within + len) - within;
                 match kind0 {
@@ -211,10 +212,11 @@ fn refuse_other_magics(b: &[u8; 512]) -> Result<()> {
     if le32(b) == COWD_MAGIC {
         return Err(Error::unsupported(FMT, "COWD (ESX vmfsSparse) extents"));
     }
-    if u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")) == SESPARSE_MAGIC {
-        return Err(Error::unsupported(FMT, "seSparse extents"));
-    }
     Ok(())
+}
+
+fn is_sesparse(b: &[u8; 512]) -> bool {
+    u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")) == SESPARSE_MAGIC
 }
 
 /// Reads and parses an embedded descriptor.
@@ -251,6 +253,9 @@ fn shown_name(ctx: &OpenContext, name: &str) -> String {
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     let head = sniff(storage.as_ref())?;
     refuse_other_magics(&head)?;
+    if is_sesparse(&head) {
+        return open_sesparse_alone(storage, ctx);
+    }
     if le32(&head) == SPARSE_MAGIC {
         if storage.len() < SECTOR {
             return Err(Error::corrupt(
@@ -335,6 +340,35 @@ fn open_monolithic(
     finish(desc, parts, size, extent_info, info, ctx)
 }
 
+/// A seSparse extent opened by itself (ESXi keeps its descriptor apart).
+fn open_sesparse_alone(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
+    let ext = Arc::new(SeSparseExtent::open(storage.clone())?);
+    let size = ext.capacity_bytes();
+    let desc = Descriptor {
+        version: 1,
+        cid: 0,
+        parent_cid: NO_PARENT_CID,
+        create_type: "seSparse".to_string(),
+        ..Default::default()
+    };
+    let extent_info = vec![json!({
+        "filename": ctx.filename,
+        "format": "SESPARSE",
+        "virtual-size": size,
+        "cluster-size": ext.grain_bytes(),
+    })];
+    let parts = vec![Part {
+        start: 0,
+        len: size,
+        source: Source::Sparse(ext.clone()),
+    }];
+    let mut info = ImageInfo::new(ctx.filename.clone(), Format::Vmdk, size);
+    info.actual_size = Some(storage.allocated_bytes());
+    info.cluster_size = Some(ext.grain_bytes());
+    info.dirty_flag = Some(false);
+    finish(desc, parts, size, extent_info, info, ctx)
+}
+
 fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     if d.extents.is_empty() {
         return Err(Error::corrupt(FMT, "descriptor", 0, "no extent lines"));
@@ -367,7 +401,6 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
         let source = match e.kind {
             ExtentType::Zero => Source::Zero,
             _ if e.access == Access::NoAccess => Source::Zero,
-            ExtentType::SeSparse => return Err(Error::unsupported(FMT, "seSparse extents")),
             ExtentType::VmfsRdm | ExtentType::VmfsRaw => {
                 return Err(Error::unsupported(FMT, "raw device mapping extents"))
             }
@@ -389,6 +422,12 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
                         })?,
                         storage,
                     },
+                    ExtentType::SeSparse => {
+                        let ext = Arc::new(SeSparseExtent::open(storage)?);
+                        ei["cluster-size"] = json!(ext.grain_bytes());
+                        cluster.get_or_insert(ext.grain_bytes());
+                        Source::Sparse(ext)
+                    }
                     _ => {
                         let head = sniff(storage.as_ref())?;
                         refuse_other_magics(&head)?;

@@ -27,6 +27,24 @@ pub enum Grain {
     At(u64),
 }
 
+/// A grain-mapped extent (hosted sparse or seSparse), as the device walks it.
+pub trait GrainSource: Send + Sync {
+    /// Grain size in bytes.
+    fn grain_bytes(&self) -> u64;
+    /// Capacity in bytes.
+    fn capacity_bytes(&self) -> u64;
+    /// True when grains are stored compressed.
+    fn compressed(&self) -> bool;
+    /// Where grain number `g` is.
+    fn lookup(&self, g: u64) -> Result<Grain>;
+    /// The kind of grain `g` and how many grains from `g` on (at most `max`) continue
+    /// it: the same kind and, for plain allocated grains, contiguous in the file.
+    fn run(&self, g: u64, max: u64) -> Result<(Grain, u64)>;
+    /// Reads `buf.len()` bytes from grain `g` (allocated at `sector`), starting
+    /// `within` bytes into the grain.
+    fn read_grain(&self, g: u64, sector: u64, within: u64, buf: &mut [u8]) -> Result<()>;
+}
+
 /// An open hosted sparse extent.
 pub struct SparseExtent {
     storage: Arc<dyn Storage>,
@@ -106,16 +124,6 @@ impl SparseExtent {
         })
     }
 
-    /// Capacity of the extent in bytes.
-    pub fn capacity_bytes(&self) -> u64 {
-        self.header.capacity * SECTOR
-    }
-
-    /// Grain size in bytes.
-    pub fn grain_bytes(&self) -> u64 {
-        self.header.grain_bytes()
-    }
-
     /// The storage the extent lives in.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
@@ -151,8 +159,7 @@ impl SparseExtent {
         Ok(Some(t))
     }
 
-    /// Where grain number `g` is.
-    pub fn lookup(&self, g: u64) -> Result<Grain> {
+    fn lookup_grain(&self, g: u64) -> Result<Grain> {
         if g >= self.header.grains() {
             return Ok(Grain::Unallocated);
         }
@@ -188,11 +195,9 @@ impl SparseExtent {
         }
     }
 
-    /// The kind of grain `g` and how many grains from `g` on (at most `max`) continue
-    /// it: the same kind, and for plain allocated grains, contiguous in the file.
     /// Walks grain tables a slice at a time, skipping absent tables whole.
-    pub fn run(&self, g: u64, max: u64) -> Result<(Grain, u64)> {
-        let first = self.lookup(g)?;
+    fn grain_run(&self, g: u64, max: u64) -> Result<(Grain, u64)> {
+        let first = self.lookup_grain(g)?;
         let per = self.header.num_gtes_per_gt as u64;
         let grains = self.header.grains();
         let compressed = self.header.compressed();
@@ -237,9 +242,7 @@ impl SparseExtent {
         Ok((first, n.min(max)))
     }
 
-    /// Reads `buf.len()` bytes from grain `g` (allocated at `sector`), starting `within`
-    /// bytes into the grain.
-    pub fn read_grain(&self, g: u64, sector: u64, within: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_grain_bytes(&self, g: u64, sector: u64, within: u64, buf: &mut [u8]) -> Result<()> {
         let gb = self.grain_bytes();
         if !self.header.compressed() {
             let pos = sector * SECTOR + within;
@@ -356,6 +359,32 @@ impl SparseExtent {
             *c = Some((g, data.clone()));
         }
         Ok(data)
+    }
+}
+
+impl GrainSource for SparseExtent {
+    fn grain_bytes(&self) -> u64 {
+        self.header.grain_bytes()
+    }
+
+    fn capacity_bytes(&self) -> u64 {
+        self.header.capacity * SECTOR
+    }
+
+    fn compressed(&self) -> bool {
+        self.header.compressed()
+    }
+
+    fn lookup(&self, g: u64) -> Result<Grain> {
+        self.lookup_grain(g)
+    }
+
+    fn run(&self, g: u64, max: u64) -> Result<(Grain, u64)> {
+        self.grain_run(g, max)
+    }
+
+    fn read_grain(&self, g: u64, sector: u64, within: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_grain_bytes(g, sector, within, buf)
     }
 }
 
