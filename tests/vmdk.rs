@@ -1134,3 +1134,86 @@ fn huge_sparse_vmdk_converts_in_time_proportional_to_data() {
         std::fs::remove_file(&out).unwrap();
     }
 }
+
+/// Builds a 16 MiB COWD (ESX vmfsSparse) extent by hand: 4 KiB grains, one grain
+/// table, three grains allocated. Returns the expected guest bytes too.
+fn make_cowd(path: &Path) -> Vec<u8> {
+    use imgconv::format::vmdk::header::CowdHeader;
+    let h = CowdHeader {
+        version: 1,
+        flags: 3,
+        disk_sectors: 32768,
+        granularity: 8,
+        l1dir_offset: 4,
+        l1dir_size: 1,
+        file_sectors: 64,
+        cylinders: 32,
+        heads: 16,
+        sectors_per_track: 63,
+    };
+    let mut f = vec![0u8; 64 * 512];
+    f[..44].copy_from_slice(&h.serialize());
+    // qemu insists on finding a CID at 0x200 of a COWD file.
+    let text = b"CID=fffffffe\nparentCID=ffffffff\n";
+    f[512..512 + text.len()].copy_from_slice(text);
+    f[4 * 512..4 * 512 + 4].copy_from_slice(&8u32.to_le_bytes());
+    let mut expect = vec![0u8; 16 << 20];
+    for (i, (g, sector)) in [(0usize, 40usize), (100, 48), (4095, 56)]
+        .into_iter()
+        .enumerate()
+    {
+        f[8 * 512 + g * 4..8 * 512 + g * 4 + 4].copy_from_slice(&(sector as u32).to_le_bytes());
+        let data: Vec<u8> = (0..4096)
+            .map(|k| (k as u8).wrapping_mul(3) ^ (i as u8 + 1))
+            .collect();
+        f[sector * 512..sector * 512 + 4096].copy_from_slice(&data);
+        expect[g * 4096..(g + 1) * 4096].copy_from_slice(&data);
+    }
+    std::fs::write(path, f).unwrap();
+    expect
+}
+
+#[test]
+fn cowd_extents_read_like_qemu() {
+    let d = scratch();
+    let cowd = d.path().join("cowd.vmdk");
+    let expect = make_cowd(&cowd);
+    let q = d.path().join("q.raw");
+    qemu_img(&["convert", "-O", "raw", s(&cowd), s(&q)]);
+    assert_eq!(
+        std::fs::read(&q).unwrap(),
+        expect,
+        "qemu's reading of the hand-made COWD"
+    );
+    check_to_raw(&cowd, d.path());
+    let img = imgconv::open(&cowd, &OpenOptions::default()).unwrap();
+    let mut b = vec![0u8; expect.len()];
+    img.device().read_at(&mut b, 0).unwrap();
+    assert!(b == expect);
+    // Named by a descriptor as a VMFSSPARSE extent.
+    let desc = d.path().join("delta.vmdk");
+    std::fs::write(
+        &desc,
+        "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"vmfsSparse\"\n\
+         RW 32768 VMFSSPARSE \"cowd.vmdk\"\n",
+    )
+    .unwrap();
+    check_to_raw(&desc, d.path());
+    // A directory too small for the disk, or pointing past the end, is refused.
+    let orig = std::fs::read(&cowd).unwrap();
+    for (what, bytes) in [
+        ("no directory", patched(&orig, 24, 0, 4)),
+        ("directory past EOF", patched(&orig, 20, 1 << 20, 4)),
+        ("table past EOF", patched(&orig, 4 * 512, 1 << 20, 4)),
+        ("grain past EOF", patched(&orig, 8 * 512, 1 << 20, 4)),
+        ("granularity 0", patched(&orig, 16, 0, 4)),
+    ] {
+        let p = d.path().join("bad-cowd.vmdk");
+        std::fs::write(&p, &bytes).unwrap();
+        let e = open_err(&p, &OpenOptions::default());
+        assert!(
+            matches!(e, Error::Corrupt { format: "vmdk", .. }),
+            "{what}: {e:?}"
+        );
+    }
+}

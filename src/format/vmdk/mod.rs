@@ -3,8 +3,9 @@
 //! Reading: a sparse extent with an embedded descriptor (monolithicSparse,
 //! streamOptimized in VMware's, qemu-img's and open-vmdk's layouts) or a text descriptor
 //! naming FLAT, VMFS, SPARSE and ZERO extents (monolithicFlat, twoGbMaxExtent*, vmfs),
-//! with delta disks opened over their parent (`parentFileNameHint`, CID checked).
-//! COWD (ESX vmfsSparse), seSparse and raw device mappings are refused at open.
+//! with delta disks opened over their parent (`parentFileNameHint`, CID checked);
+//! legacy ESX COWD (vmfsSparse) and ESXi seSparse extents, alone or named by a
+//! descriptor. Raw device mappings (VMFSRDM / VMFSRAW) are refused at open.
 //! Writing: monolithicSparse, monolithicFlat, twoGbMaxExtentSparse,
 //! twoGbMaxExtentFlat and streamOptimized (also to a pipe).
 //!

@@ -208,11 +208,17 @@ fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn refuse_other_magics(b: &[u8; 512]) -> Result<()> {
-    if le32(b) == COWD_MAGIC {
-        return Err(Error::unsupported(FMT, "COWD (ESX vmfsSparse) extents"));
+/// Opens a grain-mapped extent file of any kind (KDMV, COWD, seSparse) by its magic.
+fn open_grain_extent(storage: Arc<dyn Storage>) -> Result<Arc<dyn GrainSource>> {
+    let head = sniff(storage.as_ref())?;
+    if is_sesparse(&head) {
+        return Ok(Arc::new(SeSparseExtent::open(storage)?));
     }
-    Ok(())
+    if le32(&head) == COWD_MAGIC {
+        return Ok(Arc::new(SparseExtent::open_cowd(storage)?));
+    }
+    let h = SparseHeader::parse(&head, 0)?;
+    Ok(Arc::new(SparseExtent::open(storage, h)?))
 }
 
 fn is_sesparse(b: &[u8; 512]) -> bool {
@@ -252,9 +258,11 @@ fn shown_name(ctx: &OpenContext, name: &str) -> String {
 /// Opens a VMDK from `storage` (sparse extent or text descriptor).
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     let head = sniff(storage.as_ref())?;
-    refuse_other_magics(&head)?;
     if is_sesparse(&head) {
-        return open_sesparse_alone(storage, ctx);
+        return open_extent_alone(storage, ctx, "seSparse", "SESPARSE");
+    }
+    if le32(&head) == COWD_MAGIC {
+        return open_extent_alone(storage, ctx, "vmfsSparse", "VMFSSPARSE");
     }
     if le32(&head) == SPARSE_MAGIC {
         if storage.len() < SECTOR {
@@ -340,20 +348,25 @@ fn open_monolithic(
     finish(desc, parts, size, extent_info, info, ctx)
 }
 
-/// A seSparse extent opened by itself (ESXi keeps its descriptor apart).
-fn open_sesparse_alone(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
-    let ext = Arc::new(SeSparseExtent::open(storage.clone())?);
+/// A seSparse or COWD extent opened by itself (ESX keeps their descriptor apart).
+fn open_extent_alone(
+    storage: Arc<dyn Storage>,
+    ctx: &OpenContext,
+    create_type: &str,
+    kind: &str,
+) -> Result<Opened> {
+    let ext = open_grain_extent(storage.clone())?;
     let size = ext.capacity_bytes();
     let desc = Descriptor {
         version: 1,
         cid: 0,
         parent_cid: NO_PARENT_CID,
-        create_type: "seSparse".to_string(),
+        create_type: create_type.to_string(),
         ..Default::default()
     };
     let extent_info = vec![json!({
         "filename": ctx.filename,
-        "format": "SESPARSE",
+        "format": kind,
         "virtual-size": size,
         "cluster-size": ext.grain_bytes(),
     })];
@@ -422,19 +435,10 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
                         })?,
                         storage,
                     },
-                    ExtentType::SeSparse => {
-                        let ext = Arc::new(SeSparseExtent::open(storage)?);
-                        ei["cluster-size"] = json!(ext.grain_bytes());
-                        cluster.get_or_insert(ext.grain_bytes());
-                        Source::Sparse(ext)
-                    }
                     _ => {
-                        let head = sniff(storage.as_ref())?;
-                        refuse_other_magics(&head)?;
-                        let h = SparseHeader::parse(&head, 0)?;
-                        let ext = Arc::new(SparseExtent::open(storage, h)?);
+                        let ext = open_grain_extent(storage)?;
                         ei["cluster-size"] = json!(ext.grain_bytes());
-                        if ext.header.compressed() {
+                        if ext.compressed() {
                             ei["compressed"] = json!(true);
                         }
                         cluster.get_or_insert(ext.grain_bytes());

@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 use crate::io::{read_struct, Storage};
 
 use super::header::{
-    parse_u32_table, Marker, SparseHeader, FMT, GD_AT_END, MARKER_EOS, MARKER_FOOTER, SECTOR,
+    parse_u32_table, CowdHeader, Marker, SparseHeader, COWD_GTES_PER_GT, FMT, GD_AT_END,
+    MARKER_EOS, MARKER_FOOTER, SECTOR,
 };
 
 /// Grain tables kept in memory per extent before the cache is emptied.
@@ -64,8 +65,56 @@ fn io_err(storage: &dyn Storage, e: std::io::Error) -> Error {
 
 impl SparseExtent {
     /// Opens the sparse extent in `storage` whose header has been parsed as `header`.
-    pub fn open(storage: Arc<dyn Storage>, mut header: SparseHeader) -> Result<Self> {
+    pub fn open(storage: Arc<dyn Storage>, header: SparseHeader) -> Result<Self> {
         header.validate(0)?;
+        Self::open_checked(storage, header)
+    }
+
+    /// Opens a legacy ESX `COWD` (vmfsSparse) extent: 4096-entry grain tables, no
+    /// zeroed grains, no descriptor.
+    pub fn open_cowd(storage: Arc<dyn Storage>) -> Result<Self> {
+        let mut b = [0u8; 44];
+        read_struct(storage.as_ref(), &mut b, 0, FMT, "COWD header")?;
+        let c = CowdHeader::parse(&b)?;
+        let bad = |off: u64, r: String| Err(Error::corrupt(FMT, "COWD header", off, r));
+        if c.version != 1 {
+            return Err(Error::unsupported(
+                FMT,
+                format!("COWD version {}", c.version),
+            ));
+        }
+        if c.granularity == 0 || c.granularity > 2048 {
+            return bad(16, format!("granularity {} sectors", c.granularity));
+        }
+        let header = SparseHeader {
+            version: 1,
+            flags: 0,
+            capacity: c.disk_sectors as u64,
+            grain_size: c.granularity as u64,
+            descriptor_offset: 0,
+            descriptor_size: 0,
+            num_gtes_per_gt: COWD_GTES_PER_GT,
+            rgd_offset: 0,
+            gd_offset: c.l1dir_offset as u64,
+            overhead: 0,
+            unclean_shutdown: false,
+            newline_bytes: [0; 4],
+            compress_algorithm: 0,
+        };
+        if (c.l1dir_size as u64) < header.gd_entries() {
+            return bad(
+                24,
+                format!(
+                    "grain directory of {} entries, {} needed",
+                    c.l1dir_size,
+                    header.gd_entries()
+                ),
+            );
+        }
+        Self::open_checked(storage, header)
+    }
+
+    fn open_checked(storage: Arc<dyn Storage>, mut header: SparseHeader) -> Result<Self> {
         let file_len = storage.len();
         if header.gd_offset == GD_AT_END {
             header = read_footer(storage.as_ref(), &header)?;
