@@ -1217,3 +1217,89 @@ fn cowd_extents_read_like_qemu() {
         );
     }
 }
+
+/// Writes a streamOptimized file in open-vmdk's layout: header v3 with a real
+/// gdOffset and no redundant GD, GD and GT right after the descriptor, compressed
+/// grains with markers, no GT/GD markers, no footer, one end-of-stream sector.
+fn make_open_vmdk_stream(path: &Path, guest: &[u8]) {
+    use imgconv::format::vmdk::header::{SparseHeader, NEWLINE_BYTES};
+    use std::io::Write;
+    let grain = 65536usize;
+    let capacity = (guest.len() / 512) as u64;
+    let grains = guest.len().div_ceil(grain);
+    assert!(grains <= 512);
+    let h = SparseHeader {
+        version: 3,
+        flags: 0x30001,
+        capacity,
+        grain_size: 128,
+        descriptor_offset: 1,
+        descriptor_size: 20,
+        num_gtes_per_gt: 512,
+        rgd_offset: 0,
+        gd_offset: 21,
+        overhead: 128,
+        unclean_shutdown: false,
+        newline_bytes: NEWLINE_BYTES,
+        compress_algorithm: 1,
+    };
+    let mut f = vec![0u8; 128 * 512];
+    f[..512].copy_from_slice(&h.serialize());
+    let desc = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=0badcafe\nparentCID=ffffffff\n\
+         createType=\"streamOptimized\"\n\nRW {capacity} SPARSE \"ov.vmdk\"\n\n\
+         ddb.adapterType = \"lsilogic\"\n"
+    );
+    f[512..512 + desc.len()].copy_from_slice(desc.as_bytes());
+    f[21 * 512..21 * 512 + 4].copy_from_slice(&22u32.to_le_bytes());
+    for g in 0..grains {
+        let data = &guest[g * grain..((g + 1) * grain).min(guest.len())];
+        if data.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let sector = (f.len() / 512) as u32;
+        f[22 * 512 + g * 4..22 * 512 + g * 4 + 4].copy_from_slice(&sector.to_le_bytes());
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(data).unwrap();
+        let c = z.finish().unwrap();
+        f.extend_from_slice(&((g * 128) as u64).to_le_bytes());
+        f.extend_from_slice(&(c.len() as u32).to_le_bytes());
+        f.extend_from_slice(&c);
+        f.resize(f.len().div_ceil(512) * 512, 0);
+    }
+    f.extend_from_slice(&[0u8; 512]);
+    std::fs::write(path, f).unwrap();
+}
+
+#[test]
+fn open_vmdk_stream_layout_reads_like_qemu() {
+    let d = scratch();
+    let raw = d.path().join("g.raw");
+    make_raw(
+        &raw,
+        8 << 20,
+        &[
+            (0, 70_000, 1),
+            (3 << 20, 4096, 2),
+            ((8 << 20) - 512, 512, 3),
+        ],
+    );
+    let guest = std::fs::read(&raw).unwrap();
+    let ov = d.path().join("ov.vmdk");
+    make_open_vmdk_stream(&ov, &guest);
+    assert_same(&raw, &ov); // qemu's reading
+    check_to_raw(&ov, d.path()); // ours, random access
+    let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
+    let r = std::fs::File::open(&ov).unwrap();
+    let opened = imgconv::format::vmdk::open_stream(Box::new(r), &ctx).unwrap();
+    let out = d.path().join("piped.raw");
+    let opts = imgconv::ConvertOptions::new(imgconv::Format::Raw);
+    imgconv::convert::convert_to(
+        opened.device.as_ref(),
+        &out,
+        imgconv::io::OutputSet::new(),
+        &opts,
+    )
+    .unwrap();
+    assert_same(&raw, &out); // ours, sequential
+}
