@@ -1303,3 +1303,78 @@ fn open_vmdk_stream_layout_reads_like_qemu() {
     .unwrap();
     assert_same(&raw, &out); // ours, sequential
 }
+
+#[test]
+fn mutated_images_never_panic() {
+    use rand::{Rng, SeedableRng};
+    let d = scratch();
+    let raw = d.path().join("m.raw");
+    make_raw(&raw, 1 << 20, &[(0, 70_000, 1), (600_000, 5000, 2)]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut tried = 0;
+    for sf in ["monolithicSparse", "streamOptimized"] {
+        let f = d.path().join(format!("{sf}.vmdk"));
+        imgconv(&[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sf}"),
+            s(&raw),
+            s(&f),
+        ]);
+        let orig = std::fs::read(&f).unwrap();
+        // Metadata lives in the first 64 KiB and (streams) the last 3 KiB.
+        let hot: Vec<usize> = (0..65536).chain(orig.len() - 3072..orig.len()).collect();
+        for _ in 0..400 {
+            let mut m = orig.clone();
+            for _ in 0..rng.gen_range(1..6) {
+                let at = hot[rng.gen_range(0..hot.len())];
+                m[at] = rng.gen();
+            }
+            if rng.gen_bool(0.1) {
+                m.truncate(rng.gen_range(0..orig.len()));
+            }
+            let p = d.path().join("mut.vmdk");
+            std::fs::write(&p, &m).unwrap();
+            let t = Instant::now();
+            if let Ok(img) = imgconv::open(&p, &OpenOptions::default()) {
+                let size = img.size().min(64 << 20);
+                let mut buf = vec![0u8; 1 << 20];
+                let mut off = 0;
+                while off < size {
+                    let n = (size - off).min(buf.len() as u64) as usize;
+                    if img.device().read_at(&mut buf[..n], off).is_err() {
+                        break;
+                    }
+                    let _ = img.device().map(off, n as u64);
+                    off += n as u64;
+                }
+            }
+            if sf == "streamOptimized" {
+                let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
+                let r = Box::new(std::io::Cursor::new(m.clone()));
+                if let Ok(o) = imgconv::format::vmdk::open_stream(r, &ctx) {
+                    let size = o.device.size().min(64 << 20);
+                    let mut off = 0;
+                    while off < size {
+                        let Ok(e) = o.device.map(off, size - off) else {
+                            break;
+                        };
+                        let mut buf = vec![0u8; e.len.min(1 << 20) as usize];
+                        if o.device.read_at(&mut buf, off).is_err() {
+                            break;
+                        }
+                        off += buf.len() as u64;
+                    }
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "slow on a mutation of {sf}"
+            );
+            tried += 1;
+        }
+    }
+    assert_eq!(tried, 800);
+}

@@ -109,7 +109,7 @@ impl BlockDevice for VmdkDevice {
                     )))
                 }
                 Source::Flat { storage, offset } => {
-                    let at = offset + within;
+                    let at = offset.saturating_add(within);
                     // Like qemu, a flat file shorter than its extent reads as zeros past
                     // its end.
                     let avail = storage.len().saturating_sub(at).min(n as u64) as usize;
@@ -158,12 +158,12 @@ impl BlockDevice for VmdkDevice {
                 storage,
                 offset: base,
             } => {
-                let at = base + within;
+                let at = base.saturating_add(within);
                 let (kind, end) = match storage.segment(at) {
                     Some((true, end)) => (ExtentKind::Data, end),
                     Some((false, end)) => (ExtentKind::Zero, end),
-                    None if at >= storage.len() => (ExtentKind::Zero, at + len),
-                    None => (ExtentKind::Data, at + len),
+                    None if at >= storage.len() => (ExtentKind::Zero, at.saturating_add(len)),
+                    None => (ExtentKind::Data, at.saturating_add(len)),
                 };
                 let mut e = Extent::new(offset, (end - at).clamp(1, len), kind);
                 if kind == ExtentKind::Data {
