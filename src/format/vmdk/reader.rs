@@ -485,13 +485,12 @@ fn finish(
         });
         info.backing_filename = Some(hint.to_string());
         info.backing_filename_format = Some("vmdk".into());
-        if !(ctx.options.metadata_only && ctx.options.untrusted) {
-            if ctx
+        if !(ctx.options.metadata_only && ctx.options.untrusted)
+            && ctx
                 .resolve_reference(FMT, "parentFileNameHint", hint)
                 .is_ok()
-            {
-                info.full_backing_filename = Some(shown_name(ctx, hint));
-            }
+        {
+            info.full_backing_filename = Some(shown_name(ctx, hint));
         }
         if let Some(img) = ctx.open_backing(FMT, "parentFileNameHint", hint, Some(Format::Vmdk))? {
             let pcid = img
