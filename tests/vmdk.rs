@@ -1378,3 +1378,63 @@ fn mutated_images_never_panic() {
     }
     assert_eq!(tried, 800);
 }
+
+#[test]
+fn empty_disks_and_descriptors_inside_sparse_headers() {
+    let d = scratch();
+    let zero = d.path().join("zero.raw");
+    std::fs::write(&zero, b"").unwrap();
+    for sf in SUBFORMATS {
+        let o = d.path().join(format!("z-{sf}.vmdk"));
+        imgconv(&[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sf}"),
+            s(&zero),
+            s(&o),
+        ]);
+        // qemu-img 10.0 cannot open empty VMDKs, not even its own (it takes a 0-sector
+        // sparse file for a descriptor, and aborts on a descriptor with no extents), so
+        // only imgconv reads these back.
+        let out = d.path().join(format!("z-{sf}.raw"));
+        imgconv(&["convert", "-O", "raw", s(&o), s(&out)]);
+        assert_eq!(std::fs::metadata(&out).unwrap().len(), 0);
+        let img = imgconv::open(&o, &OpenOptions::untrusted().metadata_only()).unwrap();
+        assert_eq!(img.size(), 0);
+    }
+    // A KDMV header of capacity 0 whose embedded descriptor lists the extents.
+    use imgconv::format::vmdk::header::{SparseHeader, NEWLINE_BYTES};
+    let flat = d.path().join("data.raw");
+    make_raw(&flat, 1 << 20, &[(0, 1 << 20, 5)]);
+    let h = SparseHeader {
+        version: 1,
+        flags: 3,
+        capacity: 0,
+        grain_size: 128,
+        descriptor_offset: 1,
+        descriptor_size: 2,
+        num_gtes_per_gt: 512,
+        rgd_offset: 0,
+        gd_offset: 0,
+        overhead: 3,
+        unclean_shutdown: false,
+        newline_bytes: NEWLINE_BYTES,
+        compress_algorithm: 0,
+    };
+    let mut f = vec![0u8; 3 * 512];
+    f[..512].copy_from_slice(&h.serialize());
+    let text = b"# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n\
+                 createType=\"monolithicFlat\"\nRW 2048 FLAT \"data.raw\" 0\n";
+    f[512..512 + text.len()].copy_from_slice(text);
+    let w = d.path().join("wrapped.vmdk");
+    std::fs::write(&w, f).unwrap();
+    let img = imgconv::open(&w, &OpenOptions::default()).unwrap();
+    assert_eq!(img.size(), 1 << 20);
+    let out = d.path().join("wrapped.raw");
+    imgconv(&["convert", "-O", "raw", s(&w), s(&out)]);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&flat).unwrap());
+    let e = open_err(&w, &OpenOptions::untrusted());
+    assert!(matches!(e, Error::UntrustedReference { .. }), "{e:?}");
+}
