@@ -342,7 +342,12 @@ pub fn create_writer(
         )));
     }
     let (dir, stem, ext) = split_target(target);
-    let own_name = format!("{stem}{ext}");
+    let own_name = if out.is_stream() {
+        // A pipe has no file name; the extent needs one (readers ignore it).
+        "disk.vmdk".to_string()
+    } else {
+        format!("{stem}{ext}")
+    };
     match o.subformat {
         Subformat::StreamOptimized => {
             let desc = build_descriptor(
