@@ -30,3 +30,10 @@ pub const MAX_VMDK_GD_ENTRIES: u64 = 1 << 24;
 
 /// Most extents a VMDK descriptor may list.
 pub const MAX_VMDK_EXTENTS: usize = 4096;
+
+/// Most directory entries looked at while searching a folder for the parent of a
+/// differencing VDI.
+pub const MAX_VDI_PARENT_SCAN: usize = 65536;
+
+/// Most `*.vdi` files whose headers are read while searching for a VDI parent.
+pub const MAX_VDI_PARENT_CANDIDATES: usize = 1024;
