@@ -105,15 +105,13 @@ fn qcow2_external_data_file_naming_a_host_file_is_refused_when_untrusted() {
     let d = scratch();
     let img = d.path().join("evil.qcow2");
     std::fs::write(d.path().join("aaaaaaaaaaaaa"), vec![0u8; 1 << 20]).unwrap();
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=aaaaaaaaaaaaa",
-        s(&img),
-        "1M",
-    ]);
+    // qemu-img resolves the data file name against its working folder.
+    let o = Command::new("qemu-img")
+        .current_dir(d.path())
+        .args(["create", "-f", "qcow2", "-o", "data_file=aaaaaaaaaaaaa", "evil.qcow2", "1M"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     patch_bytes(&img, b"aaaaaaaaaaaaa", b"/etc/hostname");
     let out = d.path().join("out.raw");
     assert_clean_error(

@@ -190,7 +190,9 @@ impl Descriptor {
                 continue;
             }
             let Some((k, v)) = line.split_once('=') else {
-                return Err(bad(format!("not a key=value or extent line: {line:?}")));
+                // Other tools' lines this reader has no use for are skipped, as VMware
+                // and QEMU do; extent lines were handled above and fail loudly.
+                continue;
             };
             let (k, v) = (k.trim(), unquote(v));
             match k.to_ascii_lowercase().as_str() {
@@ -342,6 +344,9 @@ mod tests {
         assert!(Descriptor::parse("RW abc SPARSE \"x\"\n", 0).is_err());
         assert!(Descriptor::parse("RW 1 BOGUS \"x\"\n", 0).is_err());
         assert!(Descriptor::parse("RW 1 FLAT\n", 0).is_err());
+        // Unknown lines are skipped, but a text with nothing of a descriptor is refused.
         assert!(Descriptor::parse("random text\n", 0).is_err());
+        let d = Descriptor::parse("CID=1\nsome vendor line\nRW 8 ZERO\n", 0).unwrap();
+        assert_eq!(d.extents.len(), 1);
     }
 }

@@ -211,6 +211,78 @@ impl SparseHeader {
     }
 }
 
+/// Grain-table entries per table in a COWD extent.
+pub const COWD_GTES_PER_GT: u32 = 4096;
+
+/// The header of a legacy ESX `COWD` (vmfsSparse) extent: magic, then ten u32 fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CowdHeader {
+    /// Format version (1).
+    pub version: u32,
+    /// Flags.
+    pub flags: u32,
+    /// Extent size in sectors.
+    pub disk_sectors: u32,
+    /// Grain size in sectors.
+    pub granularity: u32,
+    /// Grain directory offset in sectors.
+    pub l1dir_offset: u32,
+    /// Grain directory entries.
+    pub l1dir_size: u32,
+    /// File size in sectors.
+    pub file_sectors: u32,
+    /// Geometry: cylinders.
+    pub cylinders: u32,
+    /// Geometry: heads.
+    pub heads: u32,
+    /// Geometry: sectors per track.
+    pub sectors_per_track: u32,
+}
+
+impl CowdHeader {
+    /// Parses the first 44 bytes of a COWD extent.
+    pub fn parse(b: &[u8; 44]) -> Result<Self> {
+        if LE::read_u32(&b[0..4]) != COWD_MAGIC {
+            return Err(Error::corrupt(FMT, "COWD header", 0, "bad magic"));
+        }
+        let f = |i: usize| LE::read_u32(&b[4 + i * 4..8 + i * 4]);
+        Ok(CowdHeader {
+            version: f(0),
+            flags: f(1),
+            disk_sectors: f(2),
+            granularity: f(3),
+            l1dir_offset: f(4),
+            l1dir_size: f(5),
+            file_sectors: f(6),
+            cylinders: f(7),
+            heads: f(8),
+            sectors_per_track: f(9),
+        })
+    }
+
+    /// The 44-byte on-disk form.
+    pub fn serialize(&self) -> [u8; 44] {
+        let mut b = [0u8; 44];
+        LE::write_u32(&mut b[0..4], COWD_MAGIC);
+        let v = [
+            self.version,
+            self.flags,
+            self.disk_sectors,
+            self.granularity,
+            self.l1dir_offset,
+            self.l1dir_size,
+            self.file_sectors,
+            self.cylinders,
+            self.heads,
+            self.sectors_per_track,
+        ];
+        for (i, x) in v.iter().enumerate() {
+            LE::write_u32(&mut b[4 + i * 4..8 + i * 4], *x);
+        }
+        b
+    }
+}
+
 /// A stream marker: the first 12 (grain) or 16 (metadata) bytes of a sector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Marker {

@@ -3,14 +3,16 @@
 //! Reading: a sparse extent with an embedded descriptor (monolithicSparse,
 //! streamOptimized in VMware's, qemu-img's and open-vmdk's layouts) or a text descriptor
 //! naming FLAT, VMFS, SPARSE and ZERO extents (monolithicFlat, twoGbMaxExtent*, vmfs),
-//! with delta disks opened over their parent (`parentFileNameHint`, CID checked).
-//! COWD (ESX vmfsSparse), seSparse and raw device mappings are refused at open.
+//! with delta disks opened over their parent (`parentFileNameHint`, CID checked);
+//! legacy ESX COWD (vmfsSparse) and ESXi seSparse extents, alone or named by a
+//! descriptor. Raw device mappings (VMFSRDM / VMFSRAW) are refused at open.
 //! Writing: monolithicSparse, monolithicFlat, twoGbMaxExtentSparse,
 //! twoGbMaxExtentFlat and streamOptimized (also to a pipe).
 //!
 //! - [`header`]: the `KDMV` header and stream markers;
 //! - [`descriptor`]: the text descriptor;
-//! - [`sparse`]: reading one sparse extent;
+//! - [`sparse`]: reading one hosted sparse extent;
+//! - [`sesparse`]: reading one ESXi seSparse extent;
 //! - [`reader`]: opening an image and serving it as a block device;
 //! - [`stream`]: reading a streamOptimized file sequentially from a pipe;
 //! - [`writer`]: every subformat's writer.
@@ -18,6 +20,7 @@
 pub mod descriptor;
 pub mod header;
 pub mod reader;
+pub mod sesparse;
 pub mod sparse;
 pub mod stream;
 pub mod writer;

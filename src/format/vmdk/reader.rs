@@ -16,7 +16,8 @@ use crate::limits::{MAX_DESCRIPTOR_BYTES, MAX_VIRTUAL_SIZE};
 use super::descriptor::NO_PARENT_CID;
 use super::descriptor::{decode_text, looks_like_descriptor, Access, Descriptor, ExtentType};
 use super::header::{SparseHeader, COWD_MAGIC, FMT, SECTOR, SESPARSE_MAGIC, SPARSE_MAGIC};
-use super::sparse::{Grain, SparseExtent};
+use super::sesparse::SeSparseExtent;
+use super::sparse::{Grain, GrainSource, SparseExtent};
 
 /// Where the bytes of one extent come from.
 enum Source {
@@ -28,7 +29,7 @@ enum Source {
     /// Reads as zeros (ZERO extents, NOACCESS extents).
     Zero,
     /// A hosted sparse extent.
-    Sparse(Arc<SparseExtent>),
+    Sparse(Arc<dyn GrainSource>),
     /// Not opened (metadata-only mode): reading it is an error.
     Unopened(String),
 }
@@ -108,7 +109,7 @@ impl BlockDevice for VmdkDevice {
                     )))
                 }
                 Source::Flat { storage, offset } => {
-                    let at = offset + within;
+                    let at = offset.saturating_add(within);
                     // Like qemu, a flat file shorter than its extent reads as zeros past
                     // its end.
                     let avail = storage.len().saturating_sub(at).min(n as u64) as usize;
@@ -157,12 +158,12 @@ impl BlockDevice for VmdkDevice {
                 storage,
                 offset: base,
             } => {
-                let at = base + within;
+                let at = base.saturating_add(within);
                 let (kind, end) = match storage.segment(at) {
                     Some((true, end)) => (ExtentKind::Data, end),
                     Some((false, end)) => (ExtentKind::Zero, end),
-                    None if at >= storage.len() => (ExtentKind::Zero, at + len),
-                    None => (ExtentKind::Data, at + len),
+                    None if at >= storage.len() => (ExtentKind::Zero, at.saturating_add(len)),
+                    None => (ExtentKind::Data, at.saturating_add(len)),
                 };
                 let mut e = Extent::new(offset, (end - at).clamp(1, len), kind);
                 if kind == ExtentKind::Data {
@@ -173,24 +174,10 @@ impl BlockDevice for VmdkDevice {
             Source::Sparse(ext) => {
                 let gb = ext.grain_bytes();
                 let first = within / gb;
-                let kind0 = ext.lookup(first)?;
-                let compressed = ext.header.compressed();
-                let mut g = first;
-                let mut end_within = (first + 1) * gb;
-                while end_within < within + len {
-                    let next = ext.lookup(g + 1)?;
-                    let same = match (kind0, next) {
-                        (Grain::At(a), Grain::At(b)) => {
-                            compressed || b == a + (g + 1 - first) * ext.header.grain_size
-                        }
-                        (a, b) => a == b,
-                    };
-                    if !same {
-                        break;
-                    }
-                    g += 1;
-                    end_within += gb;
-                }
+                let max = (within + len).div_ceil(gb) - first;
+                let (kind0, count) = ext.run(first, max)?;
+                let compressed = ext.compressed();
+                let end_within = (first + count) * gb;
                 let n = end_within.min(within + len) - within;
                 match kind0 {
                     Grain::Unallocated => self.map_parent(offset, n),
@@ -221,14 +208,21 @@ fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn refuse_other_magics(b: &[u8; 512]) -> Result<()> {
-    if le32(b) == COWD_MAGIC {
-        return Err(Error::unsupported(FMT, "COWD (ESX vmfsSparse) extents"));
+/// Opens a grain-mapped extent file of any kind (KDMV, COWD, seSparse) by its magic.
+fn open_grain_extent(storage: Arc<dyn Storage>) -> Result<Arc<dyn GrainSource>> {
+    let head = sniff(storage.as_ref())?;
+    if is_sesparse(&head) {
+        return Ok(Arc::new(SeSparseExtent::open(storage)?));
     }
-    if u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")) == SESPARSE_MAGIC {
-        return Err(Error::unsupported(FMT, "seSparse extents"));
+    if le32(&head) == COWD_MAGIC {
+        return Ok(Arc::new(SparseExtent::open_cowd(storage)?));
     }
-    Ok(())
+    let h = SparseHeader::parse(&head, 0)?;
+    Ok(Arc::new(SparseExtent::open(storage, h)?))
+}
+
+fn is_sesparse(b: &[u8; 512]) -> bool {
+    u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")) == SESPARSE_MAGIC
 }
 
 /// Reads and parses an embedded descriptor.
@@ -264,13 +258,26 @@ fn shown_name(ctx: &OpenContext, name: &str) -> String {
 /// Opens a VMDK from `storage` (sparse extent or text descriptor).
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     let head = sniff(storage.as_ref())?;
-    refuse_other_magics(&head)?;
-    if le32(&head) == SPARSE_MAGIC && storage.len() >= SECTOR {
+    if is_sesparse(&head) {
+        return open_extent_alone(storage, ctx, "seSparse", "SESPARSE");
+    }
+    if le32(&head) == COWD_MAGIC {
+        return open_extent_alone(storage, ctx, "vmfsSparse", "VMFSSPARSE");
+    }
+    if le32(&head) == SPARSE_MAGIC {
+        if storage.len() < SECTOR {
+            return Err(Error::corrupt(
+                FMT,
+                "sparse extent header",
+                0,
+                format!("file ends at {} bytes, inside the header", storage.len()),
+            ));
+        }
         let h = SparseHeader::parse(&head, 0)?;
         h.validate(0)?;
         let desc = embedded_descriptor(storage.as_ref(), &h)?;
         if h.capacity == 0 {
-            if let Some(d) = desc.as_ref().filter(|d| !d.extents.is_empty()) {
+            if let Some(d) = desc.as_ref().filter(|d| d.total_sectors().is_some_and(|n| n > 0)) {
                 // A descriptor dressed as a sparse header: its extents are the disk.
                 return open_descriptor(d.clone(), storage, ctx);
             }
@@ -341,6 +348,40 @@ fn open_monolithic(
     finish(desc, parts, size, extent_info, info, ctx)
 }
 
+/// A seSparse or COWD extent opened by itself (ESX keeps their descriptor apart).
+fn open_extent_alone(
+    storage: Arc<dyn Storage>,
+    ctx: &OpenContext,
+    create_type: &str,
+    kind: &str,
+) -> Result<Opened> {
+    let ext = open_grain_extent(storage.clone())?;
+    let size = ext.capacity_bytes();
+    let desc = Descriptor {
+        version: 1,
+        cid: 0,
+        parent_cid: NO_PARENT_CID,
+        create_type: create_type.to_string(),
+        ..Default::default()
+    };
+    let extent_info = vec![json!({
+        "filename": ctx.filename,
+        "format": kind,
+        "virtual-size": size,
+        "cluster-size": ext.grain_bytes(),
+    })];
+    let parts = vec![Part {
+        start: 0,
+        len: size,
+        source: Source::Sparse(ext.clone()),
+    }];
+    let mut info = ImageInfo::new(ctx.filename.clone(), Format::Vmdk, size);
+    info.actual_size = Some(storage.allocated_bytes());
+    info.cluster_size = Some(ext.grain_bytes());
+    info.dirty_flag = Some(false);
+    finish(desc, parts, size, extent_info, info, ctx)
+}
+
 fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     if d.extents.is_empty() {
         return Err(Error::corrupt(FMT, "descriptor", 0, "no extent lines"));
@@ -373,7 +414,6 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
         let source = match e.kind {
             ExtentType::Zero => Source::Zero,
             _ if e.access == Access::NoAccess => Source::Zero,
-            ExtentType::SeSparse => return Err(Error::unsupported(FMT, "seSparse extents")),
             ExtentType::VmfsRdm | ExtentType::VmfsRaw => {
                 return Err(Error::unsupported(FMT, "raw device mapping extents"))
             }
@@ -396,12 +436,9 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
                         storage,
                     },
                     _ => {
-                        let head = sniff(storage.as_ref())?;
-                        refuse_other_magics(&head)?;
-                        let h = SparseHeader::parse(&head, 0)?;
-                        let ext = Arc::new(SparseExtent::open(storage, h)?);
+                        let ext = open_grain_extent(storage)?;
                         ei["cluster-size"] = json!(ext.grain_bytes());
-                        if ext.header.compressed() {
+                        if ext.compressed() {
                             ei["compressed"] = json!(true);
                         }
                         cluster.get_or_insert(ext.grain_bytes());
@@ -448,10 +485,12 @@ fn finish(
         });
         info.backing_filename = Some(hint.to_string());
         info.backing_filename_format = Some("vmdk".into());
-        if !(ctx.options.metadata_only && ctx.options.untrusted) {
-            if let Ok(p) = ctx.resolve_reference(FMT, "parentFileNameHint", hint) {
-                info.full_backing_filename = Some(p.display().to_string());
-            }
+        if !(ctx.options.metadata_only && ctx.options.untrusted)
+            && ctx
+                .resolve_reference(FMT, "parentFileNameHint", hint)
+                .is_ok()
+        {
+            info.full_backing_filename = Some(shown_name(ctx, hint));
         }
         if let Some(img) = ctx.open_backing(FMT, "parentFileNameHint", hint, Some(Format::Vmdk))? {
             let pcid = img

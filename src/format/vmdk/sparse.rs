@@ -10,7 +10,8 @@ use crate::error::{Error, Result};
 use crate::io::{read_struct, Storage};
 
 use super::header::{
-    parse_u32_table, Marker, SparseHeader, FMT, GD_AT_END, MARKER_EOS, MARKER_FOOTER, SECTOR,
+    parse_u32_table, CowdHeader, Marker, SparseHeader, COWD_GTES_PER_GT, FMT, GD_AT_END,
+    MARKER_EOS, MARKER_FOOTER, SECTOR,
 };
 
 /// Grain tables kept in memory per extent before the cache is emptied.
@@ -25,6 +26,24 @@ pub enum Grain {
     Zero,
     /// Stored at this sector of the extent file.
     At(u64),
+}
+
+/// A grain-mapped extent (hosted sparse or seSparse), as the device walks it.
+pub trait GrainSource: Send + Sync {
+    /// Grain size in bytes.
+    fn grain_bytes(&self) -> u64;
+    /// Capacity in bytes.
+    fn capacity_bytes(&self) -> u64;
+    /// True when grains are stored compressed.
+    fn compressed(&self) -> bool;
+    /// Where grain number `g` is.
+    fn lookup(&self, g: u64) -> Result<Grain>;
+    /// The kind of grain `g` and how many grains from `g` on (at most `max`) continue
+    /// it: the same kind and, for plain allocated grains, contiguous in the file.
+    fn run(&self, g: u64, max: u64) -> Result<(Grain, u64)>;
+    /// Reads `buf.len()` bytes from grain `g` (allocated at `sector`), starting
+    /// `within` bytes into the grain.
+    fn read_grain(&self, g: u64, sector: u64, within: u64, buf: &mut [u8]) -> Result<()>;
 }
 
 /// An open hosted sparse extent.
@@ -46,8 +65,56 @@ fn io_err(storage: &dyn Storage, e: std::io::Error) -> Error {
 
 impl SparseExtent {
     /// Opens the sparse extent in `storage` whose header has been parsed as `header`.
-    pub fn open(storage: Arc<dyn Storage>, mut header: SparseHeader) -> Result<Self> {
+    pub fn open(storage: Arc<dyn Storage>, header: SparseHeader) -> Result<Self> {
         header.validate(0)?;
+        Self::open_checked(storage, header)
+    }
+
+    /// Opens a legacy ESX `COWD` (vmfsSparse) extent: 4096-entry grain tables, no
+    /// zeroed grains, no descriptor.
+    pub fn open_cowd(storage: Arc<dyn Storage>) -> Result<Self> {
+        let mut b = [0u8; 44];
+        read_struct(storage.as_ref(), &mut b, 0, FMT, "COWD header")?;
+        let c = CowdHeader::parse(&b)?;
+        let bad = |off: u64, r: String| Err(Error::corrupt(FMT, "COWD header", off, r));
+        if c.version != 1 {
+            return Err(Error::unsupported(
+                FMT,
+                format!("COWD version {}", c.version),
+            ));
+        }
+        if c.granularity == 0 || c.granularity > 2048 {
+            return bad(16, format!("granularity {} sectors", c.granularity));
+        }
+        let header = SparseHeader {
+            version: 1,
+            flags: 0,
+            capacity: c.disk_sectors as u64,
+            grain_size: c.granularity as u64,
+            descriptor_offset: 0,
+            descriptor_size: 0,
+            num_gtes_per_gt: COWD_GTES_PER_GT,
+            rgd_offset: 0,
+            gd_offset: c.l1dir_offset as u64,
+            overhead: 0,
+            unclean_shutdown: false,
+            newline_bytes: [0; 4],
+            compress_algorithm: 0,
+        };
+        if (c.l1dir_size as u64) < header.gd_entries() {
+            return bad(
+                24,
+                format!(
+                    "grain directory of {} entries, {} needed",
+                    c.l1dir_size,
+                    header.gd_entries()
+                ),
+            );
+        }
+        Self::open_checked(storage, header)
+    }
+
+    fn open_checked(storage: Arc<dyn Storage>, mut header: SparseHeader) -> Result<Self> {
         let file_len = storage.len();
         if header.gd_offset == GD_AT_END {
             header = read_footer(storage.as_ref(), &header)?;
@@ -106,16 +173,6 @@ impl SparseExtent {
         })
     }
 
-    /// Capacity of the extent in bytes.
-    pub fn capacity_bytes(&self) -> u64 {
-        self.header.capacity * SECTOR
-    }
-
-    /// Grain size in bytes.
-    pub fn grain_bytes(&self) -> u64 {
-        self.header.grain_bytes()
-    }
-
     /// The storage the extent lives in.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.storage
@@ -151,8 +208,7 @@ impl SparseExtent {
         Ok(Some(t))
     }
 
-    /// Where grain number `g` is.
-    pub fn lookup(&self, g: u64) -> Result<Grain> {
+    fn lookup_grain(&self, g: u64) -> Result<Grain> {
         if g >= self.header.grains() {
             return Ok(Grain::Unallocated);
         }
@@ -160,7 +216,12 @@ impl SparseExtent {
         let Some(gt) = self.grain_table((g / per) as usize)? else {
             return Ok(Grain::Unallocated);
         };
-        let e = gt[(g % per) as usize];
+        self.classify(g, gt[(g % per) as usize])
+    }
+
+    /// What grain-table entry `e` of grain `g` means.
+    fn classify(&self, g: u64, e: u32) -> Result<Grain> {
+        let per = self.header.num_gtes_per_gt as u64;
         match e {
             0 => Ok(Grain::Unallocated),
             1 if self.header.zeroed_grain() => Ok(Grain::Zero),
@@ -183,9 +244,54 @@ impl SparseExtent {
         }
     }
 
-    /// Reads `buf.len()` bytes from grain `g` (allocated at `sector`), starting `within`
-    /// bytes into the grain.
-    pub fn read_grain(&self, g: u64, sector: u64, within: u64, buf: &mut [u8]) -> Result<()> {
+    /// Walks grain tables a slice at a time, skipping absent tables whole.
+    fn grain_run(&self, g: u64, max: u64) -> Result<(Grain, u64)> {
+        let first = self.lookup_grain(g)?;
+        let per = self.header.num_gtes_per_gt as u64;
+        let grains = self.header.grains();
+        let compressed = self.header.compressed();
+        let mut n = 1u64;
+        while n < max {
+            let cur = g + n;
+            let in_gt = (per - cur % per).min(max - n);
+            if cur >= grains || self.grain_table((cur / per) as usize)?.is_none() {
+                if first != Grain::Unallocated {
+                    break;
+                }
+                n += in_gt;
+                continue;
+            }
+            let start = (cur % per) as usize;
+            let gt = self
+                .grain_table((cur / per) as usize)?
+                .expect("checked above");
+            let mut k = 0u64;
+            while k < in_gt && cur + k < grains {
+                let next = self.classify(cur + k, gt[start + k as usize])?;
+                let same = match (first, next) {
+                    (Grain::At(a), Grain::At(b)) => {
+                        compressed || b == a + (n + k) * self.header.grain_size
+                    }
+                    (a, b) => a == b,
+                };
+                if !same {
+                    return Ok((first, n + k));
+                }
+                k += 1;
+            }
+            n += k;
+            if k < in_gt {
+                // Past the last grain: unallocated.
+                if first != Grain::Unallocated {
+                    break;
+                }
+                n += in_gt - k;
+            }
+        }
+        Ok((first, n.min(max)))
+    }
+
+    fn read_grain_bytes(&self, g: u64, sector: u64, within: u64, buf: &mut [u8]) -> Result<()> {
         let gb = self.grain_bytes();
         if !self.header.compressed() {
             let pos = sector * SECTOR + within;
@@ -302,6 +408,32 @@ impl SparseExtent {
             *c = Some((g, data.clone()));
         }
         Ok(data)
+    }
+}
+
+impl GrainSource for SparseExtent {
+    fn grain_bytes(&self) -> u64 {
+        self.header.grain_bytes()
+    }
+
+    fn capacity_bytes(&self) -> u64 {
+        self.header.capacity * SECTOR
+    }
+
+    fn compressed(&self) -> bool {
+        self.header.compressed()
+    }
+
+    fn lookup(&self, g: u64) -> Result<Grain> {
+        self.lookup_grain(g)
+    }
+
+    fn run(&self, g: u64, max: u64) -> Result<(Grain, u64)> {
+        self.grain_run(g, max)
+    }
+
+    fn read_grain(&self, g: u64, sector: u64, within: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_grain_bytes(g, sector, within, buf)
     }
 }
 

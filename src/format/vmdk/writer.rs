@@ -342,7 +342,12 @@ pub fn create_writer(
         )));
     }
     let (dir, stem, ext) = split_target(target);
-    let own_name = format!("{stem}{ext}");
+    let own_name = if out.is_stream() {
+        // A pipe has no file name; the extent needs one (readers ignore it).
+        "disk.vmdk".to_string()
+    } else {
+        format!("{stem}{ext}")
+    };
     match o.subformat {
         Subformat::StreamOptimized => {
             let desc = build_descriptor(
@@ -350,11 +355,20 @@ pub fn create_writer(
                 capacity,
                 vec![extent_line(capacity, ExtentType::Sparse, &own_name)],
             );
-            let sink = match out.take_stream() {
-                Some(w) => w,
-                None => Box::new(BufWriter::with_capacity(1 << 20, out.create(target)?)),
+            let (sink, file): (Box<dyn Write + Send>, _) = match out.take_stream() {
+                Some(w) => (w, None),
+                None => {
+                    let f = out.create(target)?;
+                    let keep = f.try_clone().map_err(|e| Error::io(target, e))?;
+                    (
+                        Box::new(BufWriter::with_capacity(1 << 20, f)),
+                        Some((keep, target.to_path_buf())),
+                    )
+                }
             };
-            Ok(Box::new(StreamWriter::new(sink, capacity, &desc.render())?))
+            let mut w = StreamWriter::new(sink, capacity, &desc.render())?;
+            w.file = file;
+            Ok(Box::new(w))
         }
         Subformat::MonolithicSparse => {
             let desc = build_descriptor(
@@ -726,6 +740,8 @@ pub struct StreamWriter {
     encoder: Arc<StreamEncoder>,
     gd: Vec<u32>,
     cur: Option<(u64, Vec<u32>)>,
+    /// The output file (not a pipe), synced at the end.
+    file: Option<(File, PathBuf)>,
 }
 
 impl StreamWriter {
@@ -758,6 +774,7 @@ impl StreamWriter {
             header,
             gd: vec![0; gd_entries],
             cur: None,
+            file: None,
         };
         let mut head = vec![0u8; (overhead * SECTOR) as usize];
         head[..512].copy_from_slice(&w.header.serialize());
@@ -842,6 +859,9 @@ impl ImageWriter for StreamWriter {
         self.put(&footer.serialize())?;
         self.put(&[0u8; 512])?; // end-of-stream marker
         self.sink.flush()?;
+        if let Some((f, path)) = &self.file {
+            f.sync_data().map_err(|e| Error::io(path, e))?;
+        }
         Ok(())
     }
 }
