@@ -277,7 +277,10 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
         h.validate(0)?;
         let desc = embedded_descriptor(storage.as_ref(), &h)?;
         if h.capacity == 0 {
-            if let Some(d) = desc.as_ref().filter(|d| d.total_sectors().is_some_and(|n| n > 0)) {
+            if let Some(d) = desc
+                .as_ref()
+                .filter(|d| d.total_sectors().is_some_and(|n| n > 0))
+            {
                 // A descriptor dressed as a sparse header: its extents are the disk.
                 return open_descriptor(d.clone(), storage, ctx);
             }
