@@ -50,3 +50,10 @@ pub const STREAM_RETAIN_BYTES: u64 = 32 << 20;
 
 /// Most stretches a sparse tar member's map may list.
 pub const MAX_TAR_SPARSE_ENTRIES: usize = 1 << 20;
+
+/// Most directory entries looked at while searching a folder for the parent of a
+/// differencing VDI.
+pub const MAX_VDI_PARENT_SCAN: usize = 65536;
+
+/// Most `*.vdi` files whose headers are read while searching for a VDI parent.
+pub const MAX_VDI_PARENT_CANDIDATES: usize = 1024;
