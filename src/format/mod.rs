@@ -38,9 +38,10 @@ pub fn open_storage(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Imag
 /// Opens an image of `format` from a byte stream (decompressor, pipe, tar member).
 ///
 /// A raw disk of known length `len` is read straight from the stream, in one pass (a
-/// sequential-only device). Everything else — a raw disk of unknown length, and formats
-/// that need random access to their metadata — is spooled first to a sparse, already
-/// unlinked temporary file in `ctx.options.tmpdir` (else `$TMPDIR`).
+/// sequential-only device), and so is a streamOptimized VMDK. Everything else — a raw
+/// disk of unknown length, and formats that need random access to their metadata — is
+/// spooled first to a sparse, already unlinked temporary file in `ctx.options.tmpdir`
+/// (else `$TMPDIR`).
 pub fn open_stream(
     format: Format,
     reader: Box<dyn Read + Send>,
@@ -54,9 +55,39 @@ pub fn open_stream(
             info: ImageInfo::new(ctx.filename.clone(), Format::Raw, len),
         });
     }
-    // TODO(lead): call vmdk::open_stream once merged (streamOptimized VMDK is read in
-    // one pass there); until then VMDK is spooled like the other formats.
     let mut reader = reader;
+    if format == Format::Vmdk {
+        // streamOptimized VMDK is designed to be read in one pass; other VMDK
+        // subformats need random access and are spooled.
+        let head = crate::io::compressed::peek(&mut reader, 512)
+            .map_err(crate::io::compressed::from_io)?;
+        let streamable = is_stream_optimized(&head);
+        let reader = crate::io::compressed::replay(head, reader);
+        if streamable {
+            return vmdk::open_stream(reader, ctx);
+        }
+        return spool_and_open(format, reader, ctx);
+    }
+    spool_and_open(format, reader, ctx)
+}
+
+/// True when `head` is a VMDK sparse header with compressed grains and markers (the
+/// streamOptimized layout).
+fn is_stream_optimized(head: &[u8]) -> bool {
+    const COMPRESSED: u32 = 1 << 16;
+    const MARKERS: u32 = 1 << 17;
+    head.len() >= 12 && head.starts_with(b"KDMV") && {
+        let flags = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        flags & (COMPRESSED | MARKERS) == COMPRESSED | MARKERS
+    }
+}
+
+/// Spools `reader` to a sparse temporary file and opens it as `format`.
+fn spool_and_open(
+    format: Format,
+    mut reader: Box<dyn Read + Send>,
+    ctx: &OpenContext,
+) -> Result<Opened> {
     let dir = crate::io::spool::spool_dir(ctx.options.tmpdir.as_deref());
     let name = ctx
         .path
