@@ -537,6 +537,18 @@ fn external_data_file() {
         let refs = ours["references"].as_array().unwrap();
         assert_eq!(refs[0]["field"], "external data file");
         assert_eq!(refs[0]["name"], Value::String(data.clone()));
+        // Untrusted: the data file is refused, or only recorded in metadata-only mode.
+        match imgconv::open(&img, &OpenOptions::untrusted()) {
+            Err(Error::UntrustedReference { field, .. }) => assert_eq!(field, "external data file"),
+            other => panic!(
+                "expected an untrusted-reference error, got {}",
+                brief(&other)
+            ),
+        }
+        let meta = imgconv::open(&img, &OpenOptions::untrusted().metadata_only()).unwrap();
+        assert_eq!(meta.info().references[0].name, data);
+        let mut b = [0u8; 512];
+        assert!(meta.device().read_at(&mut b, 0).is_err());
     }
 }
 
@@ -1143,12 +1155,22 @@ fn persistent_bitmaps_are_listed_like_qemu() {
     let d = scratch();
     let img = create(d.path(), "bm.qcow2", "", "4M");
     qemu_img(&["bitmap", "--add", s(&img), "b0"]);
-    qemu_img(&["bitmap", "--add", "-g", "128k", "--disable", s(&img), "other"]);
+    qemu_img(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "128k",
+        "--disable",
+        s(&img),
+        "other",
+    ]);
     io(&img, &["write -P 0x15 0 64k"]);
     check(&img, d.path());
     let info = our_info(&img);
     assert_eq!(
-        info["format-specific"]["data"]["bitmaps"].as_array().map(|a| a.len()),
+        info["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .map(|a| a.len()),
         Some(2)
     );
 }
@@ -1161,8 +1183,16 @@ fn odd_sized_compressed_images() {
     for ct in ["zlib", "zstd"] {
         let img = d.path().join(format!("odd-{ct}.qcow2"));
         qemu_img(&[
-            "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
-            &format!("compression_type={ct}"), s(&raw), s(&img),
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ct}"),
+            s(&raw),
+            s(&img),
         ]);
         check(&img, d.path());
     }
@@ -1183,7 +1213,11 @@ fn mutated_images_never_panic() {
     for (name, opts, compress) in [
         ("plain.qcow2", "cluster_size=4k", false),
         ("comp.qcow2", "cluster_size=4k", true),
-        ("zstd.qcow2", "cluster_size=16k,compression_type=zstd,extended_l2=on", true),
+        (
+            "zstd.qcow2",
+            "cluster_size=16k,compression_type=zstd,extended_l2=on",
+            true,
+        ),
         ("v2.qcow2", "compat=0.10,cluster_size=512", false),
     ] {
         let img = d.path().join(name);
@@ -1210,7 +1244,11 @@ fn mutated_images_never_panic() {
         let n = 1 + next() % 6;
         for _ in 0..n {
             // Mostly the metadata near the start of the file, sometimes anywhere.
-            let span = if next() % 4 == 0 { b.len() } else { b.len().min(0x8000) };
+            let span = if next() % 4 == 0 {
+                b.len()
+            } else {
+                b.len().min(0x8000)
+            };
             let at = (next() as usize) % span;
             b[at] = match next() % 3 {
                 0 => next() as u8,
@@ -1245,4 +1283,47 @@ fn mutated_images_never_panic() {
     }
     assert!(opened > 100, "only {opened} mutated images opened");
     assert!(t.elapsed().as_secs() < 60, "took {:?}", t.elapsed());
+}
+
+#[test]
+fn snapshot_contents_read_like_qemu_convert_l() {
+    use imgconv::format::qcow2;
+    use imgconv::image::OpenContext;
+    use imgconv::io::FileStorage;
+    use std::sync::Arc;
+
+    let d = scratch();
+    let img = create(d.path(), "sn.qcow2", "cluster_size=4k", "2M");
+    io(&img, &["write -P 0x41 0 1M"]);
+    qemu_img(&["snapshot", "-c", "first", s(&img)]);
+    io(&img, &["write -P 0x42 0 512k", "write -z 1M 64k"]);
+    qemu_img(&["resize", s(&img), "3M"]);
+    io(&img, &["write -P 0x43 2M 64k"]);
+    for which in ["first", "1"] {
+        let ctx = OpenContext::for_path(&img, &OpenOptions::default());
+        let st = Arc::new(FileStorage::open(&img).unwrap());
+        let snap = qcow2::open_snapshot(st, &ctx, which).unwrap();
+        assert_eq!(snap.device.size(), 2 << 20);
+        let mut ours = vec![0u8; 2 << 20];
+        snap.device.read_at(&mut ours, 0).unwrap();
+        let out = d.path().join("sn.raw");
+        qemu_img(&[
+            "convert",
+            "-l",
+            "snapshot.name=first",
+            "-O",
+            "raw",
+            s(&img),
+            s(&out),
+        ]);
+        let theirs = std::fs::read(&out).unwrap();
+        let n = ours.len();
+        let diff = (0..n).find(|&i| ours[i] != theirs[i]);
+        assert_eq!(diff, None, "{which}: first difference");
+        // qemu-img reads past the snapshot's size as zeros (the image has grown since).
+        assert!(theirs[n..].iter().all(|&b| b == 0));
+    }
+    let ctx = OpenContext::for_path(&img, &OpenOptions::default());
+    let st = Arc::new(FileStorage::open(&img).unwrap());
+    assert!(qcow2::open_snapshot(st, &ctx, "nope").is_err());
 }

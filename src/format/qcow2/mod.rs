@@ -81,8 +81,10 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
     let mut prefix = vec![0u8; file_len.min(V2_HEADER_LEN as u64) as usize];
     read_struct(storage, &mut prefix, 0, FMT, "header")?;
     if prefix.len() < V2_HEADER_LEN as usize {
-        // Header::parse names the problem (magic first, then the length).
-        Header::parse(&prefix)?;
+        // Header::parse names the problem (the length, or the magic).
+        return Err(Header::parse(&prefix)
+            .err()
+            .unwrap_or_else(|| corrupt(0, "the file is shorter than a header")));
     }
     let cluster_bits = u32::from_be_bytes(prefix[20..24].try_into().expect("4 bytes"));
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
@@ -130,44 +132,8 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
             format!("compression type {}", h.compression_type),
         ));
     }
-    if h.size > MAX_VIRTUAL_SIZE {
-        return Err(Error::TooLarge {
-            format: FMT,
-            structure: "virtual size",
-            size: h.size,
-            limit: MAX_VIRTUAL_SIZE,
-        });
-    }
-
-    // Active L1 table.
-    let l1_bytes = h.l1_size as u64 * 8;
-    if l1_bytes > MAX_QCOW2_L1_BYTES {
-        return Err(Error::TooLarge {
-            format: FMT,
-            structure: "L1 table",
-            size: l1_bytes,
-            limit: MAX_QCOW2_L1_BYTES,
-        });
-    }
-    if (h.l1_size as u64) < h.min_l1_size() {
-        return Err(corrupt(
-            36,
-            format!(
-                "L1 table has {} entries, the virtual size needs {}",
-                h.l1_size,
-                h.min_l1_size()
-            ),
-        ));
-    }
-    if h.l1_size > 0 {
-        check_table(
-            h.l1_table_offset,
-            l1_bytes,
-            cluster_size,
-            file_len,
-            "L1 table",
-        )?;
-    }
+    // Active L1 table (and the virtual size it must cover).
+    check_l1(&h, file_len)?;
 
     // Refcount table: not needed for reading, but a header pointing it elsewhere is bad.
     let rt_bytes = h.refcount_table_clusters as u64 * cluster_size;
@@ -305,6 +271,49 @@ fn read_bitmaps(
     parse_bitmap_directory(&dir, ext.nb_bitmaps, ext.directory_offset)
 }
 
+/// Checks an L1 table's size against the limit and the virtual size, and its place in
+/// the file (for the active table, or a snapshot's with the header fields swapped in).
+fn check_l1(h: &Header, file_len: u64) -> Result<()> {
+    if h.size > MAX_VIRTUAL_SIZE {
+        return Err(Error::TooLarge {
+            format: FMT,
+            structure: "virtual size",
+            size: h.size,
+            limit: MAX_VIRTUAL_SIZE,
+        });
+    }
+    let cluster_size = h.cluster_size();
+    let l1_bytes = h.l1_size as u64 * 8;
+    if l1_bytes > MAX_QCOW2_L1_BYTES {
+        return Err(Error::TooLarge {
+            format: FMT,
+            structure: "L1 table",
+            size: l1_bytes,
+            limit: MAX_QCOW2_L1_BYTES,
+        });
+    }
+    if (h.l1_size as u64) < h.min_l1_size() {
+        return Err(corrupt(
+            36,
+            format!(
+                "L1 table has {} entries, the virtual size needs {}",
+                h.l1_size,
+                h.min_l1_size()
+            ),
+        ));
+    }
+    if h.l1_size > 0 {
+        check_table(
+            h.l1_table_offset,
+            l1_bytes,
+            cluster_size,
+            file_len,
+            "L1 table",
+        )?;
+    }
+    Ok(())
+}
+
 /// Checks that a table is cluster aligned and inside the file.
 fn check_table(
     offset: u64,
@@ -352,6 +361,27 @@ fn full_backing_name(image_name: &str, backing: &str) -> String {
         Some(i) => format!("{}{backing}", &image_name[..=i]),
         None => backing.to_string(),
     }
+}
+
+/// Refuses references that QEMU would open through a network or pseudo protocol
+/// (`json:{...}`, `nbd://…`, `http://…`): imgconv only opens files. Untrusted mode
+/// refuses every reference anyway, with its own error.
+fn refuse_protocol(ctx: &OpenContext, field: &'static str, name: &str) -> Result<()> {
+    if ctx.options.untrusted {
+        return Ok(());
+    }
+    let scheme = name.split_once("://").map(|(s, _)| s).filter(|s| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    if name.starts_with("json:") || scheme.is_some() {
+        return Err(Error::unsupported(
+            FMT,
+            format!("{field} {name:?} names a protocol, not a file"),
+        ));
+    }
+    Ok(())
 }
 
 /// qemu-img's `format-specific` data for a qcow2 image.
@@ -414,7 +444,46 @@ fn format_specific(m: &Qcow2Metadata) -> serde_json::Value {
 /// Opens a qcow2 image: validates its metadata, follows its backing file and external
 /// data file (unless the options forbid it), and exposes the virtual disk.
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
-    let m = read_metadata(storage.as_ref())?;
+    open_inner(storage, ctx, None)
+}
+
+/// Opens the internal snapshot `which` (matched by ID first, then by name) as a
+/// read-only virtual disk, like `qemu-img convert -l`.
+///
+/// The snapshot's L1 table is validated like the active one; the disk size is the one
+/// recorded with the snapshot (the image's current size when none was recorded).
+pub fn open_snapshot(storage: Arc<dyn Storage>, ctx: &OpenContext, which: &str) -> Result<Opened> {
+    open_inner(storage, ctx, Some(which))
+}
+
+fn open_inner(
+    storage: Arc<dyn Storage>,
+    ctx: &OpenContext,
+    snapshot: Option<&str>,
+) -> Result<Opened> {
+    let mut m = read_metadata(storage.as_ref())?;
+    if let Some(which) = snapshot {
+        let sn = m
+            .snapshots
+            .iter()
+            .find(|s| s.id == which)
+            .or_else(|| m.snapshots.iter().find(|s| s.name == which))
+            .ok_or_else(|| Error::invalid(format!("qcow2: the image has no snapshot {which:?}")))?;
+        let mut h = m.header.clone();
+        h.size = sn.disk_size().unwrap_or(h.size);
+        h.l1_size = sn.l1_size;
+        h.l1_table_offset = sn.l1_table_offset;
+        check_l1(&h, storage.len()).map_err(|e| match e {
+            Error::Corrupt { offset, reason, .. } => Error::corrupt(
+                FMT,
+                "snapshot L1 table",
+                offset,
+                format!("snapshot {which:?}: {reason}"),
+            ),
+            other => other,
+        })?;
+        m.header = h;
+    }
     let h = &m.header;
 
     let mut info = ImageInfo::new(ctx.filename.clone(), Format::Qcow2, h.size);
@@ -444,19 +513,20 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
         }
     }
 
-    // Everything from the header is validated: now follow references.
+    // Everything from the header is validated: now follow references (in metadata-only
+    // mode they are recorded above and not opened).
+    let follow = !ctx.options.metadata_only;
     let data: Option<Arc<dyn Storage>> = match (&m.data_file, h.has_external_data_file()) {
-        (Some(name), true) => {
-            if ctx.options.metadata_only {
-                None
-            } else {
-                Some(ctx.open_reference(FMT, FIELD_DATA_FILE, name)?)
-            }
+        (Some(name), true) if follow => {
+            refuse_protocol(ctx, FIELD_DATA_FILE, name)?;
+            Some(ctx.open_reference(FMT, FIELD_DATA_FILE, name)?)
         }
+        (Some(_), true) => None,
         _ => Some(storage.clone()),
     };
     let backing = match &m.backing_file {
-        Some(name) => {
+        Some(name) if follow => {
+            refuse_protocol(ctx, FIELD_BACKING, name)?;
             let fmt =
                 match &m.backing_format {
                     Some(f) => Some(Format::from_str(f).map_err(|_| {
@@ -472,7 +542,7 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
                 None => None,
             }
         }
-        None => None,
+        _ => None,
     };
 
     let mut l1 = Vec::new();
@@ -643,6 +713,24 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn protocols_are_refused() {
+        let ctx = OpenContext::detached("x", &OpenOptions::default());
+        for bad in [
+            "json:{\"file\":{}}",
+            "nbd://host/x",
+            "http://example.com/a.img",
+        ] {
+            assert!(matches!(
+                refuse_protocol(&ctx, FIELD_BACKING, bad),
+                Err(Error::Unsupported { .. })
+            ));
+        }
+        for ok in ["base.qcow2", "/abs/a:b.qcow2", "dir/x.img"] {
+            refuse_protocol(&ctx, FIELD_BACKING, ok).unwrap();
+        }
     }
 
     #[test]
