@@ -641,3 +641,71 @@ fn corpus_images_straight_from_their_compressed_files() {
     eprintln!("{n} corpus images read straight from their compressed files");
     assert!(n > 0);
 }
+
+/// A GNU tar header for `name` with a base-256 `size` field.
+fn gnu_header(name: &str, size: u64) -> [u8; 512] {
+    let mut b = [0u8; 512];
+    b[..name.len()].copy_from_slice(name.as_bytes());
+    b[100..108].copy_from_slice(b"0000644\0");
+    b[124] = 0x80;
+    b[128..136].copy_from_slice(&size.to_be_bytes());
+    b[156] = b'0';
+    b[257..265].copy_from_slice(b"ustar  \0");
+    b[148..156].copy_from_slice(b"        ");
+    let sum: u32 = b.iter().map(|&x| u32::from(x)).sum();
+    b[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    b
+}
+
+fn gzip_bytes(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[test]
+fn sizes_from_headers_are_bounded_and_checked() {
+    let dir = scratch();
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("o.raw");
+    // A member claiming more than any disk may hold.
+    let mut t = gnu_header("disk.raw", 1 << 63).to_vec();
+    t.extend_from_slice(&[7u8; 4096]);
+    let huge = dir.path().join("huge.tar.gz");
+    std::fs::write(&huge, gzip_bytes(&t)).unwrap();
+    let o = imgconv_out(&["convert", "-O", "raw", s(&huge), s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("too large"),
+        "{o:?}"
+    );
+    // A member claiming 1 TiB that holds 4 KiB: the conversion fails at the end of the
+    // data and leaves no output.
+    let mut t = gnu_header("disk.raw", 1 << 40).to_vec();
+    t.extend_from_slice(&[7u8; 4096]);
+    let short = dir.path().join("short.tar.gz");
+    std::fs::write(&short, gzip_bytes(&t)).unwrap();
+    let j = info_json(&short, &[]);
+    assert_eq!(j["virtual-size"], 1u64 << 40);
+    let o = imgconv_out(&["convert", "-O", "raw", s(&short), s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("ends inside"),
+        "{o:?}"
+    );
+    assert_empty(&outdir);
+    // A damaged xz index is reported as such.
+    let raw = make_source(dir.path());
+    let xz = compress(&["xz", "-c"], "xz", &raw);
+    let mut b = std::fs::read(&xz).unwrap();
+    let n = b.len();
+    b[n - 20] ^= 0xff; // inside the index
+    std::fs::write(&xz, &b).unwrap();
+    let o = imgconv_out(&["info", s(&xz)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("xz: invalid"),
+        "{o:?}"
+    );
+}

@@ -49,6 +49,17 @@ pub fn open_stream(
     ctx: &OpenContext,
 ) -> Result<Opened> {
     if let (Format::Raw, Some(len)) = (format, len) {
+        // The length comes from a header (tar, xz index, zstd frames): bound it before
+        // a writer sizes its output after it.
+        let limit = crate::limits::MAX_VIRTUAL_SIZE;
+        if len > limit {
+            return Err(crate::error::Error::TooLarge {
+                format: "raw",
+                structure: "disk size declared by the container",
+                size: len,
+                limit,
+            });
+        }
         let device = crate::io::stream::StreamDevice::new(reader, len, ctx.filename.clone());
         return Ok(Opened {
             device: Arc::new(device),

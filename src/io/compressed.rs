@@ -291,7 +291,7 @@ fn xz_size(file: &File, len: u64) -> Result<u64> {
                 F,
                 "stream footer",
                 foot_at,
-                "footer magic 'YZ' missing",
+                "no stream footer ('YZ') at the end of the file (truncated?)",
             ));
         }
         let crc = u32::from_le_bytes([foot[0], foot[1], foot[2], foot[3]]);
