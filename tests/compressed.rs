@@ -709,3 +709,22 @@ fn sizes_from_headers_are_bounded_and_checked() {
         "{o:?}"
     );
 }
+
+#[test]
+fn named_pipe_is_read_as_a_stream() {
+    let dir = scratch();
+    let raw = make_source(dir.path());
+    let gz = compress(&["gzip", "-c"], "gz", &raw);
+    let fifo = dir.path().join("fifo");
+    run_ok("mkfifo", &[s(&fifo)]);
+    let data = std::fs::read(&gz).unwrap();
+    let f2 = fifo.clone();
+    let writer = std::thread::spawn(move || {
+        let mut w = std::fs::OpenOptions::new().write(true).open(&f2).unwrap();
+        let _ = w.write_all(&data);
+    });
+    let out = dir.path().join("o.raw");
+    imgconv(&["convert", "-O", "raw", s(&fifo), s(&out)]);
+    writer.join().unwrap();
+    assert_same_fmt(&raw, "raw", &out, "raw");
+}

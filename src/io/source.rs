@@ -43,6 +43,15 @@ fn storage_err(storage: &dyn Storage, e: io::Error) -> Error {
 
 /// Opens the file at `path`: compressed, tar, or a plain image.
 pub fn open_path(path: &Path, options: &OpenOptions) -> Result<Image> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .file_type();
+    if ft.is_fifo() || ft.is_char_device() || ft.is_socket() {
+        // A named pipe (`<(curl …)`, /dev/stdin): read it as a stream.
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        return open_stream_input(Box::new(f), &path.display().to_string(), options);
+    }
     let ctx = OpenContext::for_path(path, options);
     let storage = Arc::new(FileStorage::open(path)?);
     let n = storage.len().min(PROBE_LEN as u64) as usize;
