@@ -60,6 +60,17 @@ pub fn open_stream(
                 limit,
             });
         }
+        let mut reader = reader;
+        if len == 0 {
+            // Nothing will ever be read: check now that the stream is empty and whole.
+            let rest = crate::io::compressed::count(&mut reader)?;
+            if rest != 0 {
+                return Err(crate::error::Error::Format(format!(
+                    "{}: {rest} bytes of data where none were declared",
+                    ctx.filename
+                )));
+            }
+        }
         let device = crate::io::stream::StreamDevice::new(reader, len, ctx.filename.clone());
         return Ok(Opened {
             device: Arc::new(device),
