@@ -1,6 +1,8 @@
 //! qcow2: not implemented yet.
 
 pub mod header;
+pub mod refcount;
+pub mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,10 +19,10 @@ pub fn open(_storage: Arc<dyn Storage>, _ctx: &OpenContext) -> Result<Opened> {
 
 /// Creates a qcow2 writer.
 pub fn create_writer(
-    _target: &Path,
-    _size: u64,
-    _opts: &WriteOptions,
-    _out: &mut OutputSet,
+    target: &Path,
+    size: u64,
+    opts: &WriteOptions,
+    out: &mut OutputSet,
 ) -> Result<Box<dyn ImageWriter>> {
-    Err(Error::unsupported("qcow2", "writing qcow2 images"))
+    writer::create_writer(target, size, opts, out)
 }

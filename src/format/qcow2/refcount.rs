@@ -1,0 +1,237 @@
+//! qcow2 refcount structures: sizing, building refcount blocks, reading them all back.
+//!
+//! The on-disk entry encoding (`refcount_get` / `refcount_set`) lives in `header.rs`;
+//! this module holds the logic that walks or produces whole tables.
+
+use std::collections::BTreeMap;
+
+use super::header::{
+    max_refcount, parse_u64_table, refcount_block_entries, refcount_get, refcount_set, Header,
+    OFFSET_MASK,
+};
+use crate::error::{Error, Result};
+use crate::io::{read_struct, Storage};
+
+/// Refcount blocks and refcount-table clusters needed so that `clusters` clusters,
+/// plus the refcount structures themselves, are all covered (QEMU's fixed-point
+/// computation in `qcow2_refcount_metadata_size`). Returns `(blocks, table_clusters)`.
+pub fn metadata_clusters(clusters: u64, cluster_bits: u32, refcount_order: u32) -> (u64, u64) {
+    let per_block = refcount_block_entries(cluster_bits, refcount_order);
+    let per_table_cluster = (1u64 << cluster_bits) / 8;
+    let (mut blocks, mut table) = (0u64, 0u64);
+    let mut last = u64::MAX;
+    loop {
+        blocks = (clusters + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table_cluster);
+        let n = clusters + blocks + table;
+        if n == last {
+            return (blocks, table);
+        }
+        last = n;
+    }
+}
+
+/// Builds refcount blocks for a file whose clusters `0..total` are all in use with
+/// refcount 1, except those listed in `exceptions` (cluster → refcount).
+pub struct BlockBuilder<'a> {
+    cluster_bits: u32,
+    order: u32,
+    total: u64,
+    exceptions: &'a BTreeMap<u64, u64>,
+    template: Vec<u8>,
+}
+
+impl<'a> BlockBuilder<'a> {
+    /// A builder for the given geometry.
+    pub fn new(
+        cluster_bits: u32,
+        order: u32,
+        total: u64,
+        exceptions: &'a BTreeMap<u64, u64>,
+    ) -> Self {
+        let cs = 1usize << cluster_bits;
+        let mut template = vec![0u8; cs];
+        let per_block = refcount_block_entries(cluster_bits, order);
+        // A block where every entry is 1: the common case, built once.
+        for i in 0..per_block.min(64) {
+            let _ = refcount_set(&mut template, i, order, 1);
+        }
+        let unit = ((64u64 << order) / 8) as usize; // bytes holding 64 entries
+        let unit = unit.min(cs);
+        let (head, rest) = template.split_at_mut(unit);
+        for c in rest.chunks_mut(unit) {
+            c.copy_from_slice(&head[..c.len()]);
+        }
+        BlockBuilder {
+            cluster_bits,
+            order,
+            total,
+            exceptions,
+            template,
+        }
+    }
+
+    /// The bytes of refcount block `index`.
+    pub fn block(&self, index: u64) -> Result<Vec<u8>> {
+        let per_block = refcount_block_entries(self.cluster_bits, self.order);
+        let first = index * per_block;
+        let mut b = if first + per_block <= self.total {
+            self.template.clone()
+        } else {
+            let mut b = vec![0u8; self.template.len()];
+            for i in 0..self.total.saturating_sub(first) {
+                refcount_set(&mut b, i, self.order, 1)?;
+            }
+            b
+        };
+        for (&c, &r) in self.exceptions.range(first..first + per_block) {
+            if r > max_refcount(self.order) {
+                return Err(Error::invalid(format!(
+                    "qcow2: cluster {c} needs refcount {r}, more than {} bits hold",
+                    1u32 << self.order
+                )));
+            }
+            refcount_set(&mut b, c - first, self.order, r)?;
+        }
+        Ok(b)
+    }
+}
+
+/// Every cluster's refcount as the image's refcount structures record it.
+#[derive(Debug, Clone)]
+pub struct StoredRefcounts {
+    /// Refcount per cluster, for clusters covered by the refcount table and inside the
+    /// file (or, for blocks that exist, up to the end of their range).
+    pub counts: Vec<u64>,
+    /// The refcount table entries.
+    pub table: Vec<u64>,
+    /// Problems found while reading: `(table index, message)`; such blocks count as 0.
+    pub bad_blocks: Vec<(u64, String)>,
+}
+
+impl StoredRefcounts {
+    /// The stored refcount of `cluster` (0 where no block covers it).
+    pub fn get(&self, cluster: u64) -> u64 {
+        self.counts.get(cluster as usize).copied().unwrap_or(0)
+    }
+}
+
+/// Reads the refcount table and every refcount block of an image, bounded by the file
+/// size: clusters beyond `file_clusters` are not stored (blocks past the end of the
+/// file are reported in `bad_blocks`).
+pub fn read_refcounts(storage: &dyn Storage, h: &Header) -> Result<StoredRefcounts> {
+    let cs = h.cluster_size();
+    let file_clusters = storage.len().div_ceil(cs);
+    let table_bytes = h.refcount_table_clusters as u64 * cs;
+    if table_bytes > crate::limits::MAX_QCOW2_REFTABLE_BYTES
+        || h.refcount_table_offset.checked_add(table_bytes).is_none()
+    {
+        return Err(Error::TooLarge {
+            format: "qcow2",
+            structure: "refcount table",
+            size: table_bytes,
+            limit: crate::limits::MAX_QCOW2_REFTABLE_BYTES,
+        });
+    }
+    if h.refcount_table_offset % cs != 0 {
+        return Err(Error::corrupt(
+            "qcow2",
+            "refcount table",
+            h.refcount_table_offset,
+            "not cluster aligned",
+        ));
+    }
+    let mut buf = vec![0u8; table_bytes as usize];
+    read_struct(
+        storage,
+        &mut buf,
+        h.refcount_table_offset,
+        "qcow2",
+        "refcount table",
+    )?;
+    let table = parse_u64_table(&buf);
+    let per_block = refcount_block_entries(h.cluster_bits, h.refcount_order);
+    // Only the clusters of the file (and a little more for one partial block) matter.
+    let limit = file_clusters.min(table.len() as u64 * per_block);
+    let mut counts = vec![0u64; limit as usize];
+    let mut bad_blocks = Vec::new();
+    let mut block = vec![0u8; cs as usize];
+    for (i, &e) in table.iter().enumerate() {
+        let off = e & !0x1ff;
+        if off == 0 {
+            continue;
+        }
+        let first = i as u64 * per_block;
+        if e & 0x1ff != 0 {
+            bad_blocks.push((i as u64, "reserved bits set".into()));
+            continue;
+        }
+        if off % cs != 0 {
+            bad_blocks.push((i as u64, "not cluster aligned".into()));
+            continue;
+        }
+        if off / cs >= file_clusters {
+            bad_blocks.push((i as u64, "outside image".into()));
+            continue;
+        }
+        if first >= limit {
+            continue;
+        }
+        read_struct(storage, &mut block, off, "qcow2", "refcount block")?;
+        let n = per_block.min(limit - first);
+        for j in 0..n {
+            counts[(first + j) as usize] = refcount_get(&block, j, h.refcount_order);
+        }
+    }
+    let _ = OFFSET_MASK;
+    Ok(StoredRefcounts {
+        counts,
+        table,
+        bad_blocks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_matches_qemu() {
+        // 64 MiB image, 64 KiB clusters: 1027 clusters → 1 block + 1 table cluster.
+        assert_eq!(metadata_clusters(1027, 16, 4), (1, 1));
+        // A block of 16-bit refcounts covers 32768 clusters; it counts itself.
+        assert_eq!(metadata_clusters(32766, 16, 4), (1, 1));
+        assert_eq!(metadata_clusters(32767, 16, 4), (2, 1));
+        // 512-byte clusters with 64-bit refcounts: 64 entries per block.
+        let (b, t) = metadata_clusters(1000, 9, 6);
+        assert!(b * 64 >= 1000 + b + t && t * 64 >= b);
+    }
+
+    #[test]
+    fn blocks_hold_ones_and_exceptions() {
+        for order in 0..=6 {
+            let mut ex = BTreeMap::new();
+            ex.insert(3u64, 1);
+            if order > 0 {
+                ex.insert(5u64, 3.min(max_refcount(order)));
+            }
+            let b = BlockBuilder::new(9, order, 10, &ex);
+            let blk = b.block(0).unwrap();
+            for i in 0..refcount_block_entries(9, order) {
+                let want = match i {
+                    5 if order > 0 => 3.min(max_refcount(order)),
+                    0..=9 => 1,
+                    _ => 0,
+                };
+                assert_eq!(
+                    refcount_get(&blk, i, order),
+                    want,
+                    "order {order} entry {i}"
+                );
+            }
+        }
+        let mut ex = BTreeMap::new();
+        ex.insert(0u64, 2);
+        assert!(BlockBuilder::new(9, 0, 1, &ex).block(0).is_err());
+    }
+}
