@@ -9,9 +9,12 @@
 //! `header.rs` holds the on-disk structures, `snapshot.rs` the snapshot table,
 //! `reader.rs` the address translation behind [`BlockDevice`](crate::BlockDevice).
 
+pub mod check;
 pub mod header;
+pub mod measure;
 pub mod reader;
 pub mod refcount;
+pub mod resize;
 pub mod snapshot;
 pub mod writer;
 

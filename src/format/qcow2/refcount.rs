@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 
 use super::header::{
     max_refcount, parse_u64_table, refcount_block_entries, refcount_get, refcount_set, Header,
-    OFFSET_MASK,
 };
 use crate::error::{Error, Result};
 use crate::io::{read_struct, Storage};
@@ -100,13 +99,12 @@ impl<'a> BlockBuilder<'a> {
 /// Every cluster's refcount as the image's refcount structures record it.
 #[derive(Debug, Clone)]
 pub struct StoredRefcounts {
-    /// Refcount per cluster, for clusters covered by the refcount table and inside the
-    /// file (or, for blocks that exist, up to the end of their range).
+    /// Refcount per cluster, for clusters `0..limit` (0 where no block covers it).
     pub counts: Vec<u64>,
     /// The refcount table entries.
     pub table: Vec<u64>,
-    /// Problems found while reading: `(table index, message)`; such blocks count as 0.
-    pub bad_blocks: Vec<(u64, String)>,
+    /// Clusters whose refcount cannot be read (their block's offset is not aligned).
+    pub unreadable: Vec<(u64, u64)>,
 }
 
 impl StoredRefcounts {
@@ -114,18 +112,35 @@ impl StoredRefcounts {
     pub fn get(&self, cluster: u64) -> u64 {
         self.counts.get(cluster as usize).copied().unwrap_or(0)
     }
+
+    /// True when the refcount of `cluster` cannot be read.
+    pub fn is_unreadable(&self, cluster: u64) -> bool {
+        self.unreadable
+            .iter()
+            .any(|&(a, b)| (a..b).contains(&cluster))
+    }
 }
 
-/// Reads the refcount table and every refcount block of an image, bounded by the file
-/// size: clusters beyond `file_clusters` are not stored (blocks past the end of the
-/// file are reported in `bad_blocks`).
-pub fn read_refcounts(storage: &dyn Storage, h: &Header) -> Result<StoredRefcounts> {
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros
+/// (as QEMU's file driver does).
+pub fn read_padded(storage: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {
+    buf.fill(0);
+    let len = storage.len();
+    if offset >= len {
+        return Ok(());
+    }
+    let n = ((len - offset) as usize).min(buf.len());
+    read_struct(storage, &mut buf[..n], offset, "qcow2", "metadata")
+}
+
+/// Reads the refcount table and the refcount blocks covering clusters `0..limit`.
+///
+/// `limit` must be justified by the file (the caller passes the file's cluster count
+/// plus one). Blocks past the end of the file read as zeros.
+pub fn read_refcounts(storage: &dyn Storage, h: &Header, limit: u64) -> Result<StoredRefcounts> {
     let cs = h.cluster_size();
-    let file_clusters = storage.len().div_ceil(cs);
     let table_bytes = h.refcount_table_clusters as u64 * cs;
-    if table_bytes > crate::limits::MAX_QCOW2_REFTABLE_BYTES
-        || h.refcount_table_offset.checked_add(table_bytes).is_none()
-    {
+    if table_bytes > crate::limits::MAX_QCOW2_REFTABLE_BYTES {
         return Err(Error::TooLarge {
             format: "qcow2",
             structure: "refcount table",
@@ -133,63 +148,41 @@ pub fn read_refcounts(storage: &dyn Storage, h: &Header) -> Result<StoredRefcoun
             limit: crate::limits::MAX_QCOW2_REFTABLE_BYTES,
         });
     }
-    if h.refcount_table_offset % cs != 0 {
-        return Err(Error::corrupt(
-            "qcow2",
-            "refcount table",
-            h.refcount_table_offset,
-            "not cluster aligned",
-        ));
-    }
     let mut buf = vec![0u8; table_bytes as usize];
-    read_struct(
-        storage,
-        &mut buf,
-        h.refcount_table_offset,
-        "qcow2",
-        "refcount table",
-    )?;
+    read_padded(storage, &mut buf, h.refcount_table_offset)?;
     let table = parse_u64_table(&buf);
     let per_block = refcount_block_entries(h.cluster_bits, h.refcount_order);
-    // Only the clusters of the file (and a little more for one partial block) matter.
-    let limit = file_clusters.min(table.len() as u64 * per_block);
     let mut counts = vec![0u64; limit as usize];
-    let mut bad_blocks = Vec::new();
+    let mut unreadable = Vec::new();
     let mut block = vec![0u8; cs as usize];
     for (i, &e) in table.iter().enumerate() {
-        let off = e & !0x1ff;
+        let first = i as u64 * per_block;
+        if first >= limit {
+            break;
+        }
+        let off = e & OFFSET_MASK_REFTABLE;
         if off == 0 {
             continue;
         }
-        let first = i as u64 * per_block;
-        if e & 0x1ff != 0 {
-            bad_blocks.push((i as u64, "reserved bits set".into()));
-            continue;
-        }
-        if off % cs != 0 {
-            bad_blocks.push((i as u64, "not cluster aligned".into()));
-            continue;
-        }
-        if off / cs >= file_clusters {
-            bad_blocks.push((i as u64, "outside image".into()));
-            continue;
-        }
-        if first >= limit {
-            continue;
-        }
-        read_struct(storage, &mut block, off, "qcow2", "refcount block")?;
         let n = per_block.min(limit - first);
+        if off % cs != 0 {
+            unreadable.push((first, first + n));
+            continue;
+        }
+        read_padded(storage, &mut block, off)?;
         for j in 0..n {
             counts[(first + j) as usize] = refcount_get(&block, j, h.refcount_order);
         }
     }
-    let _ = OFFSET_MASK;
     Ok(StoredRefcounts {
         counts,
         table,
-        bad_blocks,
+        unreadable,
     })
 }
+
+/// Offset bits of a refcount table entry.
+pub const OFFSET_MASK_REFTABLE: u64 = !0x1ff;
 
 #[cfg(test)]
 mod tests {

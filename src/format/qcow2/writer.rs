@@ -478,7 +478,12 @@ pub fn create_writer(
         l2: None,
         next_cluster: layout.first_free,
         tail: None,
-        end_bytes: layout.first_free << o.cluster_bits,
+        // An image with no data ends right after its L1 entries, as QEMU's does.
+        end_bytes: if layout.l1_size > 0 {
+            layout.l1_offset + layout.l1_size * 8
+        } else {
+            layout.l1_offset
+        },
         refs: BTreeMap::new(),
         seen_to: 0,
         encoder,
@@ -796,11 +801,14 @@ impl ImageWriter for Qcow2Writer {
         }
         self.write_at(&serialize_u64_table(&table), l.rt_offset)?;
         if l.l1_clusters > 0 {
-            let mut l1 = serialize_u64_table(&self.l1);
-            l1.resize((l.l1_clusters * cs) as usize, 0);
-            self.write_at(&l1, l.l1_offset)?;
+            // The rest of the L1 clusters stays a hole (zeros).
+            self.write_at(&serialize_u64_table(&self.l1), l.l1_offset)?;
         }
-        let file_len = self.end_bytes.next_multiple_of(512);
+        let file_len = if self.next_cluster == l.first_free {
+            self.end_bytes
+        } else {
+            self.end_bytes.next_multiple_of(512)
+        };
         self.file
             .set_len(file_len)
             .map_err(|e| Error::io(&self.path, e))?;
