@@ -461,6 +461,9 @@ pub fn create_writer(
             "qcow2: virtual size {size} is too large"
         )));
     }
+    // qcow2 sizes are whole sectors (QEMU refuses anything else); the padding reads
+    // as zeros.
+    let size = size.next_multiple_of(512);
     o.header_template(size)?;
     let layout = Layout::new(&o, size)?;
     let file = out.create(target)?;
