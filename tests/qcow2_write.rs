@@ -107,13 +107,16 @@ fn convert_both(dir: &Path, src: &Path, args: &[&str], tag: &str) -> (PathBuf, u
     (ours.clone(), size_of(&ours), size_of(&theirs))
 }
 
+/// `-o` options, `-c`, and format-specific fields `qemu-img info` must show.
+type Case<'a> = (&'a str, bool, &'a [(&'a str, Value)]);
+
 #[test]
 fn every_option_converts_cleanly_and_is_recorded() {
     let d = scratch();
     let src = source(d.path(), "src.raw", 8 << 20);
     let odd = source(d.path(), "odd.raw", 7_654_321);
     // (options, -c, expected format-specific fields)
-    let cases: &[(&str, bool, &[(&str, Value)])] = &[
+    let cases: &[Case] = &[
         (
             "",
             false,
