@@ -90,7 +90,7 @@ pub fn measure(format: Format, opts: &WriteOptions, src: MeasureSource<'_>) -> R
             let o = Qcow2Options::parse(opts)?;
             let cs = o.cluster_size();
             let bitmaps = match src {
-                MeasureSource::Device(_, Format::Qcow2) => Some(0),
+                MeasureSource::Device(_, Format::Qcow2) if o.version >= 3 => Some(0),
                 _ => None,
             };
             let (size, mut data) = match src {

@@ -11,7 +11,8 @@ use std::path::Path;
 
 use super::header::{
     parse_u64_table, refcount_block_entries, refcount_set, serialize_u64_table, AutoclearFeatures,
-    Header, IncompatibleFeatures, CRYPT_NONE, OFFSET_MASK, OFLAG_COPIED,
+    Header, IncompatibleFeatures, CRYPT_NONE, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO,
 };
 use super::refcount::{read_refcounts, OFFSET_MASK_REFTABLE};
 use crate::error::{Error, Result};
@@ -154,7 +155,14 @@ fn check_nothing_beyond(
         let start = first.saturating_sub(base);
         for j in start..per_l2 {
             let k = (j * per) as usize;
-            if t[k] != 0 || (per == 2 && t[k + 1] != 0) {
+            // Entries that read as zero (even over a preallocated cluster, which
+            // stays referenced) hold nothing to lose.
+            let holds_data = if per == 2 {
+                t[k + 1] & 0xffff_ffff != 0 || (t[k] & OFLAG_COMPRESSED != 0)
+            } else {
+                t[k] & OFLAG_COMPRESSED != 0 || (t[k] != 0 && t[k] & OFLAG_ZERO == 0)
+            };
+            if holds_data {
                 return Err(Error::invalid(format!(
                     "qcow2: cannot shrink to {new_size} bytes: guest offset {:#x} is allocated (shrinking would cut off data)",
                     (base + j) * cs
