@@ -435,6 +435,8 @@ pub struct Qcow2Writer {
     /// Guest offset up to which runs have been seen (for preallocating gaps).
     seen_to: u64,
     encoder: Option<Arc<ClusterEncoder>>,
+    /// Host offset of the preallocated cluster holding the end of the disk.
+    last_prealloc: Option<u64>,
 }
 
 /// Creates a qcow2 writer for `target`.
@@ -490,6 +492,7 @@ pub fn create_writer(
         refs: BTreeMap::new(),
         seen_to: 0,
         encoder,
+        last_prealloc: None,
         layout,
         o,
     }))
@@ -597,6 +600,9 @@ impl Qcow2Writer {
                 self.set_entry(gc + i, (host + i * cs) | OFLAG_COPIED, bitmap)?;
             }
             self.reserve_space(host, n * cs)?;
+            if (gc..gc + n).contains(&(self.size.saturating_sub(1) / cs)) {
+                self.last_prealloc = Some(host + (self.size.saturating_sub(1) / cs - gc) * cs);
+            }
             gc += n;
         }
         Ok(())
@@ -807,11 +813,19 @@ impl ImageWriter for Qcow2Writer {
             // The rest of the L1 clusters stays a hole (zeros).
             self.write_at(&serialize_u64_table(&self.l1), l.l1_offset)?;
         }
-        let file_len = if self.next_cluster == l.first_free {
+        let mut file_len = if self.next_cluster == l.first_free {
             self.end_bytes
         } else {
             self.end_bytes.next_multiple_of(512)
         };
+        // With subclusters, QEMU ends the file after the last subcluster of a
+        // preallocated, partly used final cluster.
+        let tail = self.size % cs;
+        if let Some(h) = self.last_prealloc {
+            if self.o.extended_l2 && tail != 0 && h + cs == file_len {
+                file_len = h + tail.next_multiple_of(cs / 32);
+            }
+        }
         self.file
             .set_len(file_len)
             .map_err(|e| Error::io(&self.path, e))?;
