@@ -284,7 +284,7 @@ fn formats_without_checks_and_repair_requests() {
     );
     let src = pattern_raw(d.path());
     let p = damaged(d.path(), &src, "imgconv", "leak");
-    let o = imgconv_out(&["check", "-r", "leaks", s(&p)]);
+    let o = imgconv_out(&["check", "-r", "all", s(&p)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("repair"));
     // Not a qcow2 at all with -f qcow2: could not check.
@@ -322,5 +322,43 @@ fn agrees_with_qemu_on_corpus_images() {
     ] {
         let p = corpus_file(&corpus, &rel, d.path(), name);
         agree(&p);
+    }
+}
+
+#[test]
+fn repairs_leaks_like_qemu() {
+    let d = scratch();
+    let src = pattern_raw(d.path());
+    for tool in ["qemu", "imgconv"] {
+        for kind in ["leak", "high", "eof", "low"] {
+            let p = damaged(d.path(), &src, tool, kind);
+            for out in ["human", "json"] {
+                let a = d.path().join("a.qcow2");
+                let b = d.path().join("b.qcow2");
+                std::fs::copy(&p, &a).unwrap();
+                std::fs::copy(&p, &b).unwrap();
+                let o = format!("--output={out}");
+                let q = run("qemu-img", &["check", "-r", "leaks", &o, s(&a)]);
+                let i = imgconv_out(&["check", "-r", "leaks", &o, s(&b)]);
+                assert_eq!(q.status.code(), i.status.code(), "{tool} {kind} {out}");
+                let qs = String::from_utf8_lossy(&q.stdout).replace("a.qcow2", "X");
+                let is = String::from_utf8_lossy(&i.stdout).replace("b.qcow2", "X");
+                assert_eq!(qs, is, "{tool} {kind} {out}");
+                let strip = |b: &[u8], p: &str| -> Vec<String> {
+                    String::from_utf8_lossy(b)
+                        .lines()
+                        .map(|l| l.strip_prefix(p).unwrap_or(l).to_string())
+                        .collect()
+                };
+                assert_eq!(
+                    strip(&q.stderr, "qemu-img: "),
+                    strip(&i.stderr, "imgconv: ")
+                );
+                // Afterwards both images check the same.
+                let qa = run("qemu-img", &["check", "--output=json", s(&a)]);
+                let qb = run("qemu-img", &["check", "--output=json", s(&b)]);
+                assert_eq!(qa.status.code(), qb.status.code(), "{tool} {kind}");
+            }
+        }
     }
 }

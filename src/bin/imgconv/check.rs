@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
-use imgconv::format::qcow2::check::{check, CheckReport};
+use imgconv::format::qcow2::check::{check, check_and_repair, CheckReport};
 use imgconv::io::FileStorage;
 use imgconv::Format;
 
@@ -19,7 +19,7 @@ pub struct Args {
     /// Output format: human or json.
     #[arg(long = "output", default_value = "human")]
     output: String,
-    /// Repair: not implemented (refused).
+    /// Repair: `leaks` lowers the refcounts of leaked clusters (`all` is refused).
     #[arg(short = 'r')]
     repair: Option<String>,
     /// Accepted for qemu-img compatibility and ignored.
@@ -43,15 +43,19 @@ pub fn run(a: Args) -> CmdResult {
             )),
         ));
     }
-    if let Some(r) = &a.repair {
-        return Err((
-            1,
-            imgconv::Error::unsupported(
-                "qcow2",
-                format!("repairing images (-r {r}); use imgconv convert to write a clean copy"),
-            ),
-        ));
-    }
+    let fix = match a.repair.as_deref() {
+        None => false,
+        Some("leaks") => true,
+        Some(r) => {
+            return Err((
+                1,
+                imgconv::Error::unsupported(
+                    "qcow2",
+                    format!("repairing images with -r {r} (only -r leaks); use imgconv convert to write a clean copy"),
+                ),
+            ))
+        }
+    };
     let storage = FileStorage::open(Path::new(&a.file)).map_err(fail(1))?;
     let format = match a.format {
         Some(f) => f,
@@ -62,14 +66,44 @@ pub fn run(a: Args) -> CmdResult {
         eprintln!("imgconv: This image format does not support checks");
         return Ok(ExitCode::from(63));
     }
-    let r = check(&storage).map_err(|e| {
+    let could_not = |e| {
         (
             1,
             imgconv::Error::Format(format!("Could not check '{}': {e}", a.file)),
         )
-    })?;
+    };
+    let mut r = if fix {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&a.file)
+            .map_err(|e| (1, imgconv::Error::io(&a.file, e)))?;
+        check_and_repair(&storage, Some(&file)).map_err(could_not)?
+    } else {
+        check(&storage).map_err(could_not)?
+    };
     for m in &r.messages {
         eprintln!("{m}");
+    }
+    if r.repair_failed {
+        return Err((
+            1,
+            imgconv::Error::Format("Check failed: Input/output error".into()),
+        ));
+    }
+    if r.leaks_fixed > 0 {
+        if a.output == "human" && !a.quiet {
+            print!(
+                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\n",
+                r.leaks_fixed
+            );
+        }
+        let fixed = r.leaks_fixed;
+        r = check(&storage).map_err(could_not)?;
+        r.leaks_fixed = fixed;
+        for m in &r.messages {
+            eprintln!("{m}");
+        }
     }
     if a.output == "json" {
         println!("{}", json(&r, &a.file));
@@ -139,6 +173,9 @@ fn json(r: &CheckReport, filename: &str) -> String {
     f.push(("check-errors", r.check_errors.into()));
     if r.leaks != 0 {
         f.push(("leaks", r.leaks.into()));
+    }
+    if r.leaks_fixed != 0 {
+        f.push(("leaks-fixed", r.leaks_fixed.into()));
     }
     if r.allocated_clusters != 0 {
         f.push(("allocated-clusters", r.allocated_clusters.into()));

@@ -12,7 +12,9 @@ use super::header::{
     HeaderExtension, IncompatibleFeatures, L2_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED,
     OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LEN,
 };
-use super::refcount::{read_padded, read_refcounts, StoredRefcounts, OFFSET_MASK_REFTABLE};
+use super::refcount::{
+    read_padded, read_refcounts, write_refcount, StoredRefcounts, OFFSET_MASK_REFTABLE,
+};
 use super::snapshot::SNAPSHOT_FIXED_LEN;
 use crate::error::{Error, Result};
 use crate::io::{read_struct, Storage};
@@ -27,6 +29,11 @@ pub struct CheckReport {
     pub leaks: u64,
     /// Internal errors while checking (unreadable metadata).
     pub check_errors: u64,
+    /// Leaked clusters whose refcount was repaired (`-r leaks`).
+    pub leaks_fixed: u64,
+    /// A repair was asked for but the refcount structures need a rebuild (a cluster in
+    /// use has refcount 0, or a refcount block is bad): nothing was changed.
+    pub repair_failed: bool,
     /// Guest clusters of the virtual disk.
     pub total_clusters: u64,
     /// Guest clusters with data in this image (normal, compressed, preallocated zero).
@@ -66,6 +73,8 @@ struct Checker<'a> {
     refcount_max: u64,
     data_file: bool,
     extended: bool,
+    /// QEMU's "the refcount structures need rebuilding" condition.
+    rebuild: bool,
     r: CheckReport,
 }
 
@@ -291,6 +300,7 @@ impl Checker<'_> {
                     "ERROR refcount table entry {i} has reserved bits set"
                 ));
                 self.r.corruptions += 1;
+                self.rebuild = true;
                 continue;
             }
             if offset % self.cs != 0 {
@@ -298,6 +308,7 @@ impl Checker<'_> {
                     "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
                 ));
                 self.r.corruptions += 1;
+                self.rebuild = true;
                 continue;
             }
             if cluster >= self.refs.len() as u64 {
@@ -311,6 +322,7 @@ impl Checker<'_> {
                 if c != 1 {
                     self.msg(format!("ERROR refcount block {i} refcount={c}"));
                     self.r.corruptions += 1;
+                    self.rebuild = true;
                 }
             }
         }
@@ -333,6 +345,9 @@ impl Checker<'_> {
                 highest = i;
             }
             if have != want {
+                if have == 0 {
+                    self.rebuild = true;
+                }
                 if have < want {
                     self.msg(format!(
                         "ERROR cluster {i} refcount={have} reference={want}"
@@ -347,6 +362,43 @@ impl Checker<'_> {
             }
         }
         highest
+    }
+
+    /// The compare pass with leak repair; returns the highest cluster in use.
+    fn repair(
+        &mut self,
+        stored: &StoredRefcounts,
+        file: &std::fs::File,
+        storage: &dyn Storage,
+        h: &Header,
+    ) -> Result<u64> {
+        let mut highest = 0;
+        for i in 0..self.refs.len() as u64 {
+            if stored.is_unreadable(i) {
+                continue;
+            }
+            let have = stored.get(i);
+            let want = self.refs[i as usize];
+            if have != want {
+                if have < want {
+                    self.msg(format!(
+                        "ERROR cluster {i} refcount={have} reference={want}"
+                    ));
+                    self.r.corruptions += 1;
+                } else {
+                    write_refcount(file, storage, h, &stored.table, i, want)?;
+                    self.msg(format!(
+                        "Repairing cluster {i} refcount={have} reference={want}"
+                    ));
+                    self.r.leaks_fixed += 1;
+                }
+            }
+            if want > 0 || have.min(want) > 0 {
+                highest = i;
+            }
+        }
+        file.sync_data().map_err(Error::Stream)?;
+        Ok(highest)
     }
 
     /// COPIED flags of the active tables must say "refcount is exactly 1".
@@ -461,6 +513,15 @@ fn read_snapshots(storage: &dyn Storage, h: &Header) -> Result<(Vec<SnapshotRef>
 /// Fails (rather than reporting) only when the image cannot be checked at all: no qcow2
 /// header, tables too large to hold, or an I/O error.
 pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
+    check_and_repair(storage, None)
+}
+
+/// Checks like [`check`]; with `fix_leaks` (the image opened for writing), lowers the
+/// refcount of every leaked cluster to its number of references (`-r leaks`).
+pub fn check_and_repair(
+    storage: &dyn Storage,
+    fix_leaks: Option<&std::fs::File>,
+) -> Result<CheckReport> {
     let file_len = storage.len();
     let mut prefix = vec![0u8; 104.min(file_len as usize)];
     read_struct(storage, &mut prefix, 0, FMT, "header")?;
@@ -540,6 +601,7 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
             .incompatible_features
             .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE),
         extended: h.extended_l2(),
+        rebuild: false,
         r: CheckReport {
             total_clusters: h.size.div_ceil(cs),
             ..Default::default()
@@ -602,7 +664,24 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
     } else {
         stored
     };
-    let highest = c.compare(&stored);
+    let before = (c.r.corruptions, c.r.leaks);
+    let mut highest = c.compare(&stored);
+    let mut stored = stored;
+    if fix_leaks.is_some() && c.rebuild {
+        // QEMU refuses to repair anything then (only `-r all` rebuilds).
+        c.msg("ERROR need to rebuild refcount structures".into());
+        c.r.check_errors += 1;
+        c.r.repair_failed = true;
+        return Ok(c.r);
+    }
+    if let Some(file) = fix_leaks {
+        if c.r.leaks > 0 || c.r.corruptions > 0 {
+            // Second pass, as QEMU: repair leaks, report corruptions again.
+            (c.r.corruptions, c.r.leaks) = before;
+            highest = c.repair(&stored, file, storage, &h)?;
+            stored = read_refcounts(storage, &h, stored.counts.len() as u64)?;
+        }
+    }
     let l1 = if h.l1_size > 0 {
         c.read_table(h.l1_table_offset, h.l1_size as u64)?
     } else {
