@@ -102,7 +102,9 @@ impl ConvertOptions {
 
     /// Sets a writer option (`-o key=value`).
     pub fn option(mut self, key: &str, value: &str) -> Self {
-        self.write.options.insert(key.to_string(), value.to_string());
+        self.write
+            .options
+            .insert(key.to_string(), value.to_string());
         self
     }
 
@@ -219,7 +221,11 @@ pub fn is_zero(buf: &[u8]) -> bool {
 }
 
 /// Runs the pipeline: `src` → workers → `writer`, then `writer.finish()`.
-pub fn run(src: &dyn BlockDevice, mut writer: Box<dyn ImageWriter>, opts: &EngineOptions) -> Result<()> {
+pub fn run(
+    src: &dyn BlockDevice,
+    mut writer: Box<dyn ImageWriter>,
+    opts: &EngineOptions,
+) -> Result<()> {
     let size = src.size();
     let grain = writer.grain_size().max(1);
     let zero_gran = if opts.min_sparse == 0 {
@@ -318,7 +324,11 @@ fn dispatch(
                 }
                 zend = e.end();
             }
-            let end = if zend == size { size } else { align_down(zend, grain) };
+            let end = if zend == size {
+                size
+            } else {
+                align_down(zend, grain)
+            };
             if end > pos {
                 let j = Job::Zero {
                     seq,
@@ -581,7 +591,9 @@ fn data_pieces(ctx: &WorkerCtx<'_>, offset: u64, buf: Vec<u8>) -> Result<Vec<Pie
                 let data = if single {
                     buf.take().unwrap_or_default()
                 } else {
-                    buf.as_ref().map(|b| b[s as usize..e as usize].to_vec()).unwrap_or_default()
+                    buf.as_ref()
+                        .map(|b| b[s as usize..e as usize].to_vec())
+                        .unwrap_or_default()
                 };
                 let encoded = match ctx.encoder {
                     Some(enc) => Some(

@@ -85,10 +85,12 @@ pub fn probe_bytes(head: &[u8]) -> Format {
 pub fn probe(storage: &dyn Storage) -> Result<Format> {
     let n = (storage.len() as usize).min(PROBE_LEN);
     let mut head = vec![0u8; n];
-    storage.read_exact_at(&mut head, 0).map_err(|e| match storage.path() {
-        Some(p) => Error::io(p, e),
-        None => Error::Stream(e),
-    })?;
+    storage
+        .read_exact_at(&mut head, 0)
+        .map_err(|e| match storage.path() {
+            Some(p) => Error::io(p, e),
+            None => Error::Stream(e),
+        })?;
     Ok(probe_bytes(&head))
 }
 

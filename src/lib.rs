@@ -39,6 +39,8 @@ pub mod detect;
 pub mod device;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod io;
 pub mod limits;

@@ -537,6 +537,18 @@ fn external_data_file() {
         let refs = ours["references"].as_array().unwrap();
         assert_eq!(refs[0]["field"], "external data file");
         assert_eq!(refs[0]["name"], Value::String(data.clone()));
+        // Untrusted: the data file is refused, or only recorded in metadata-only mode.
+        match imgconv::open(&img, &OpenOptions::untrusted()) {
+            Err(Error::UntrustedReference { field, .. }) => assert_eq!(field, "external data file"),
+            other => panic!(
+                "expected an untrusted-reference error, got {}",
+                brief(&other)
+            ),
+        }
+        let meta = imgconv::open(&img, &OpenOptions::untrusted().metadata_only()).unwrap();
+        assert_eq!(meta.info().references[0].name, data);
+        let mut b = [0u8; 512];
+        assert!(meta.device().read_at(&mut b, 0).is_err());
     }
 }
 
@@ -1136,4 +1148,182 @@ fn backing_loops_and_deep_chains_are_refused() {
     // 16 images is fine.
     let ok = d.path().join("c15.qcow2");
     imgconv::open(&ok, &OpenOptions::default()).unwrap();
+}
+
+#[test]
+fn persistent_bitmaps_are_listed_like_qemu() {
+    let d = scratch();
+    let img = create(d.path(), "bm.qcow2", "", "4M");
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    qemu_img(&[
+        "bitmap",
+        "--add",
+        "-g",
+        "128k",
+        "--disable",
+        s(&img),
+        "other",
+    ]);
+    io(&img, &["write -P 0x15 0 64k"]);
+    check(&img, d.path());
+    let info = our_info(&img);
+    assert_eq!(
+        info["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .map(|a| a.len()),
+        Some(2)
+    );
+}
+
+#[test]
+fn odd_sized_compressed_images() {
+    let d = scratch();
+    let raw = d.path().join("odd.raw");
+    make_raw(&raw, 1_000_448, &[(0, 1_000_448, 0x2d)]);
+    for ct in ["zlib", "zstd"] {
+        let img = d.path().join(format!("odd-{ct}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ct}"),
+            s(&raw),
+            s(&img),
+        ]);
+        check(&img, d.path());
+    }
+}
+
+/// Random byte mutations of small images (metadata and data): opening and reading must
+/// give a result or a typed error, never a panic or a hang.
+#[test]
+fn mutated_images_never_panic() {
+    use imgconv::format::qcow2;
+    use imgconv::image::OpenContext;
+    use imgconv::io::MemStorage;
+    use std::sync::Arc;
+
+    let d = scratch();
+    let raw = pattern_raw(d.path(), 1 << 20);
+    let mut templates = Vec::new();
+    for (name, opts, compress) in [
+        ("plain.qcow2", "cluster_size=4k", false),
+        ("comp.qcow2", "cluster_size=4k", true),
+        (
+            "zstd.qcow2",
+            "cluster_size=16k,compression_type=zstd,extended_l2=on",
+            true,
+        ),
+        ("v2.qcow2", "compat=0.10,cluster_size=512", false),
+    ] {
+        let img = d.path().join(name);
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2", "-o", opts];
+        if compress {
+            args.push("-c");
+        }
+        args.extend([s(&raw), s(&img)]);
+        qemu_img(&args);
+        templates.push(std::fs::read(&img).unwrap());
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let opts = OpenOptions::default();
+    let mut opened = 0;
+    let t = Instant::now();
+    for i in 0..2000 {
+        let mut b = templates[i % templates.len()].clone();
+        let n = 1 + next() % 6;
+        for _ in 0..n {
+            // Mostly the metadata near the start of the file, sometimes anywhere.
+            let span = if next() % 4 == 0 {
+                b.len()
+            } else {
+                b.len().min(0x8000)
+            };
+            let at = (next() as usize) % span;
+            b[at] = match next() % 3 {
+                0 => next() as u8,
+                1 => b[at] ^ (1 << (next() % 8)),
+                _ => 0xff,
+            };
+        }
+        let ctx = OpenContext::detached("fuzz", &opts);
+        let Ok(img) = qcow2::open(Arc::new(MemStorage::new(b)), &ctx) else {
+            continue;
+        };
+        opened += 1;
+        let dev = img.device;
+        let size = dev.size();
+        let mut buf = vec![0u8; 256 << 10];
+        for off in [0, size / 3, size.saturating_sub(buf.len() as u64)] {
+            let len = (buf.len() as u64).min(size.saturating_sub(off)) as usize;
+            let _ = dev.read_at(&mut buf[..len], off);
+        }
+        let mut pos = 0;
+        let mut steps = 0;
+        while pos < size && steps < 10_000 {
+            match dev.map(pos, size - pos) {
+                Ok(e) => {
+                    assert!(e.offset == pos && e.len > 0 && e.end() <= size, "{e:?}");
+                    pos = e.end();
+                }
+                Err(_) => break,
+            }
+            steps += 1;
+        }
+    }
+    assert!(opened > 100, "only {opened} mutated images opened");
+    assert!(t.elapsed().as_secs() < 60, "took {:?}", t.elapsed());
+}
+
+#[test]
+fn snapshot_contents_read_like_qemu_convert_l() {
+    use imgconv::format::qcow2;
+    use imgconv::image::OpenContext;
+    use imgconv::io::FileStorage;
+    use std::sync::Arc;
+
+    let d = scratch();
+    let img = create(d.path(), "sn.qcow2", "cluster_size=4k", "2M");
+    io(&img, &["write -P 0x41 0 1M"]);
+    qemu_img(&["snapshot", "-c", "first", s(&img)]);
+    io(&img, &["write -P 0x42 0 512k", "write -z 1M 64k"]);
+    qemu_img(&["resize", s(&img), "3M"]);
+    io(&img, &["write -P 0x43 2M 64k"]);
+    for which in ["first", "1"] {
+        let ctx = OpenContext::for_path(&img, &OpenOptions::default());
+        let st = Arc::new(FileStorage::open(&img).unwrap());
+        let snap = qcow2::open_snapshot(st, &ctx, which).unwrap();
+        assert_eq!(snap.device.size(), 2 << 20);
+        let mut ours = vec![0u8; 2 << 20];
+        snap.device.read_at(&mut ours, 0).unwrap();
+        let out = d.path().join("sn.raw");
+        qemu_img(&[
+            "convert",
+            "-l",
+            "snapshot.name=first",
+            "-O",
+            "raw",
+            s(&img),
+            s(&out),
+        ]);
+        let theirs = std::fs::read(&out).unwrap();
+        let n = ours.len();
+        let diff = (0..n).find(|&i| ours[i] != theirs[i]);
+        assert_eq!(diff, None, "{which}: first difference");
+        // qemu-img reads past the snapshot's size as zeros (the image has grown since).
+        assert!(theirs[n..].iter().all(|&b| b == 0));
+    }
+    let ctx = OpenContext::for_path(&img, &OpenOptions::default());
+    let st = Arc::new(FileStorage::open(&img).unwrap());
+    assert!(qcow2::open_snapshot(st, &ctx, "nope").is_err());
 }

@@ -39,7 +39,13 @@ pub fn read_struct(
 }
 
 /// Writes all of `buf` at `offset` of `file`, naming `path` on failure.
-pub fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64, path: &std::path::Path) -> Result<()> {
+pub fn write_all_at(
+    file: &std::fs::File,
+    buf: &[u8],
+    offset: u64,
+    path: &std::path::Path,
+) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    file.write_all_at(buf, offset).map_err(|e| Error::io(path, e))
+    file.write_all_at(buf, offset)
+        .map_err(|e| Error::io(path, e))
 }

@@ -87,7 +87,10 @@ pub fn install_signal_handlers() {
         // SAFETY: installing a handler that only calls async-signal-safe functions
         // (unlink via remove_file, _exit).
         unsafe {
-            libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+            libc::signal(
+                sig,
+                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
         }
     }
 }

@@ -114,7 +114,11 @@ fn first_difference(
                 b.read_at(xb, pos)?;
             }
             if xa != xb {
-                let i = xa.iter().zip(xb.iter()).position(|(x, y)| x != y).unwrap_or(0);
+                let i = xa
+                    .iter()
+                    .zip(xb.iter())
+                    .position(|(x, y)| x != y)
+                    .unwrap_or(0);
                 return Ok(Some(pos + i as u64));
             }
             pos += n;

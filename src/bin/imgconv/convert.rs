@@ -67,12 +67,15 @@ pub struct Args {
 
 /// Runs `imgconv convert`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = (&a.cache, &a.src_cache, a.out_of_order, a.force_share, a.quiet);
+    let _ = (
+        &a.cache,
+        &a.src_cache,
+        a.out_of_order,
+        a.force_share,
+        a.quiet,
+    );
     if a.target_is_zero && !a.no_create {
-        return Err((
-            1,
-            imgconv::Error::invalid("--target-is-zero requires -n"),
-        ));
+        return Err((1, imgconv::Error::invalid("--target-is-zero requires -n")));
     }
     let src = open_image(&a.src, a.format, a.untrusted).map_err(fail(1))?;
     let mut opts = ConvertOptions::new(a.out_format);
@@ -101,12 +104,8 @@ pub fn run(a: Args) -> CmdResult {
         } else {
             path
         };
-        let backing = open_image(
-            &path.to_string_lossy(),
-            opts.write.backing_format,
-            false,
-        )
-        .map_err(fail(1))?;
+        let backing = open_image(&path.to_string_lossy(), opts.write.backing_format, false)
+            .map_err(fail(1))?;
         if opts.write.backing_format.is_none() {
             opts.write.backing_format = Some(backing.format());
         }
@@ -121,7 +120,10 @@ pub fn run(a: Args) -> CmdResult {
     let r = if a.dst == "-" {
         imgconv::convert_to_writer(
             &src,
-            Box::new(std::io::BufWriter::with_capacity(1 << 20, std::io::stdout())),
+            Box::new(std::io::BufWriter::with_capacity(
+                1 << 20,
+                std::io::stdout(),
+            )),
             &opts,
         )
     } else {

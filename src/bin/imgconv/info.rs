@@ -118,7 +118,9 @@ pub fn human(i: &ImageInfo) -> String {
                     clock % 60,
                     sn.vm_clock_nsec / 1_000_000
                 ),
-                sn.icount.map(|c| c.to_string()).unwrap_or_else(|| "--".into())
+                sn.icount
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "--".into())
             );
         }
     }

@@ -95,7 +95,10 @@ pub fn run(a: Args) -> CmdResult {
                 .unwrap_or_else(|| "-".into());
             println!(
                 "{:<#16x}{:<#16x}{:<16}{}",
-                e.offset, e.len, mapped, img.info().filename
+                e.offset,
+                e.len,
+                mapped,
+                img.info().filename
             );
         }
     }

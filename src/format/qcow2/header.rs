@@ -692,6 +692,10 @@ pub fn parse_extensions(first_cluster: &[u8], start: u64) -> Result<Vec<HeaderEx
     let mut pos = start;
     let mut out: Vec<HeaderExtension> = Vec::new();
     loop {
+        // QEMU accepts an area that fills its space exactly without an end marker.
+        if pos == end {
+            return Ok(out);
+        }
         if pos + 8 > end {
             return Err(Error::corrupt(
                 FMT,
@@ -741,6 +745,117 @@ pub fn serialize_extensions(exts: &[HeaderExtension]) -> Vec<u8> {
     }
     v.extend_from_slice(&[0u8; 8]);
     v
+}
+
+/// Most bitmaps an image may hold (QEMU's limit).
+pub const MAX_BITMAPS: u32 = 65535;
+
+/// Largest bitmap directory in bytes (QEMU's limit).
+pub const MAX_BITMAP_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
+
+/// Fixed part of a bitmap directory entry, before extra data and name.
+pub const BITMAP_ENTRY_FIXED_LEN: usize = 24;
+
+/// Bitmap flag: the bitmap was in use and may be inconsistent.
+pub const BITMAP_FLAG_IN_USE: u32 = 1 << 0;
+/// Bitmap flag: the bitmap tracks writes automatically.
+pub const BITMAP_FLAG_AUTO: u32 = 1 << 1;
+/// Bitmap flag: extra data may be ignored by readers that do not know it.
+pub const BITMAP_FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
+
+/// One entry of the persistent-bitmap directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapDirectoryEntry {
+    /// File offset of the bitmap table.
+    pub table_offset: u64,
+    /// Entries in the bitmap table.
+    pub table_size: u32,
+    /// Flag bits (`BITMAP_FLAG_*`).
+    pub flags: u32,
+    /// Bitmap type (1 = dirty tracking).
+    pub kind: u8,
+    /// log2 of the bytes one bit covers.
+    pub granularity_bits: u8,
+    /// Extra data.
+    pub extra: Vec<u8>,
+    /// Bitmap name.
+    pub name: String,
+}
+
+impl BitmapDirectoryEntry {
+    /// On-disk length (padded to 8) of the entry whose fixed part is `fixed`.
+    pub fn total_len(fixed: &[u8]) -> u64 {
+        let name = u16::from_be_bytes([fixed[18], fixed[19]]) as u64;
+        let extra = be32(fixed, 20) as u64;
+        (BITMAP_ENTRY_FIXED_LEN as u64 + extra + name).next_multiple_of(8)
+    }
+
+    /// Parses the entry at the start of `buf`; `offset` is its file offset (for errors).
+    pub fn parse(buf: &[u8], offset: u64) -> Result<Self> {
+        if buf.len() < BITMAP_ENTRY_FIXED_LEN || (buf.len() as u64) < Self::total_len(buf) {
+            return Err(Error::corrupt(
+                FMT,
+                "bitmap directory entry",
+                offset,
+                "entry runs past the end of the bitmap directory",
+            ));
+        }
+        let name_len = u16::from_be_bytes([buf[18], buf[19]]) as usize;
+        let extra_end = BITMAP_ENTRY_FIXED_LEN + be32(buf, 20) as usize;
+        Ok(BitmapDirectoryEntry {
+            table_offset: be64(buf, 0),
+            table_size: be32(buf, 8),
+            flags: be32(buf, 12),
+            kind: buf[16],
+            granularity_bits: buf[17],
+            extra: buf[BITMAP_ENTRY_FIXED_LEN..extra_end].to_vec(),
+            name: String::from_utf8_lossy(&buf[extra_end..extra_end + name_len]).into_owned(),
+        })
+    }
+
+    /// The entry's bytes, padded to a multiple of 8.
+    pub fn serialize(&self) -> Vec<u8> {
+        let mut v =
+            Vec::with_capacity(BITMAP_ENTRY_FIXED_LEN + self.extra.len() + self.name.len() + 8);
+        v.extend_from_slice(&self.table_offset.to_be_bytes());
+        v.extend_from_slice(&self.table_size.to_be_bytes());
+        v.extend_from_slice(&self.flags.to_be_bytes());
+        v.push(self.kind);
+        v.push(self.granularity_bits);
+        v.extend_from_slice(&(self.name.len() as u16).to_be_bytes());
+        v.extend_from_slice(&(self.extra.len() as u32).to_be_bytes());
+        v.extend_from_slice(&self.extra);
+        v.extend_from_slice(self.name.as_bytes());
+        v.resize(v.len().next_multiple_of(8), 0);
+        v
+    }
+}
+
+/// Parses `count` bitmap directory entries from `dir` (the whole directory, read from
+/// file offset `offset`).
+pub fn parse_bitmap_directory(
+    dir: &[u8],
+    count: u32,
+    offset: u64,
+) -> Result<Vec<BitmapDirectoryEntry>> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    for _ in 0..count {
+        let at = offset + pos as u64;
+        let rest = &dir[pos.min(dir.len())..];
+        if rest.len() < BITMAP_ENTRY_FIXED_LEN {
+            return Err(Error::corrupt(
+                FMT,
+                "bitmap directory entry",
+                at,
+                "entry runs past the end of the bitmap directory",
+            ));
+        }
+        let e = BitmapDirectoryEntry::parse(rest, at)?;
+        pos += BitmapDirectoryEntry::total_len(rest) as usize;
+        out.push(e);
+    }
+    Ok(out)
 }
 
 /// Bit 63 of L1 and L2 entries: the refcount is exactly 1 (writes need no COW).
@@ -1193,11 +1308,13 @@ mod tests {
         c[104..108].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
         c[108..112].copy_from_slice(&1000u32.to_be_bytes());
         assert!(parse_extensions(&c, 104).is_err());
-        // No end marker at all: every slot holds a tiny unknown extension.
-        let mut c = vec![0u8; 256];
+        // No end marker: every slot holds a tiny unknown extension. Filling the area
+        // exactly is accepted (as QEMU does); a partial extension header at the end is not.
+        let mut c = vec![0u8; 260];
         for (i, p) in (104..256).step_by(8).enumerate() {
             c[p..p + 4].copy_from_slice(&(0x100 + i as u32).to_be_bytes());
         }
+        assert_eq!(parse_extensions(&c[..256], 104).unwrap().len(), 19);
         assert!(parse_extensions(&c, 104).is_err());
         // The same type twice.
         let twice = serialize_extensions(&[
@@ -1314,6 +1431,33 @@ mod tests {
         let mut b = [0u8; 4];
         refcount_set(&mut b, 1, 4, 0x1234).unwrap();
         assert_eq!(b, [0, 0, 0x12, 0x34]);
+    }
+
+    #[test]
+    fn bitmap_directory() {
+        let a = BitmapDirectoryEntry {
+            table_offset: 0x70000,
+            table_size: 1,
+            flags: BITMAP_FLAG_AUTO,
+            kind: 1,
+            granularity_bits: 16,
+            extra: vec![],
+            name: "b0".into(),
+        };
+        let b = BitmapDirectoryEntry {
+            name: "other".into(),
+            flags: 0,
+            extra: vec![1, 2, 3, 4],
+            ..a.clone()
+        };
+        let mut dir = a.serialize();
+        dir.extend_from_slice(&b.serialize());
+        assert_eq!(
+            parse_bitmap_directory(&dir, 2, 0x80000).unwrap(),
+            vec![a, b]
+        );
+        assert!(parse_bitmap_directory(&dir, 3, 0x80000).is_err());
+        assert!(parse_bitmap_directory(&dir[..30], 1, 0).is_err());
     }
 
     #[test]

@@ -34,9 +34,10 @@ use crate::limits::{
 use crate::writer::{ImageWriter, WriteOptions};
 
 use header::{
-    parse_extensions, parse_u64_table, AutoclearFeatures, CompatibleFeatures, FeatureKind, Header,
-    HeaderExtension, IncompatibleFeatures, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, MAX_CLUSTER_BITS,
-    MIN_CLUSTER_BITS, V2_HEADER_LEN,
+    parse_bitmap_directory, parse_extensions, parse_u64_table, AutoclearFeatures,
+    BitmapDirectoryEntry, CompatibleFeatures, FeatureKind, Header, HeaderExtension,
+    IncompatibleFeatures, BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE,
+    MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, V2_HEADER_LEN,
 };
 use reader::{Qcow2Device, Qcow2Parts};
 use snapshot::{read_snapshot_table, SNAPSHOT_FIXED_LEN};
@@ -63,6 +64,8 @@ pub struct Qcow2Metadata {
     pub data_file: Option<String>,
     /// Internal snapshots.
     pub snapshots: Vec<snapshot::SnapshotEntry>,
+    /// Persistent bitmaps (only when the bitmaps extension is marked consistent).
+    pub bitmaps: Vec<BitmapDirectoryEntry>,
 }
 
 fn corrupt(offset: u64, why: impl Into<String>) -> Error {
@@ -83,8 +86,10 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
     let mut prefix = vec![0u8; file_len.min(V2_HEADER_LEN as u64) as usize];
     read_struct(storage, &mut prefix, 0, FMT, "header")?;
     if prefix.len() < V2_HEADER_LEN as usize {
-        // Header::parse names the problem (magic first, then the length).
-        Header::parse(&prefix)?;
+        // Header::parse names the problem (the length, or the magic).
+        return Err(Header::parse(&prefix)
+            .err()
+            .unwrap_or_else(|| corrupt(0, "the file is shorter than a header")));
     }
     let cluster_bits = u32::from_be_bytes(prefix[20..24].try_into().expect("4 bytes"));
     if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
@@ -132,44 +137,8 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
             format!("compression type {}", h.compression_type),
         ));
     }
-    if h.size > MAX_VIRTUAL_SIZE {
-        return Err(Error::TooLarge {
-            format: FMT,
-            structure: "virtual size",
-            size: h.size,
-            limit: MAX_VIRTUAL_SIZE,
-        });
-    }
-
-    // Active L1 table.
-    let l1_bytes = h.l1_size as u64 * 8;
-    if l1_bytes > MAX_QCOW2_L1_BYTES {
-        return Err(Error::TooLarge {
-            format: FMT,
-            structure: "L1 table",
-            size: l1_bytes,
-            limit: MAX_QCOW2_L1_BYTES,
-        });
-    }
-    if (h.l1_size as u64) < h.min_l1_size() {
-        return Err(corrupt(
-            36,
-            format!(
-                "L1 table has {} entries, the virtual size needs {}",
-                h.l1_size,
-                h.min_l1_size()
-            ),
-        ));
-    }
-    if h.l1_size > 0 {
-        check_table(
-            h.l1_table_offset,
-            l1_bytes,
-            cluster_size,
-            file_len,
-            "L1 table",
-        )?;
-    }
+    // Active L1 table (and the virtual size it must cover).
+    check_l1(&h, file_len)?;
 
     // Refcount table: not needed for reading, but a header pointing it elsewhere is bad.
     let rt_bytes = h.refcount_table_clusters as u64 * cluster_size;
@@ -245,7 +214,9 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
             "the external data file bit is set but the image names no data file",
         ));
     }
+    let bitmaps = read_bitmaps(storage, &h, &extensions)?;
     Ok(Qcow2Metadata {
+        bitmaps,
         header: h,
         extensions,
         backing_file,
@@ -253,6 +224,99 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
         data_file,
         snapshots,
     })
+}
+
+/// Reads the bitmap directory, when the image has a consistent bitmaps extension
+/// (without the autoclear bit, QEMU treats every bitmap as stale and ignores them).
+fn read_bitmaps(
+    storage: &dyn Storage,
+    h: &Header,
+    exts: &[HeaderExtension],
+) -> Result<Vec<BitmapDirectoryEntry>> {
+    let Some(ext) = exts.iter().find_map(|e| match e {
+        HeaderExtension::Bitmaps(b) => Some(*b),
+        _ => None,
+    }) else {
+        return Ok(Vec::new());
+    };
+    if !h.autoclear_features.contains(AutoclearFeatures::BITMAPS) || ext.nb_bitmaps == 0 {
+        return Ok(Vec::new());
+    }
+    if ext.nb_bitmaps > MAX_BITMAPS {
+        return Err(Error::TooLarge {
+            format: FMT,
+            structure: "bitmap directory",
+            size: ext.nb_bitmaps as u64,
+            limit: MAX_BITMAPS as u64,
+        });
+    }
+    if ext.directory_size > MAX_BITMAP_DIRECTORY_BYTES {
+        return Err(Error::TooLarge {
+            format: FMT,
+            structure: "bitmap directory",
+            size: ext.directory_size,
+            limit: MAX_BITMAP_DIRECTORY_BYTES,
+        });
+    }
+    check_table(
+        ext.directory_offset,
+        ext.directory_size,
+        h.cluster_size(),
+        storage.len(),
+        "bitmap directory",
+    )?;
+    let mut dir = vec![0u8; ext.directory_size as usize];
+    read_struct(
+        storage,
+        &mut dir,
+        ext.directory_offset,
+        FMT,
+        "bitmap directory",
+    )?;
+    parse_bitmap_directory(&dir, ext.nb_bitmaps, ext.directory_offset)
+}
+
+/// Checks an L1 table's size against the limit and the virtual size, and its place in
+/// the file (for the active table, or a snapshot's with the header fields swapped in).
+fn check_l1(h: &Header, file_len: u64) -> Result<()> {
+    if h.size > MAX_VIRTUAL_SIZE {
+        return Err(Error::TooLarge {
+            format: FMT,
+            structure: "virtual size",
+            size: h.size,
+            limit: MAX_VIRTUAL_SIZE,
+        });
+    }
+    let cluster_size = h.cluster_size();
+    let l1_bytes = h.l1_size as u64 * 8;
+    if l1_bytes > MAX_QCOW2_L1_BYTES {
+        return Err(Error::TooLarge {
+            format: FMT,
+            structure: "L1 table",
+            size: l1_bytes,
+            limit: MAX_QCOW2_L1_BYTES,
+        });
+    }
+    if (h.l1_size as u64) < h.min_l1_size() {
+        return Err(corrupt(
+            36,
+            format!(
+                "L1 table has {} entries, the virtual size needs {}",
+                h.l1_size,
+                h.min_l1_size()
+            ),
+        ));
+    }
+    if h.l1_size > 0 {
+        check_table(
+            h.l1_table_offset,
+            l1_bytes,
+            cluster_size,
+            file_len,
+            "L1 table",
+        )?;
+    }
+    Ok(())
 }
 
 /// Checks that a table is cluster aligned and inside the file.
@@ -304,6 +368,27 @@ fn full_backing_name(image_name: &str, backing: &str) -> String {
     }
 }
 
+/// Refuses references that QEMU would open through a network or pseudo protocol
+/// (`json:{...}`, `nbd://…`, `http://…`): imgconv only opens files. Untrusted mode
+/// refuses every reference anyway, with its own error.
+fn refuse_protocol(ctx: &OpenContext, field: &'static str, name: &str) -> Result<()> {
+    if ctx.options.untrusted {
+        return Ok(());
+    }
+    let scheme = name.split_once("://").map(|(s, _)| s).filter(|s| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    if name.starts_with("json:") || scheme.is_some() {
+        return Err(Error::unsupported(
+            FMT,
+            format!("{field} {name:?} names a protocol, not a file"),
+        ));
+    }
+    Ok(())
+}
+
 /// qemu-img's `format-specific` data for a qcow2 image.
 fn format_specific(m: &Qcow2Metadata) -> serde_json::Value {
     let h = &m.header;
@@ -325,6 +410,27 @@ fn format_specific(m: &Qcow2Metadata) -> serde_json::Value {
         })
     };
     if let Some(obj) = data.as_object_mut() {
+        if !m.bitmaps.is_empty() {
+            let list: Vec<serde_json::Value> = m
+                .bitmaps
+                .iter()
+                .map(|b| {
+                    let mut flags = Vec::new();
+                    if b.flags & BITMAP_FLAG_IN_USE != 0 {
+                        flags.push("in-use");
+                    }
+                    if b.flags & BITMAP_FLAG_AUTO != 0 {
+                        flags.push("auto");
+                    }
+                    json!({
+                        "flags": flags,
+                        "name": b.name,
+                        "granularity": 1u64 << b.granularity_bits.min(63),
+                    })
+                })
+                .collect();
+            obj.insert("bitmaps".into(), json!(list));
+        }
         if let Some(f) = &m.data_file {
             obj.insert("data-file".into(), json!(f));
         }
@@ -343,7 +449,46 @@ fn format_specific(m: &Qcow2Metadata) -> serde_json::Value {
 /// Opens a qcow2 image: validates its metadata, follows its backing file and external
 /// data file (unless the options forbid it), and exposes the virtual disk.
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
-    let m = read_metadata(storage.as_ref())?;
+    open_inner(storage, ctx, None)
+}
+
+/// Opens the internal snapshot `which` (matched by ID first, then by name) as a
+/// read-only virtual disk, like `qemu-img convert -l`.
+///
+/// The snapshot's L1 table is validated like the active one; the disk size is the one
+/// recorded with the snapshot (the image's current size when none was recorded).
+pub fn open_snapshot(storage: Arc<dyn Storage>, ctx: &OpenContext, which: &str) -> Result<Opened> {
+    open_inner(storage, ctx, Some(which))
+}
+
+fn open_inner(
+    storage: Arc<dyn Storage>,
+    ctx: &OpenContext,
+    snapshot: Option<&str>,
+) -> Result<Opened> {
+    let mut m = read_metadata(storage.as_ref())?;
+    if let Some(which) = snapshot {
+        let sn = m
+            .snapshots
+            .iter()
+            .find(|s| s.id == which)
+            .or_else(|| m.snapshots.iter().find(|s| s.name == which))
+            .ok_or_else(|| Error::invalid(format!("qcow2: the image has no snapshot {which:?}")))?;
+        let mut h = m.header.clone();
+        h.size = sn.disk_size().unwrap_or(h.size);
+        h.l1_size = sn.l1_size;
+        h.l1_table_offset = sn.l1_table_offset;
+        check_l1(&h, storage.len()).map_err(|e| match e {
+            Error::Corrupt { offset, reason, .. } => Error::corrupt(
+                FMT,
+                "snapshot L1 table",
+                offset,
+                format!("snapshot {which:?}: {reason}"),
+            ),
+            other => other,
+        })?;
+        m.header = h;
+    }
     let h = &m.header;
 
     let mut info = ImageInfo::new(ctx.filename.clone(), Format::Qcow2, h.size);
@@ -373,19 +518,20 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
         }
     }
 
-    // Everything from the header is validated: now follow references.
+    // Everything from the header is validated: now follow references (in metadata-only
+    // mode they are recorded above and not opened).
+    let follow = !ctx.options.metadata_only;
     let data: Option<Arc<dyn Storage>> = match (&m.data_file, h.has_external_data_file()) {
-        (Some(name), true) => {
-            if ctx.options.metadata_only {
-                None
-            } else {
-                Some(ctx.open_reference(FMT, FIELD_DATA_FILE, name)?)
-            }
+        (Some(name), true) if follow => {
+            refuse_protocol(ctx, FIELD_DATA_FILE, name)?;
+            Some(ctx.open_reference(FMT, FIELD_DATA_FILE, name)?)
         }
+        (Some(_), true) => None,
         _ => Some(storage.clone()),
     };
     let backing = match &m.backing_file {
-        Some(name) => {
+        Some(name) if follow => {
+            refuse_protocol(ctx, FIELD_BACKING, name)?;
             let fmt =
                 match &m.backing_format {
                     Some(f) => Some(Format::from_str(f).map_err(|_| {
@@ -401,7 +547,7 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
                 None => None,
             }
         }
-        None => None,
+        _ => None,
     };
 
     let mut l1 = Vec::new();
@@ -443,6 +589,154 @@ pub fn create_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::BlockDevice;
+    use crate::image::OpenOptions;
+    use crate::io::MemStorage;
+    use header::{CompressedDescriptor, CompressionType, L1Entry, L2Entry};
+
+    /// A 512-byte-cluster image in memory: header, L1 at 0x200, L2 at 0x400, refcount
+    /// table at 0x600; `entries` are (L2 index, entry), `data` (host offset, bytes).
+    fn image(
+        ct: CompressionType,
+        size: u64,
+        entries: &[(usize, u64)],
+        data: &[(u64, &[u8])],
+    ) -> Opened {
+        let mut h = Header::new_v3(9, size);
+        h.l1_size = 1;
+        h.l1_table_offset = 0x200;
+        h.refcount_table_offset = 0x600;
+        h.refcount_table_clusters = 1;
+        if ct == CompressionType::Zstd {
+            h.compression_type = 1;
+            h.incompatible_features |= IncompatibleFeatures::COMPRESSION_TYPE;
+        }
+        let mut f = vec![0u8; 0x1000];
+        let hb = h.serialize();
+        f[..hb.len()].copy_from_slice(&hb);
+        f[0x200..0x208].copy_from_slice(&L1Entry::new(0x400, true).0.to_be_bytes());
+        for &(i, e) in entries {
+            f[0x400 + i * 8..0x408 + i * 8].copy_from_slice(&e.to_be_bytes());
+        }
+        for &(off, bytes) in data {
+            let end = off as usize + bytes.len();
+            if f.len() < end {
+                f.resize(end.next_multiple_of(512), 0);
+            }
+            f[off as usize..end].copy_from_slice(bytes);
+        }
+        let ctx = OpenContext::detached("mem", &OpenOptions::default());
+        open(Arc::new(MemStorage::new(f)), &ctx).unwrap()
+    }
+
+    fn deflate(data: &[u8]) -> Vec<u8> {
+        use flate2::{Compress, Compression, FlushCompress};
+        let mut c = Compress::new(Compression::default(), false);
+        let mut out = Vec::with_capacity(data.len() + 64);
+        c.compress_vec(data, &mut out, FlushCompress::Finish)
+            .unwrap();
+        out
+    }
+
+    fn compressed(off: u64, len: usize) -> u64 {
+        L2Entry::compressed(
+            CompressedDescriptor::for_data(off, len as u64, 9).unwrap(),
+            9,
+        )
+        .0
+    }
+
+    #[test]
+    fn short_last_compressed_cluster() {
+        // 700 bytes: the second cluster holds only 188 guest bytes, compressed alone.
+        let z = deflate(&[0x5a; 188]);
+        let img = image(
+            CompressionType::Zlib,
+            700,
+            &[(1, compressed(0x1000, z.len()))],
+            &[(0x1000, &z)],
+        );
+        let mut b = vec![1u8; 700];
+        img.device.read_at(&mut b, 0).unwrap();
+        assert!(b[..512].iter().all(|&x| x == 0));
+        assert!(b[512..].iter().all(|&x| x == 0x5a));
+    }
+
+    #[test]
+    fn zstd_frames_concatenated_with_trailing_garbage() {
+        let mut z = zstd::bulk::compress(&[1u8; 256], 3).unwrap();
+        z.extend(zstd::bulk::compress(&[2u8; 256], 3).unwrap());
+        let used = z.len();
+        z.extend([0xffu8; 40]);
+        let img = image(
+            CompressionType::Zstd,
+            1024,
+            &[
+                (0, compressed(0x1000, z.len())),
+                (1, compressed(0x1000 + 600, used)),
+            ],
+            &[(0x1000, &z), (0x1000 + 600, &z[..used])],
+        );
+        let mut b = vec![0u8; 1024];
+        img.device.read_at(&mut b, 0).unwrap();
+        assert!(b[..256].iter().all(|&x| x == 1));
+        assert!(b[256..512].iter().all(|&x| x == 2));
+        assert_eq!(b[..512], b[512..]);
+        let e = img.device.map(0, 1024).unwrap();
+        assert!(e.compressed && e.len == 1024 && e.host_offset.is_none());
+        // One frame only: the cluster is not full.
+        let one = zstd::bulk::compress(&[1u8; 256], 3).unwrap();
+        let img = image(
+            CompressionType::Zstd,
+            512,
+            &[(0, compressed(0x1000, one.len()))],
+            &[(0x1000, &one)],
+        );
+        assert!(matches!(
+            img.device.read_at(&mut b[..512], 0),
+            Err(Error::Corrupt {
+                structure: "compressed cluster",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn deflate_stream_shorter_than_the_cluster_is_corrupt() {
+        let z = deflate(&[7u8; 300]);
+        let img = image(
+            CompressionType::Zlib,
+            512,
+            &[(0, compressed(0x1000, z.len()))],
+            &[(0x1000, &z)],
+        );
+        let mut b = vec![0u8; 512];
+        assert!(matches!(
+            img.device.read_at(&mut b, 0),
+            Err(Error::Corrupt {
+                structure: "compressed cluster",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn protocols_are_refused() {
+        let ctx = OpenContext::detached("x", &OpenOptions::default());
+        for bad in [
+            "json:{\"file\":{}}",
+            "nbd://host/x",
+            "http://example.com/a.img",
+        ] {
+            assert!(matches!(
+                refuse_protocol(&ctx, FIELD_BACKING, bad),
+                Err(Error::Unsupported { .. })
+            ));
+        }
+        for ok in ["base.qcow2", "/abs/a:b.qcow2", "dir/x.img"] {
+            refuse_protocol(&ctx, FIELD_BACKING, ok).unwrap();
+        }
+    }
 
     #[test]
     fn full_backing_names() {

@@ -18,8 +18,10 @@ use crate::io::{read_struct, Storage};
 
 const FMT: &str = "qcow2";
 
-/// Bytes of L2 tables the cache may hold (at least 16 tables are always allowed).
-const L2_CACHE_BYTES: u64 = 32 << 20;
+/// Bytes of L2 tables the cache may hold per image (at least 16 tables are always
+/// allowed). The engine reads in ascending order, so a small cache suffices; with 64 KiB
+/// clusters this covers 64 GiB of guest space.
+const L2_CACHE_BYTES: u64 = 8 << 20;
 
 /// Decompressors kept for reuse (each holds a window or a zstd context).
 const DECODER_POOL: usize = 16;
@@ -54,21 +56,21 @@ struct L2Cache {
 }
 
 /// Everything the device needs besides the header, gathered by `open`.
-pub struct Qcow2Parts {
+pub(crate) struct Qcow2Parts {
     /// The qcow2 file (metadata and compressed clusters).
-    pub file: Arc<dyn Storage>,
+    pub(crate) file: Arc<dyn Storage>,
     /// Where plain clusters live: the external data file, or `file`. `None` when an
     /// external data file was not opened (metadata-only).
-    pub data: Option<Arc<dyn Storage>>,
+    pub(crate) data: Option<Arc<dyn Storage>>,
     /// The parsed header.
-    pub header: Header,
+    pub(crate) header: Header,
     /// The active L1 table.
-    pub l1: Vec<u64>,
+    pub(crate) l1: Vec<u64>,
     /// The backing device, when opened.
-    pub backing: Option<Arc<dyn BlockDevice>>,
+    pub(crate) backing: Option<Arc<dyn BlockDevice>>,
     /// The backing file's name, when the image has one (for errors when it was not
     /// opened).
-    pub backing_name: Option<String>,
+    pub(crate) backing_name: Option<String>,
 }
 
 /// A qcow2 image as a [`BlockDevice`].
@@ -92,7 +94,7 @@ pub struct Qcow2Device {
 
 impl Qcow2Device {
     /// Builds the device; `parts.header` must have been validated by `open`.
-    pub fn new(parts: Qcow2Parts) -> Self {
+    pub(crate) fn new(parts: Qcow2Parts) -> Self {
         let h = &parts.header;
         let cluster_bits = h.cluster_bits;
         let l2_bits = h.l2_entries().trailing_zeros();
@@ -362,14 +364,17 @@ impl Qcow2Device {
             "compressed cluster",
         )?;
         let mut cluster = vec![0u8; self.cluster_size() as usize];
-        self.decompress(&input, &mut cluster, off)?;
+        // A short last cluster of the disk needs only its guest part.
+        let need = (self.size - cluster_start).min(self.cluster_size()) as usize;
+        self.decompress(&input, &mut cluster, need, off)?;
         let from = (pos - cluster_start) as usize;
         buf.copy_from_slice(&cluster[from..from + buf.len()]);
         Ok(())
     }
 
-    /// Fills all of `out` from `input`; anything after a full cluster is ignored.
-    fn decompress(&self, input: &[u8], out: &mut [u8], host: u64) -> Result<()> {
+    /// Decompresses `input` into `out`, which must receive at least `need` bytes;
+    /// anything after a full `out` is ignored.
+    fn decompress(&self, input: &[u8], out: &mut [u8], need: usize, host: u64) -> Result<()> {
         let bad = |why: String| Error::corrupt(FMT, "compressed cluster", host, why);
         match self.compression {
             CompressionType::Zlib => {
@@ -391,7 +396,7 @@ impl Qcow2Device {
                 if pool.len() < DECODER_POOL {
                     pool.push(d);
                 }
-                if produced == out.len() as u64 {
+                if produced >= need as u64 {
                     return Ok(());
                 }
                 Err(bad(match r {
@@ -431,7 +436,7 @@ impl Qcow2Device {
                         break;
                     }
                 }
-                let full = outb.pos() == want;
+                let full = outb.pos() >= need;
                 let mut pool = self.zstd.lock().unwrap_or_else(|e| e.into_inner());
                 if pool.len() < DECODER_POOL && result.is_ok() {
                     pool.push(d);
