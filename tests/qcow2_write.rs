@@ -401,3 +401,85 @@ mod roundtrip {
         }
     }
 }
+
+#[test]
+fn writer_accepts_sparse_runs_directly() {
+    use imgconv::io::OutputSet;
+    use imgconv::writer::DataRun;
+    let d = scratch();
+    let cs = 65536u64;
+    let size = 300 * cs + 1536; // the last cluster is partial
+    for (i, (o, compressed)) in [
+        ("", false),
+        ("", true),
+        ("compat=0.10", false),
+        ("cluster_size=65536,extended_l2=on", true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let target = d.path().join(format!("direct{i}.qcow2"));
+        let mut wo = imgconv::WriteOptions::default();
+        wo.parse_o(o).unwrap();
+        wo.compressed = *compressed;
+        let mut out = OutputSet::new();
+        let mut w =
+            imgconv::format::create_writer(imgconv::Format::Qcow2, &target, size, &wo, &mut out)
+                .unwrap();
+        assert_eq!(w.grain_size(), cs);
+        let enc = w.encoder();
+        let mut expect = vec![0u8; size as usize];
+        // Runs far apart (no zero runs between them), ending with the partial tail.
+        for (gc, n, fill) in [(5u64, 2u64, 1u8), (150, 3, 2), (300, 1, 3)] {
+            let off = gc * cs;
+            let len = (n * cs).min(size - off) as usize;
+            let data: Vec<u8> = (0..len)
+                .map(|k| fill.wrapping_add((k / 4096) as u8) | 1)
+                .collect();
+            expect[off as usize..off as usize + len].copy_from_slice(&data);
+            let encoded: Option<Vec<Option<Vec<u8>>>> = enc.as_ref().map(|e| {
+                data.chunks(cs as usize)
+                    .enumerate()
+                    .map(|(j, g)| e.encode(off + j as u64 * cs, g).unwrap())
+                    .collect()
+            });
+            w.write_data(DataRun {
+                offset: off,
+                data: &data,
+                encoded: encoded.as_deref(),
+            })
+            .unwrap();
+        }
+        w.finish().unwrap();
+        out.commit().unwrap();
+        check_clean(&target);
+        let raw = d.path().join(format!("direct{i}.raw"));
+        std::fs::write(&raw, &expect).unwrap();
+        assert_same(&raw, &target);
+    }
+}
+
+#[test]
+fn backing_file_given_as_options() {
+    let d = scratch();
+    let base = source(d.path(), "base.raw", 4 << 20);
+    let top = d.path().join("top.raw");
+    std::fs::copy(&base, &top).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&top).unwrap();
+    f.write_all_at(&[9u8; 65536], 2 << 20).unwrap();
+    let out = d.path().join("ov.qcow2");
+    imgconv(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "backing_file=base.raw,backing_fmt=raw",
+        s(&top),
+        s(&out),
+    ]);
+    check_clean(&out);
+    assert_same(&top, &out);
+    let info = qemu_info(&out);
+    assert_eq!(info["backing-filename"], Value::from("base.raw"));
+    assert!(size_of(&out) < 1 << 20);
+}
