@@ -235,6 +235,41 @@ fn resize_grows_and_shrinks_safely() {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&snap), "1M"]);
     qemu_img(&["snapshot", "-c", "s1", s(&snap)]);
     assert!(!imgconv_out(&["resize", s(&snap), "2M"]).status.success());
+    // Growing over a longer backing file would show its data: refused. Growing past
+    // the backing file's end is fine.
+    let base = d.path().join("bb.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "10M"]);
+    qemu_io(&["-c", "write -P 5 0 10M", s(&base)]);
+    let short = d.path().join("short.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "bb.qcow2",
+        "-F",
+        "qcow2",
+        s(&short),
+        "5M",
+    ]);
+    assert!(!imgconv_out(&["resize", s(&short), "8M"]).status.success());
+    let full = d.path().join("full.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "bb.qcow2",
+        "-F",
+        "qcow2",
+        s(&full),
+        "10M",
+    ]);
+    imgconv(&["resize", "-q", s(&full), "20M"]);
+    check_clean(&full);
+    assert_same(&base, &full);
     // Raw: grow, and shrink only with --shrink.
     let raw = d.path().join("r.raw");
     std::fs::copy(&src, &raw).unwrap();

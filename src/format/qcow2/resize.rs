@@ -103,6 +103,9 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
         }
         check_nothing_beyond(&storage, &h, &l1, new_size)?;
     }
+    if new_size > old && h.backing_file_offset != 0 {
+        refuse_growing_over_backing(&storage, &h, path)?;
+    }
     let new_l1 = new_size.div_ceil(h.bytes_per_l1_entry());
     if new_l1 * 8 > MAX_QCOW2_L1_BYTES {
         return Err(Error::invalid(format!(
@@ -129,6 +132,49 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
     h.size = new_size;
     write_at(&file, &h.serialize(), 0, path)?;
     file.sync_data().map_err(|e| Error::io(path, e))
+}
+
+/// Growing leaves the new area unallocated; where the backing file is longer than the
+/// old size, that area would show the backing file's data instead of zeros (QEMU writes
+/// zero clusters there). That case is refused.
+fn refuse_growing_over_backing(storage: &dyn Storage, h: &Header, path: &Path) -> Result<()> {
+    let len = h
+        .backing_file_size
+        .min(super::header::MAX_BACKING_FILE_NAME) as usize;
+    let mut name = vec![0u8; len];
+    read_struct(
+        storage,
+        &mut name,
+        h.backing_file_offset,
+        FMT,
+        "backing file name",
+    )?;
+    let name = String::from_utf8_lossy(&name).into_owned();
+    let p = Path::new(&name);
+    let full = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        path.parent()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|| p.to_path_buf())
+    };
+    let backing_size = crate::image::open(&full, &crate::image::OpenOptions::trusted())
+        .map(|b| b.size())
+        .map_err(|e| {
+            Error::invalid(format!(
+                "qcow2: cannot open backing file {name:?} to check its size: {e}"
+            ))
+        })?;
+    if backing_size > h.size {
+        return Err(Error::unsupported(
+            FMT,
+            format!(
+                "growing an image whose backing file {name:?} is longer than it ({backing_size} > {} bytes): the new area would show the backing file's data",
+                h.size
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Fails when a guest cluster at or beyond `new_size` (or the cluster the new end cuts
