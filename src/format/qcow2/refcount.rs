@@ -30,24 +30,74 @@ pub fn metadata_clusters(clusters: u64, cluster_bits: u32, refcount_order: u32) 
     }
 }
 
+/// Refcounts of a file being written: every cluster counts 1 unless set otherwise.
+///
+/// Two bytes per cluster up to the last one set (only byte-packed compressed data sets
+/// many), with the rare counts of 65535 and more kept aside.
+#[derive(Debug, Clone, Default)]
+pub struct RefMap {
+    dense: Vec<u16>,
+    big: BTreeMap<u64, u64>,
+}
+
+impl RefMap {
+    /// An empty map (every cluster counts 1).
+    pub fn new() -> Self {
+        RefMap::default()
+    }
+
+    /// The refcount of `cluster`.
+    pub fn get(&self, cluster: u64) -> u64 {
+        match self.dense.get(cluster as usize) {
+            None => 1,
+            Some(&u16::MAX) => self.big.get(&cluster).copied().unwrap_or(u16::MAX as u64),
+            Some(&v) => v as u64,
+        }
+    }
+
+    /// Sets the refcount of `cluster`.
+    pub fn set(&mut self, cluster: u64, value: u64) {
+        let c = cluster as usize;
+        if c >= self.dense.len() {
+            if value == 1 {
+                return;
+            }
+            self.dense.resize(c + 1, 1);
+        }
+        if value >= u16::MAX as u64 {
+            self.dense[c] = u16::MAX;
+            self.big.insert(cluster, value);
+        } else {
+            self.dense[c] = value as u16;
+            self.big.remove(&cluster);
+        }
+    }
+
+    /// Calls `f(cluster, refcount)` for every cluster in `[first, end)` whose refcount
+    /// is not 1.
+    fn for_each_exception(&self, first: u64, end: u64, mut f: impl FnMut(u64, u64)) {
+        let end = end.min(self.dense.len() as u64);
+        for c in first..end {
+            if self.dense[c as usize] != 1 {
+                f(c, self.get(c));
+            }
+        }
+    }
+}
+
 /// Builds refcount blocks for a file whose clusters `0..total` are all in use with
-/// refcount 1, except those listed in `exceptions` (cluster → refcount).
+/// refcount 1, except those set otherwise in a [`RefMap`].
 pub struct BlockBuilder<'a> {
     cluster_bits: u32,
     order: u32,
     total: u64,
-    exceptions: &'a BTreeMap<u64, u64>,
+    exceptions: &'a RefMap,
     template: Vec<u8>,
 }
 
 impl<'a> BlockBuilder<'a> {
     /// A builder for the given geometry.
-    pub fn new(
-        cluster_bits: u32,
-        order: u32,
-        total: u64,
-        exceptions: &'a BTreeMap<u64, u64>,
-    ) -> Self {
+    pub fn new(cluster_bits: u32, order: u32, total: u64, exceptions: &'a RefMap) -> Self {
         let cs = 1usize << cluster_bits;
         let mut template = vec![0u8; cs];
         let per_block = refcount_block_entries(cluster_bits, order);
@@ -83,14 +133,23 @@ impl<'a> BlockBuilder<'a> {
             }
             b
         };
-        for (&c, &r) in self.exceptions.range(first..first + per_block) {
-            if r > max_refcount(self.order) {
-                return Err(Error::invalid(format!(
-                    "qcow2: cluster {c} needs refcount {r}, more than {} bits hold",
-                    1u32 << self.order
-                )));
-            }
-            refcount_set(&mut b, c - first, self.order, r)?;
+        let mut err = None;
+        self.exceptions
+            .for_each_exception(first, first + per_block, |c, r| {
+                if err.is_some() {
+                    return;
+                }
+                if r > max_refcount(self.order) {
+                    err = Some(Error::invalid(format!(
+                        "qcow2: cluster {c} needs refcount {r}, more than {} bits hold",
+                        1u32 << self.order
+                    )));
+                } else if let Err(e) = refcount_set(&mut b, c - first, self.order, r) {
+                    err = Some(e);
+                }
+            });
+        if let Some(e) = err {
+            return Err(e);
         }
         Ok(b)
     }
@@ -233,10 +292,10 @@ mod tests {
     #[test]
     fn blocks_hold_ones_and_exceptions() {
         for order in 0..=6 {
-            let mut ex = BTreeMap::new();
-            ex.insert(3u64, 1);
+            let mut ex = RefMap::new();
+            ex.set(3, 1);
             if order > 0 {
-                ex.insert(5u64, 3.min(max_refcount(order)));
+                ex.set(5, 3.min(max_refcount(order)));
             }
             let b = BlockBuilder::new(9, order, 10, &ex);
             let blk = b.block(0).unwrap();
@@ -253,8 +312,18 @@ mod tests {
                 );
             }
         }
-        let mut ex = BTreeMap::new();
-        ex.insert(0u64, 2);
+        let mut ex = RefMap::new();
+        ex.set(0, 2);
         assert!(BlockBuilder::new(9, 0, 1, &ex).block(0).is_err());
+        let mut m = RefMap::new();
+        m.set(10, 0);
+        m.set(11, 70_000);
+        m.set(12, 65_535);
+        assert_eq!(
+            (m.get(9), m.get(10), m.get(11), m.get(12), m.get(99)),
+            (1, 0, 70_000, 65_535, 1)
+        );
+        m.set(11, 2);
+        assert_eq!(m.get(11), 2);
     }
 }

@@ -11,7 +11,6 @@
 //! Every cluster below the end of the file is in use; its refcount is 1 except for host
 //! clusters shared by byte-packed compressed clusters, which are tracked one by one.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +21,7 @@ use super::header::{
     HeaderExtension, IncompatibleFeatures, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS, OFLAG_COPIED, OFLAG_ZERO,
 };
-use super::refcount::{metadata_clusters, BlockBuilder};
+use super::refcount::{metadata_clusters, BlockBuilder, RefMap};
 use crate::detect::Format;
 use crate::error::{Error, Result};
 use crate::io::{write_all_at, OutputSet};
@@ -431,7 +430,7 @@ pub struct Qcow2Writer {
     /// End of the used bytes of the file.
     end_bytes: u64,
     /// Clusters whose refcount is not 1.
-    refs: BTreeMap<u64, u64>,
+    refs: RefMap,
     /// Guest offset up to which runs have been seen (for preallocating gaps).
     seen_to: u64,
     encoder: Option<Arc<ClusterEncoder>>,
@@ -489,7 +488,7 @@ pub fn create_writer(
         } else {
             layout.l1_offset
         },
-        refs: BTreeMap::new(),
+        refs: RefMap::new(),
         seen_to: 0,
         encoder,
         last_prealloc: None,
@@ -565,9 +564,9 @@ impl Qcow2Writer {
         let file_end = self.next_cluster * cs;
         if let Some((start, end)) = self.tail {
             let c = start / cs;
-            let rc = self.refs.get(&c).copied().unwrap_or(1);
+            let rc = self.refs.get(c);
             if rc < max && (start + len <= end || end == file_end) {
-                *self.refs.entry(c).or_insert(1) += 1;
+                self.refs.set(c, rc + 1);
                 if start + len > end {
                     // Runs on into fresh clusters at the end of the file.
                     self.next_cluster += (start + len - end).div_ceil(cs);
@@ -792,7 +791,7 @@ impl ImageWriter for Qcow2Writer {
         let in_spare = blocks - 1 - appended;
         let rt_first = l.rt_offset / cs;
         for c in rt_first + rt_used + in_spare..rt_first + l.rt_clusters {
-            self.refs.insert(c, 0);
+            self.refs.set(c, 0);
         }
         let total = self.next_cluster;
         let builder = BlockBuilder::new(cb, order, total, &self.refs);
