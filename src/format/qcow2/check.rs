@@ -75,6 +75,9 @@ struct Checker<'a> {
     extended: bool,
     /// QEMU's "the refcount structures need rebuilding" condition.
     rebuild: bool,
+    /// Bytes of L2 tables that may still be scanned, and the total allowed.
+    l2_budget: u64,
+    l2_budget_total: u64,
     r: CheckReport,
 }
 
@@ -155,6 +158,14 @@ impl Checker<'_> {
     fn check_l2(&mut self, l2_offset: u64, active: bool) -> Result<()> {
         let per = if self.extended { 2 } else { 1 };
         let n = self.cs / (8 * per);
+        // A crafted image can make every L1 entry of every snapshot point at the same
+        // L2 table; bound the work by the file size (far above what real images need).
+        self.l2_budget = self.l2_budget.checked_sub(self.cs).ok_or(Error::TooLarge {
+            format: FMT,
+            structure: "L2 tables referenced by the L1 tables",
+            size: self.l2_budget_total,
+            limit: self.l2_budget_total,
+        })?;
         let t = self.read_table(l2_offset, n * per)?;
         let cb = self.h.cluster_bits;
         let mut next_contiguous = 0u64;
@@ -602,6 +613,8 @@ pub fn check_and_repair(
             .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE),
         extended: h.extended_l2(),
         rebuild: false,
+        l2_budget: file_len.saturating_mul(256).saturating_add(1 << 30),
+        l2_budget_total: file_len.saturating_mul(256).saturating_add(1 << 30),
         r: CheckReport {
             total_clusters: h.size.div_ceil(cs),
             ..Default::default()
@@ -620,6 +633,20 @@ pub fn check_and_repair(
     }
     c.inc(0, cs);
     c.check_l1(h.l1_table_offset, h.l1_size as u64, true)?;
+    // Each snapshot has its own L1 table in the file: together they cannot be larger.
+    let snap_l1_bytes: u64 = snapshots
+        .iter()
+        .filter(|sn| sn.l1_offset % cs == 0 && sn.l1_size * 8 <= MAX_QCOW2_L1_BYTES)
+        .map(|sn| sn.l1_size * 8)
+        .sum();
+    if snap_l1_bytes > file_len {
+        return Err(Error::corrupt(
+            FMT,
+            "snapshot table",
+            h.snapshots_offset,
+            format!("snapshot L1 tables total {snap_l1_bytes} bytes, more than the {file_len}-byte file"),
+        ));
+    }
     for sn in &snapshots {
         if sn.l1_offset % cs != 0 {
             c.msg(format!(
