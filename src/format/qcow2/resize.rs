@@ -304,7 +304,6 @@ fn relocate_l1(
     let mut nl1 = l1.to_vec();
     nl1.resize((l1_clusters * cs / 8) as usize, 0);
     // The COPIED bits stay valid: refcounts of L2 tables are unchanged.
-    let _ = OFLAG_COPIED;
     write_at(file, &serialize_u64_table(&nl1), l1_start * cs, path)?;
     h.l1_table_offset = l1_start * cs;
     h.refcount_table_offset = rt_start * cs;

@@ -380,12 +380,11 @@ impl Layout {
         // Upper bound of clusters the file can reach: header, L1, every L2 table,
         // every data cluster, and a little slack for compressed packing.
         let data_max = size.div_ceil(cs) + 2;
-        let (blocks, rt_clusters) = metadata_clusters(
+        let (_blocks, rt_clusters) = metadata_clusters(
             1 + l1_clusters + l1_size + data_max,
             o.cluster_bits,
             o.refcount_order,
         );
-        let _ = blocks;
         if rt_clusters * cs > MAX_QCOW2_REFTABLE_BYTES {
             return Err(Error::invalid(format!(
                 "qcow2: a {size}-byte disk needs a refcount table larger than {MAX_QCOW2_REFTABLE_BYTES} bytes with these options; use larger clusters or narrower refcounts"
