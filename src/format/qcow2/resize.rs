@@ -11,8 +11,7 @@ use std::path::Path;
 
 use super::header::{
     parse_u64_table, refcount_block_entries, refcount_set, serialize_u64_table, AutoclearFeatures,
-    Header, IncompatibleFeatures, CRYPT_NONE, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO,
+    Header, IncompatibleFeatures, CRYPT_NONE, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO,
 };
 use super::refcount::{read_refcounts, OFFSET_MASK_REFTABLE};
 use crate::error::{Error, Result};
