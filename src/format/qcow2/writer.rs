@@ -21,7 +21,7 @@ use super::header::{
     HeaderExtension, IncompatibleFeatures, MAX_BACKING_FILE_NAME, MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS, MIN_EXTENDED_L2_CLUSTER_BITS, OFLAG_COPIED, OFLAG_ZERO,
 };
-use super::refcount::{metadata_clusters, BlockBuilder, RefMap};
+use super::refcount::{BlockBuilder, RefMap};
 use crate::detect::Format;
 use crate::error::{Error, Result};
 use crate::io::{write_all_at, OutputSet};
@@ -377,19 +377,9 @@ impl Layout {
             )));
         }
         let l1_clusters = (l1_size * 8).div_ceil(cs);
-        // Upper bound of clusters the file can reach: header, L1, every L2 table,
-        // every data cluster, and a little slack for compressed packing.
-        let data_max = size.div_ceil(cs) + 2;
-        let (_blocks, rt_clusters) = metadata_clusters(
-            1 + l1_clusters + l1_size + data_max,
-            o.cluster_bits,
-            o.refcount_order,
-        );
-        if rt_clusters * cs > MAX_QCOW2_REFTABLE_BYTES {
-            return Err(Error::invalid(format!(
-                "qcow2: a {size}-byte disk needs a refcount table larger than {MAX_QCOW2_REFTABLE_BYTES} bytes with these options; use larger clusters or narrower refcounts"
-            )));
-        }
+        // One cluster of refcount table, as QEMU starts with; `finish` moves the table
+        // to the end of the file when the image needs a bigger one.
+        let rt_clusters = 1;
         let rt_offset = cs;
         let rb0_offset = rt_offset + rt_clusters * cs;
         let l1_offset = rb0_offset + cs;
@@ -637,6 +627,33 @@ impl Qcow2Writer {
         Ok(())
     }
 
+    /// Makes guest clusters `[from, to)` read as zeros: nothing to do on a fresh image
+    /// without backing file (unless preallocating); over a backing file, zero clusters.
+    fn write_zeros_clusters(&mut self, from: u64, to: u64) -> Result<()> {
+        if self.o.backing_file.is_some() {
+            // The backing file has data here that must read as zeros.
+            if self.o.extended_l2 {
+                if self.o.prealloc != Prealloc::Off {
+                    self.preallocate(from, to, ALL_ZERO)?;
+                } else {
+                    for gc in from..to {
+                        self.set_entry(gc, 0, ALL_ZERO)?;
+                    }
+                }
+            } else if self.o.version >= 3 {
+                for gc in from..to {
+                    self.set_entry(gc, OFLAG_ZERO, 0)?;
+                }
+            } else {
+                // v2 has no zero flag: a real cluster of zeros (a hole in the file).
+                self.preallocate(from, to, 0)?;
+            }
+        } else if self.o.prealloc != Prealloc::Off {
+            self.preallocate(from, to, 0)?;
+        }
+        Ok(())
+    }
+
     fn write_plain(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let cs = self.cs();
         let per_l2 = self.o.l2_entries();
@@ -701,6 +718,12 @@ impl ImageWriter for Qcow2Writer {
             Some(enc) => {
                 for (i, grain) in run.data.chunks(cs as usize).enumerate() {
                     let gc = run.offset / cs + i as u64;
+                    if crate::convert::is_zero(grain) {
+                        // QEMU skips all-zero clusters when compressing, whatever -S
+                        // says; over a backing file they must still read as zeros.
+                        self.write_zeros_clusters(gc, gc + 1)?;
+                        continue;
+                    }
                     match enc.get(i).and_then(|e| e.as_ref()) {
                         Some(c) => {
                             // The L2 table is reserved before the data, as QEMU does.
@@ -729,31 +752,10 @@ impl ImageWriter for Qcow2Writer {
         let cs = self.cs();
         self.fill_gap(offset)?;
         let (from, to) = (offset / cs, (offset + len).div_ceil(cs));
-        if self.o.backing_file.is_some() {
-            // The backing file has data here that must read as zeros.
-            if self.o.extended_l2 {
-                if self.o.prealloc != Prealloc::Off {
-                    self.preallocate(from, to, ALL_ZERO)?;
-                } else {
-                    for gc in from..to {
-                        self.set_entry(gc, 0, ALL_ZERO)?;
-                    }
-                }
-            } else if self.o.version >= 3 {
-                for gc in from..to {
-                    self.set_entry(gc, OFLAG_ZERO, 0)?;
-                }
-            } else {
-                // v2 has no zero flag: a real cluster of zeros (a hole in the file).
-                self.preallocate(from, to, 0)?;
-            }
-        } else if self.o.prealloc != Prealloc::Off {
-            self.preallocate(from, to, 0)?;
-        }
+        self.write_zeros_clusters(from, to)?;
         self.seen_to = self.seen_to.max(offset + len);
         Ok(())
     }
-
     fn finish(mut self: Box<Self>) -> Result<()> {
         let cs = self.cs();
         let cb = self.o.cluster_bits;
@@ -761,36 +763,55 @@ impl ImageWriter for Qcow2Writer {
         self.fill_gap(self.size)?;
         self.flush_l2()?;
         let l = self.layout;
-        // The refcount table was reserved for the largest possible file; clusters of
-        // it that are not needed hold further refcount blocks, and any more blocks go
-        // at the end of the file. Reserved clusters left over are free (refcount 0).
+        // The reserved refcount table cluster holds the table when it is big enough;
+        // otherwise the table goes at the end of the file and the reserved cluster
+        // holds a refcount block. Further blocks go at the end of the file, and a
+        // reserved cluster left over is free (refcount 0).
         let per_block = refcount_block_entries(cb, order);
         let per_rt_cluster = cs / 8;
-        let (mut blocks, mut rt_used, mut appended) = (1u64, 1u64, 0u64);
-        loop {
-            let need = (self.next_cluster + appended).div_ceil(per_block).max(1);
+        let reserved = l.rt_clusters;
+        let (mut blocks, mut rt_used, mut appended, mut rt_at_end) = (1u64, 1u64, 0u64, false);
+        for _ in 0..64 {
+            let extra = appended + if rt_at_end { rt_used } else { 0 };
+            let need = (self.next_cluster + extra).div_ceil(per_block).max(1);
             let rt_need = need.div_ceil(per_rt_cluster);
-            if rt_need > l.rt_clusters {
-                return Err(Error::invalid(format!(
-                    "qcow2 writer: {need} refcount blocks do not fit the refcount table"
-                )));
-            }
-            let spare = l.rt_clusters - rt_need;
+            let at_end = rt_need > reserved;
+            let spare = if at_end { reserved } else { reserved - rt_need };
             let app = (need - 1).saturating_sub(spare);
-            if (need, rt_need, app) == (blocks, rt_used, appended) {
+            if (need, rt_need, app, at_end) == (blocks, rt_used, appended, rt_at_end) {
                 break;
             }
-            (blocks, rt_used, appended) = (need, rt_need, app);
+            (blocks, rt_used, appended, rt_at_end) = (need, rt_need, app, at_end);
+        }
+        if rt_used * cs > MAX_QCOW2_REFTABLE_BYTES {
+            return Err(Error::invalid(format!(
+                "qcow2: the image needs a refcount table of {} bytes, more than {MAX_QCOW2_REFTABLE_BYTES}; use larger clusters or narrower refcounts",
+                rt_used * cs
+            )));
         }
         let appended_start = if appended > 0 {
             self.alloc_clusters(appended)
         } else {
             0
         };
+        let rt_offset = if rt_at_end {
+            self.alloc_clusters(rt_used)
+        } else {
+            l.rt_offset
+        };
+        let spare_start = if rt_at_end {
+            l.rt_offset
+        } else {
+            l.rt_offset + rt_used * cs
+        };
+        let spare_count = if rt_at_end {
+            reserved
+        } else {
+            reserved - rt_used
+        };
         let in_spare = blocks - 1 - appended;
-        let rt_first = l.rt_offset / cs;
-        for c in rt_first + rt_used + in_spare..rt_first + l.rt_clusters {
-            self.refs.set(c, 0);
+        for i in in_spare..spare_count {
+            self.refs.set(spare_start / cs + i, 0);
         }
         let total = self.next_cluster;
         let builder = BlockBuilder::new(cb, order, total, &self.refs);
@@ -799,14 +820,14 @@ impl ImageWriter for Qcow2Writer {
             let off = if b == 0 {
                 l.rb0_offset
             } else if b - 1 < in_spare {
-                l.rt_offset + (rt_used + b - 1) * cs
+                spare_start + (b - 1) * cs
             } else {
                 appended_start + (b - 1 - in_spare) * cs
             };
             table[b as usize] = off;
             self.write_at(&builder.block(b)?, off)?;
         }
-        self.write_at(&serialize_u64_table(&table), l.rt_offset)?;
+        self.write_at(&serialize_u64_table(&table), rt_offset)?;
         if l.l1_clusters > 0 {
             // The rest of the L1 clusters stays a hole (zeros).
             self.write_at(&serialize_u64_table(&self.l1), l.l1_offset)?;
@@ -830,7 +851,7 @@ impl ImageWriter for Qcow2Writer {
         let (mut h, tail) = self.o.header_template(self.size)?;
         h.l1_size = l.l1_size as u32;
         h.l1_table_offset = if l.l1_size > 0 { l.l1_offset } else { 0 };
-        h.refcount_table_offset = l.rt_offset;
+        h.refcount_table_offset = rt_offset;
         h.refcount_table_clusters = rt_used as u32;
         let mut first = h.serialize();
         first.extend_from_slice(&tail);
