@@ -483,3 +483,26 @@ fn backing_file_given_as_options() {
     assert_eq!(info["backing-filename"], Value::from("base.raw"));
     assert!(size_of(&out) < 1 << 20);
 }
+
+#[test]
+fn refcount_table_grows_past_its_first_cluster() {
+    // 512-byte clusters with 64-bit refcounts: one table cluster covers 4096 clusters
+    // (2 MiB of file), so 3 MiB of data needs a bigger table at the end of the file.
+    let d = scratch();
+    let src = d.path().join("noise.raw");
+    std::fs::write(&src, noise(3 << 20, 11)).unwrap();
+    for o in [
+        "cluster_size=512,refcount_bits=64",
+        "cluster_size=512,refcount_bits=32",
+    ] {
+        let (out, ours, qemu) = convert_both(d.path(), &src, &["-o", o], o);
+        let f = std::fs::File::open(&out).unwrap();
+        let mut b = [0u8; 4];
+        f.read_exact_at(&mut b, 56).unwrap();
+        assert!(
+            u32::from_be_bytes(b) > 1,
+            "{o}: refcount table has one cluster"
+        );
+        assert!(ours <= qemu, "{o}: {ours} > {qemu}");
+    }
+}
