@@ -114,7 +114,10 @@ fn agrees_with_qemu_on_qemu_made_images() {
     io(&t7, &["write -P 3 0 1M"]);
     qemu_img(&["bitmap", "--add", s(&t7), "bm0"]);
     // An absolute data file name: a relative one is created relative to the cwd.
-    let df = format!("data_file={},data_file_raw=on", s(&d.path().join("df.data")));
+    let df = format!(
+        "data_file={},data_file_raw=on",
+        s(&d.path().join("df.data"))
+    );
     let t8 = create(d.path(), "datafile.qcow2", &df, "20M");
     io(&t8, &["write -P 3 0 1M"]);
     let t9 = d.path().join("overlay.qcow2");

@@ -4,10 +4,10 @@ mod check;
 mod common;
 mod compare;
 mod convert;
+mod create;
 mod info;
 mod map;
 mod measure;
-mod create;
 mod resize;
 
 use std::process::ExitCode;
