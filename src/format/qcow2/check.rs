@@ -46,6 +46,9 @@ pub struct CheckReport {
     pub image_end_offset: u64,
     /// One line per problem, in qemu-img's wording.
     pub messages: Vec<String>,
+    /// The check stopped early with this reason (qemu-img's "Check failed: …", exit 1):
+    /// VMDK's check gives up at its first bad grain, as QEMU's does.
+    pub failed: Option<String>,
 }
 
 impl CheckReport {

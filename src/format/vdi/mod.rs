@@ -6,6 +6,7 @@
 //! - [`writer`]: images laid out as VirtualBox lays them out (`-o static=on|off`,
 //!   `-o uuid=…`).
 
+pub mod check;
 pub mod header;
 pub mod reader;
 pub mod writer;

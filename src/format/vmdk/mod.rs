@@ -17,6 +17,7 @@
 //! - [`stream`]: reading a streamOptimized file sequentially from a pipe;
 //! - [`writer`]: every subformat's writer.
 
+pub mod check;
 pub mod descriptor;
 pub mod header;
 pub mod reader;
