@@ -181,9 +181,55 @@ fn vmdk_grains_past_the_end_of_the_file() {
         errors,
         ["ERROR: cluster offset for sector 2560 points after EOF"]
     );
+    // A delta disk over the damaged image: only the delta is checked.
+    let child = d.path().join("child.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "one.vmdk",
+        "-F",
+        "vmdk",
+        s(&child),
+    ]);
+    qemu_io(&["-c", "write -P 0x63 3M 64k", s(&child)]);
+    assert_eq!(agree(&child), Some(0));
     // Repairs are refused as qemu-img refuses them.
     let o = imgconv_out(&["check", "-r", "leaks", s(&src)]);
     assert_eq!(o.status.code(), Some(63));
+}
+
+#[test]
+fn vmdk_split_extents_report_the_guest_sector() {
+    let d = scratch();
+    let p = d.path().join("split.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        s(&p),
+        "3G",
+    ]);
+    qemu_io(&["-c", "write -P 0x64 2047M 2M", s(&p)]);
+    assert_eq!(agree(&p), Some(0));
+    // The fourth grain of the second extent points past the end of its file.
+    let ext = d.path().join("split-s002.vmdk");
+    let mut b = std::fs::read(&ext).unwrap();
+    let gt = first_gt(&b);
+    let sectors = (b.len() / 512) as u32;
+    put32(&mut b, gt + 3 * 4, sectors + 50);
+    std::fs::write(&ext, b).unwrap();
+    assert_eq!(agree(&p), Some(1));
+    let (_, errors, _) = verdict(imgconv_bin(), &["check", s(&p)]);
+    assert_eq!(
+        errors,
+        ["ERROR: cluster offset for sector 4194688 points after EOF"]
+    );
 }
 
 #[test]

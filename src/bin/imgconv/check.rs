@@ -68,7 +68,11 @@ pub fn run(a: Args) -> CmdResult {
         let r = match format {
             Format::Vdi => imgconv::format::vdi::check::check(&storage).map_err(could_not)?,
             _ => {
-                let o = imgconv::OpenOptions::trusted().format(format);
+                // Extents are opened, the parent of a delta disk is not: as qemu-img,
+                // the check covers this image only.
+                let o = imgconv::OpenOptions::trusted()
+                    .format(format)
+                    .metadata_only();
                 let img = imgconv::open(Path::new(&a.file), &o).map_err(|e| {
                     (
                         1,
