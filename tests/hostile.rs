@@ -494,3 +494,65 @@ fn fuzz_regressions_do_not_panic() {
         imgconv::fuzzing::open_and_walk(&data, format);
     }
 }
+
+#[test]
+fn sigterm_or_sigint_mid_conversion_leaves_no_file() {
+    use std::io::Write;
+    let d = scratch();
+    let raw = d.path().join("src.raw");
+    // Random-ish data so that the compressed stream is long.
+    let mut data = vec![0u8; 8 << 20];
+    let mut x = 0x1234_5678u32;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    std::fs::write(&raw, &data).unwrap();
+    let vmdk = d.path().join("src.vmdk");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&raw),
+        s(&vmdk),
+    ]);
+    let stream = std::fs::read(&vmdk).unwrap();
+    let outdir = d.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let out = outdir.join("out.qcow2");
+        let mut child = Command::new(imgconv_bin())
+            .args(["convert", "-O", "qcow2", "-", s(&out)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        // Half the stream: the conversion starts writing, then waits for more input.
+        stdin.write_all(&stream[..stream.len() / 2]).unwrap();
+        stdin.flush().unwrap();
+        let t = Instant::now();
+        while only_files(&outdir).is_empty() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !only_files(&outdir).is_empty(),
+            "no temporary output appeared"
+        );
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let status = child.wait().unwrap();
+        drop(stdin);
+        assert!(!status.success());
+        assert!(
+            only_files(&outdir).is_empty(),
+            "left behind: {:?}",
+            only_files(&outdir)
+        );
+    }
+}
