@@ -94,8 +94,16 @@ impl Read for DecodeReader {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Decoders started on this thread (tests check that an input is decoded once).
+    pub(crate) static DECODERS_STARTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 /// Wraps `input` in the decoder for `compression`.
 pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<DecodeReader> {
+    #[cfg(test)]
+    DECODERS_STARTED.with(|n| n.set(n.get() + 1));
     let consumed = Arc::new(AtomicU64::new(0));
     let counted = Counting {
         inner: input,
