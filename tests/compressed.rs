@@ -816,3 +816,47 @@ fn ctrl_c_while_spooling_a_bz2_file_leaves_nothing() {
     assert_empty(&tmp);
     assert_empty(&outdir);
 }
+
+/// A multi-stream bzip2 file (as pbzip2 writes it) big enough to be decoded by several
+/// threads converts to the same disk.
+#[test]
+fn multi_stream_bz2_file_converts() {
+    let dir = scratch();
+    // 12 MiB of poorly compressible data in 1 MiB streams, plus a sparse tail.
+    let mut data = vec![0u8; 16 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in data[..12 << 20].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes());
+    }
+    let raw = dir.path().join("multi.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let bz = dir.path().join("multi.raw.bz2");
+    let mut all = Vec::new();
+    for part in data.chunks(1 << 20) {
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        e.write_all(part).unwrap();
+        all.extend(e.finish().unwrap());
+    }
+    std::fs::write(&bz, &all).unwrap();
+    drop(data);
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let out = dir.path().join("multi.qcow2");
+    let o = imgconv_tmpdir(&tmp, &["convert", "-O", "qcow2", s(&bz), s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same_fmt(&raw, "raw", &out, "qcow2");
+    assert_empty(&tmp);
+    // A damaged stream in the middle fails cleanly.
+    let mid = all.len() / 2;
+    all[mid] ^= 0x33;
+    std::fs::write(&bz, &all).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let o = imgconv_tmpdir(&tmp, &["convert", "-O", "qcow2", s(&bz), s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bzip2"));
+    assert!(!out.exists());
+    assert_empty(&tmp);
+}

@@ -22,7 +22,9 @@ use std::sync::Arc;
 use crate::detect::{probe_bytes, probe_compression, probe_tar, Compression, Format, PROBE_LEN};
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenContext, OpenOptions};
-use crate::io::compressed::{decoder, from_io, peek, replay, to_io, uncompressed_size};
+use crate::io::compressed::{
+    bzip2_file_decoder, decoder, from_io, peek, replay, to_io, uncompressed_size,
+};
 use crate::io::tar::{self, Entry, StorageInput, StreamInput};
 use crate::io::{FileStorage, Storage};
 
@@ -85,7 +87,10 @@ fn open_compressed_file(
         None => RawLen::Unknown,
     };
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut dec = decoder(c, Box::new(f))?;
+    let mut dec = match c {
+        Compression::Bzip2 => bzip2_file_decoder(f, len)?,
+        _ => decoder(c, Box::new(f))?,
+    };
     let head = peek(&mut dec, PROBE_LEN).map_err(from_io)?;
     let stream = replay(head.clone(), Box::new(dec));
     open_decoded(stream, &head, raw_len, ctx)
