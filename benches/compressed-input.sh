@@ -52,7 +52,8 @@ else make pbz2 split -b 900k --filter='bzip2 -c'; fi
 # measure LABEL COMMAND...: one run; prints wall, user+sys CPU and peak RSS.
 measure() {
     label=$1; shift
-    /usr/bin/time -f "%e %U %S %M" -o "$W/time.out" "$@" >/dev/null
+    /usr/bin/time -f "%e %U %S %M" -o "$W/time.out" "$@" >/dev/null < "${STDIN:-/dev/null}" ||
+        { echo "$label: failed" >&2; exit 1; }
     read -r wall user sys rss < "$W/time.out"
     printf '%-34s wall %7.2f s  user %7.2f s  sys %6.2f s  peak %5d MiB\n' \
         "$label" "$wall" "$user" "$sys" $((rss / 1024))
@@ -65,7 +66,7 @@ for row in "gz:gzip -dc" "bz2:bzip2 -dc" "xz:xz -dc -T0" "zst:zstd -dc -q" "pbz2
     echo "$s" | grep -Eq "^($ONLY)$" || continue
     [ -f "$W/disk.raw.$s" ] || continue
     # shellcheck disable=SC2086
-    measure "decode only: $dec" $dec "$W/disk.raw.$s"
+    STDIN=$W/disk.raw.$s measure "decode only: $dec" $dec
     base=$(cat "$W/last.wall")
     rm -f "$W/out.qcow2"
     # shellcheck disable=SC2086
