@@ -12,6 +12,11 @@
 //! last member). Either way the compressed data is decoded exactly once; a spooled raw
 //! disk is then converted from the temporary file by all worker threads.
 //!
+//! `info` on a raw disk in a gzip or bzip2 file therefore decodes the whole file (and
+//! spools its data) to report the virtual size; for xz and zstd files it reads only the
+//! index or frame headers. Other formats need only their headers, but are spooled whole
+//! too, as their metadata may lie anywhere. (qemu-img cannot read compressed files.)
+//!
 //! [`StreamDevice`]: crate::io::stream::StreamDevice
 
 use std::fs::File;
