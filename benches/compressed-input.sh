@@ -21,7 +21,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 I=${IMGCONV:-$ROOT/target/debug/imgconv}
 [ -x "$I" ] || (cd "$ROOT" && cargo build --quiet)
 TREE=${BENCH_TREE:-/usr/share/locale /usr/share/doc}
-ONLY=${BENCH_ONLY:-.}
+ONLY=${BENCH_ONLY:-.*}
 EXTRA=${BENCH_EXTRA:-}
 for tool in mkfs.ext4 gzip bzip2 xz zstd /usr/bin/time; do
     command -v "$tool" >/dev/null || { echo "missing: $tool" >&2; exit 2; }
