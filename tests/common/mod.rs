@@ -186,3 +186,29 @@ pub fn check_to_raw(src: &Path, dir: &Path) {
     ]);
     assert_same(src, &out);
 }
+
+/// A path as `&str`, for command lines.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The argument list of `convert -O FMT [-o OPTS] SRC DST` (no `-o` when `opts` is empty),
+/// shared by qemu-img and imgconv since they take the same syntax.
+fn convert_args<'a>(fmt: &'a str, opts: &'a str, src: &'a Path, dst: &'a Path) -> Vec<&'a str> {
+    let mut a = vec!["convert", "-O", fmt];
+    if !opts.is_empty() {
+        a.extend(["-o", opts]);
+    }
+    a.extend([s(src), s(dst)]);
+    a
+}
+
+/// `qemu-img convert -O FMT [-o OPTS] SRC DST`, which must succeed.
+pub fn qemu_convert(fmt: &str, opts: &str, src: &Path, dst: &Path) -> String {
+    qemu_img(&convert_args(fmt, opts, src, dst))
+}
+
+/// `imgconv convert -O FMT [-o OPTS] SRC DST`, which must succeed.
+pub fn imgconv_convert(fmt: &str, opts: &str, src: &Path, dst: &Path) -> String {
+    imgconv(&convert_args(fmt, opts, src, dst))
+}
