@@ -7,10 +7,6 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Exit code, the `ERROR` lines of stderr, and stdout of a check run.
 fn verdict(cmd: &str, args: &[&str]) -> (Option<i32>, Vec<String>, String) {
     let o = run(cmd, args);

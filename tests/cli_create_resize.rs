@@ -8,10 +8,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn size_of(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }

@@ -65,10 +65,6 @@ fn compress(cmd: &[&str], suffix: &str, src: &Path) -> PathBuf {
     dst
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn info_json(path: &Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["info", "--output=json"];
     args.extend_from_slice(extra);
@@ -479,15 +475,7 @@ fn stdin_stream_optimized_vmdk_both_ways() {
 
     // raw.xz -> streamOptimized VMDK on stdout, vs the file-to-file conversion.
     let file_vmdk = dir.path().join("file.vmdk");
-    imgconv(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
-        s(&xz),
-        s(&file_vmdk),
-    ]);
+    imgconv_convert("vmdk", "subformat=streamOptimized", &xz, &file_vmdk);
     let o = pipe_through(
         &tmp,
         &std::fs::read(&xz).unwrap(),

@@ -9,10 +9,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Runs both checkers in both output modes and asserts identical results. Returns
 /// qemu-img's JSON.
 fn agree(img: &Path) -> Value {

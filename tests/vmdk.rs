@@ -17,10 +17,6 @@ const SUBFORMATS: [&str; 5] = [
     "streamOptimized",
 ];
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// A 9 MiB + 1000 byte raw disk with data in a few places (partial grains included).
 fn sample_raw(dir: &Path) -> PathBuf {
     let p = dir.join("src.raw");
@@ -104,15 +100,7 @@ fn every_subformat_qemu_writes_reads_like_qemu() {
                 continue;
             }
             let q = d.path().join(format!("q-{sf}{}.vmdk", extra.len()));
-            qemu_img(&[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                &format!("subformat={sf}{extra}"),
-                s(&src),
-                s(&q),
-            ]);
+            qemu_convert("vmdk", &format!("subformat={sf}{extra}"), &src, &q);
             check_to_raw(&q, d.path());
             assert_same(&src, &q);
         }
@@ -124,15 +112,7 @@ fn zeroed_grains_and_delta_disks_read_like_qemu() {
     let d = scratch();
     let src = sample_raw(d.path());
     let base = d.path().join("base.vmdk");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "zeroed_grain=on",
-        s(&src),
-        s(&base),
-    ]);
+    qemu_convert("vmdk", "zeroed_grain=on", &src, &base);
     // Zeroed grain over data in the image itself.
     qemu_io(&["-f", "vmdk", "-c", "write -z 3M 128k", s(&base)]);
     check_to_raw(&base, d.path());
@@ -192,15 +172,7 @@ fn info_matches_qemu_for_every_subformat() {
     let src = sample_raw(d.path());
     for sf in SUBFORMATS {
         let q = d.path().join(format!("{sf}.vmdk"));
-        qemu_img(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&src),
-            s(&q),
-        ]);
+        qemu_convert("vmdk", &format!("subformat={sf}"), &src, &q);
         let ours: serde_json::Value =
             serde_json::from_str(&imgconv(&["info", "--output=json", s(&q)])).unwrap();
         let theirs = qemu_info(&q);
@@ -258,15 +230,7 @@ fn corpus_vmdks_read_like_qemu() {
         // Also through the engine into every subformat, judged by qemu-img.
         for sf in ["monolithicSparse", "streamOptimized"] {
             let out = d.path().join(format!("{name}.{sf}.vmdk"));
-            imgconv(&[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                &format!("subformat={sf}"),
-                s(&f),
-                s(&out),
-            ]);
+            imgconv_convert("vmdk", &format!("subformat={sf}"), &f, &out);
             assert_same(&f, &out);
         }
     }
@@ -406,27 +370,11 @@ fn two_gb_extents_over_4gib_convert_both_ways() {
     for sf in ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
         // qemu-img writes, imgconv reads.
         let q = d.path().join(format!("q-{sf}.vmdk"));
-        qemu_img(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&src),
-            s(&q),
-        ]);
+        qemu_convert("vmdk", &format!("subformat={sf}"), &src, &q);
         check_to_raw(&q, d.path());
         // imgconv writes, qemu-img reads.
         let o = d.path().join(format!("o-{sf}.vmdk"));
-        imgconv(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&src),
-            s(&o),
-        ]);
+        imgconv_convert("vmdk", &format!("subformat={sf}"), &src, &o);
         assert_same(&src, &o);
         let text = std::fs::read_to_string(&o).unwrap();
         assert_eq!(
@@ -454,15 +402,12 @@ fn every_subformat_written_is_identical_for_qemu() {
             ("legacyESX", "8"),
         ] {
             let o = d.path().join(format!("o-{sf}-{adapter}.vmdk"));
-            imgconv(&[
-                "convert",
-                "-O",
+            imgconv_convert(
                 "vmdk",
-                "-o",
                 &format!("subformat={sf},adapter_type={adapter},hwversion={hw},toolsversion=12345"),
-                s(&src),
-                s(&o),
-            ]);
+                &src,
+                &o,
+            );
             assert_same(&src, &o);
             let check = qemu_img(&["check", s(&o)]);
             assert!(check.contains("No errors were found"), "{sf}: {check}");
@@ -494,15 +439,7 @@ fn every_subformat_written_is_identical_for_qemu() {
     }
     // zeroed_grain: a version-2 header with the zeroed-grain flag.
     let o = d.path().join("zg.vmdk");
-    imgconv(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "zeroed_grain=on",
-        s(&src),
-        s(&o),
-    ]);
+    imgconv_convert("vmdk", "zeroed_grain=on", &src, &o);
     let b = std::fs::read(&o).unwrap();
     assert_eq!((le32(&b, 4), le32(&b, 8)), (2, 7));
     assert_same(&src, &o);
@@ -596,15 +533,7 @@ fn independent_readers_accept_our_files() {
         ("streamOptimized", "Stream optimized"),
     ] {
         let o = d.path().join(format!("{sf}.vmdk"));
-        imgconv(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&src),
-            s(&o),
-        ]);
+        imgconv_convert("vmdk", &format!("subformat={sf}"), &src, &o);
         let out = run_ok("python3", &[s(&script), s(&o), s(&src)]);
         assert_eq!(out.trim(), "same", "dissect.hypervisor on {sf}");
         let info = run_ok("vmdkinfo", &[s(&o)]);
@@ -702,15 +631,12 @@ fn stream_optimized_layout_and_stdout_output() {
         ],
     );
     let f = d.path().join("file.vmdk");
-    imgconv(&[
-        "convert",
-        "-O",
+    imgconv_convert(
         "vmdk",
-        "-o",
         "subformat=streamOptimized,adapter_type=lsilogic",
-        s(&src),
-        s(&f),
-    ]);
+        &src,
+        &f,
+    );
     let fb = std::fs::read(&f).unwrap();
     let (grains, gts) = check_stream_layout(&fb);
     assert_eq!(grains, 2 + 1 + 16);
@@ -770,25 +696,9 @@ fn stream_reader_reads_from_a_pipe_in_order() {
         ("qemu", d.path().join("b.vmdk")),
     ] {
         if who == "qemu" {
-            qemu_img(&[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized",
-                s(&src),
-                s(&f),
-            ]);
+            qemu_convert("vmdk", "subformat=streamOptimized", &src, &f);
         } else {
-            imgconv(&[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized",
-                s(&src),
-                s(&f),
-            ]);
+            imgconv_convert("vmdk", "subformat=streamOptimized", &src, &f);
         }
         let file = std::fs::File::open(&f).unwrap();
         let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
@@ -924,15 +834,7 @@ fn malformed_sparse_files_give_typed_errors_fast() {
 
     // A streamOptimized file with a broken footer or a bad grain.
     let st = d.path().join("st.vmdk");
-    imgconv(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
-        s(&src),
-        s(&st),
-    ]);
+    imgconv_convert("vmdk", "subformat=streamOptimized", &src, &st);
     let b = std::fs::read(&st).unwrap();
     let n = b.len();
     let over = le64(&b, 64) as usize * 512;
@@ -1083,15 +985,7 @@ fn qcow2_and_vdi_sources_written_as_every_subformat() {
                 "{}-{sf}.vmdk",
                 p.file_name().unwrap().to_string_lossy()
             ));
-            imgconv(&[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                &format!("subformat={sf}"),
-                s(p),
-                s(&o),
-            ]);
+            imgconv_convert("vmdk", &format!("subformat={sf}"), p, &o);
             assert_same(p, &o);
             assert!(
                 qemu_img(&["check", s(&o)]).contains("No errors"),
@@ -1113,15 +1007,7 @@ fn huge_sparse_vmdk_converts_in_time_proportional_to_data() {
     );
     for sf in ["monolithicSparse", "streamOptimized"] {
         let q = d.path().join(format!("{sf}.vmdk"));
-        qemu_img(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&src),
-            s(&q),
-        ]);
+        qemu_convert("vmdk", &format!("subformat={sf}"), &src, &q);
         let out = d.path().join(format!("{sf}.raw"));
         let t = Instant::now();
         imgconv(&["convert", "-O", "raw", s(&q), s(&out)]);
@@ -1314,15 +1200,7 @@ fn mutated_images_never_panic() {
     let mut tried = 0;
     for sf in ["monolithicSparse", "streamOptimized"] {
         let f = d.path().join(format!("{sf}.vmdk"));
-        imgconv(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&raw),
-            s(&f),
-        ]);
+        imgconv_convert("vmdk", &format!("subformat={sf}"), &raw, &f);
         let orig = std::fs::read(&f).unwrap();
         // Metadata lives in the first 64 KiB and (streams) the last 3 KiB.
         let hot: Vec<usize> = (0..65536).chain(orig.len() - 3072..orig.len()).collect();
@@ -1386,15 +1264,7 @@ fn empty_disks_and_descriptors_inside_sparse_headers() {
     std::fs::write(&zero, b"").unwrap();
     for sf in SUBFORMATS {
         let o = d.path().join(format!("z-{sf}.vmdk"));
-        imgconv(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&zero),
-            s(&o),
-        ]);
+        imgconv_convert("vmdk", &format!("subformat={sf}"), &zero, &o);
         // qemu-img 10.0 cannot open empty VMDKs, not even its own (it takes a 0-sector
         // sparse file for a descriptor, and aborts on a descriptor with no extents), so
         // only imgconv reads these back.
