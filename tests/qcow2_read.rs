@@ -14,10 +14,6 @@ use imgconv::format::qcow2::header::{CompressedDescriptor, Header, L1Entry, L2En
 use imgconv::{BlockDevice, Error, ExtentKind, OpenOptions};
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// `qemu-img create -f qcow2 [-o OPTS] PATH SIZE`.
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     let p = dir.join(name);
@@ -1011,100 +1007,110 @@ fn malformed_headers_give_typed_errors() {
         other => panic!("{what}: expected too-large, got {}", brief(&other)),
     };
 
+    let opened = |name: &str, edits: &[(usize, &[u8])]| open_bytes(dp, name, &patched(&t, edits));
+
     corrupt(open_bytes(dp, "trunc50", &t[..50]), "truncated header");
     corrupt(open_bytes(dp, "trunc100", &t[..100]), "truncated v3 header");
     corrupt(open_bytes(dp, "trunc512", &t[..512]), "tables cut off");
 
-    let mut b = t.clone();
-    put(&mut b, 4, &4u32.to_be_bytes());
-    unsupported(open_bytes(dp, "v4", &b), "version 4", "version 4");
-
-    let mut b = t.clone();
-    put(&mut b, 0, b"QFI\xfa");
-    corrupt(open_bytes(dp, "magic", &b), "bad magic");
-
-    let mut b = t.clone();
-    put(&mut b, 20, &30u32.to_be_bytes());
-    corrupt(open_bytes(dp, "cb30", &b), "cluster_bits 30");
-
-    let mut b = t.clone();
-    put(&mut b, 36, &0x1000_0000u32.to_be_bytes());
-    too_large(open_bytes(dp, "l1huge", &b), "l1_size huge");
-
-    let mut b = t.clone();
-    put(&mut b, 36, &0u32.to_be_bytes());
-    corrupt(open_bytes(dp, "l1small", &b), "l1_size too small");
-
-    let mut b = t.clone();
-    put(&mut b, 40, &(1u64 << 40).to_be_bytes());
-    corrupt(open_bytes(dp, "l1eof", &b), "L1 offset past EOF");
-
-    let mut b = t.clone();
-    put(&mut b, 40, &0x30200u64.to_be_bytes());
-    corrupt(open_bytes(dp, "l1align", &b), "L1 offset unaligned");
-
-    let mut b = t.clone();
-    put(&mut b, 48, &(1u64 << 40).to_be_bytes());
-    corrupt(open_bytes(dp, "rteof", &b), "refcount table past EOF");
-
-    let mut b = t.clone();
-    put(&mut b, 72, &(1u64 << 5).to_be_bytes());
     unsupported(
-        open_bytes(dp, "incompat5", &b),
+        opened("v4", &[(4, &4u32.to_be_bytes())]),
+        "version 4",
+        "version 4",
+    );
+
+    corrupt(opened("magic", &[(0, b"QFI\xfa")]), "bad magic");
+
+    corrupt(
+        opened("cb30", &[(20, &30u32.to_be_bytes())]),
+        "cluster_bits 30",
+    );
+
+    too_large(
+        opened("l1huge", &[(36, &0x1000_0000u32.to_be_bytes())]),
+        "l1_size huge",
+    );
+
+    corrupt(
+        opened("l1small", &[(36, &0u32.to_be_bytes())]),
+        "l1_size too small",
+    );
+
+    corrupt(
+        opened("l1eof", &[(40, &(1u64 << 40).to_be_bytes())]),
+        "L1 offset past EOF",
+    );
+
+    corrupt(
+        opened("l1align", &[(40, &0x30200u64.to_be_bytes())]),
+        "L1 offset unaligned",
+    );
+
+    corrupt(
+        opened("rteof", &[(48, &(1u64 << 40).to_be_bytes())]),
+        "refcount table past EOF",
+    );
+
+    unsupported(
+        opened("incompat5", &[(72, &(1u64 << 5).to_be_bytes())]),
         "unknown incompatible bit",
         "bit 5",
     );
 
-    let mut b = t.clone();
-    put(&mut b, 32, &2u32.to_be_bytes());
-    unsupported(open_bytes(dp, "luks", &b), "LUKS", "LUKS");
+    unsupported(opened("luks", &[(32, &2u32.to_be_bytes())]), "LUKS", "LUKS");
 
-    let mut b = t.clone();
-    put(&mut b, 32, &1u32.to_be_bytes());
-    unsupported(open_bytes(dp, "aes", &b), "AES", "AES");
+    unsupported(opened("aes", &[(32, &1u32.to_be_bytes())]), "AES", "AES");
 
-    let mut b = t.clone();
-    put(&mut b, 72, &8u64.to_be_bytes());
-    b[104] = 7;
     unsupported(
-        open_bytes(dp, "ct7", &b),
+        opened("ct7", &[(72, &8u64.to_be_bytes()), (104, &[7])]),
         "compression type 7",
         "compression type 7",
     );
 
-    let mut b = t.clone();
-    put(&mut b, 24, &(1u64 << 63).to_be_bytes());
-    too_large(open_bytes(dp, "size63", &b), "virtual size 2^63");
+    too_large(
+        opened("size63", &[(24, &(1u64 << 63).to_be_bytes())]),
+        "virtual size 2^63",
+    );
 
-    let mut b = t.clone();
-    put(&mut b, 60, &70000u32.to_be_bytes());
-    too_large(open_bytes(dp, "snaps", &b), "70000 snapshots");
+    too_large(
+        opened("snaps", &[(60, &70000u32.to_be_bytes())]),
+        "70000 snapshots",
+    );
 
-    let mut b = t.clone();
-    put(&mut b, 60, &60000u32.to_be_bytes());
-    put(&mut b, 64, &0x10000u64.to_be_bytes());
-    corrupt(open_bytes(dp, "snaptable", &b), "snapshot table past EOF");
+    corrupt(
+        opened(
+            "snaptable",
+            &[
+                (60, &60000u32.to_be_bytes()),
+                (64, &0x10000u64.to_be_bytes()),
+            ],
+        ),
+        "snapshot table past EOF",
+    );
 
-    let mut b = t.clone();
-    put(&mut b, 100, &100u32.to_be_bytes());
-    corrupt(open_bytes(dp, "hlen", &b), "header_length 100");
+    corrupt(
+        opened("hlen", &[(100, &100u32.to_be_bytes())]),
+        "header_length 100",
+    );
 
     // A header extension whose length runs past the first cluster.
-    let mut b = t.clone();
-    put(&mut b, 116, &0x20000u32.to_be_bytes());
-    corrupt(open_bytes(dp, "extlen", &b), "extension length");
+    corrupt(
+        opened("extlen", &[(116, &0x20000u32.to_be_bytes())]),
+        "extension length",
+    );
 
     // Backing file name outside the first cluster.
-    let mut b = t.clone();
-    put(&mut b, 8, &0xfff0u64.to_be_bytes());
-    put(&mut b, 16, &100u32.to_be_bytes());
-    corrupt(open_bytes(dp, "bfname", &b), "backing name offset");
+    corrupt(
+        opened(
+            "bfname",
+            &[(8, &0xfff0u64.to_be_bytes()), (16, &100u32.to_be_bytes())],
+        ),
+        "backing name offset",
+    );
 
     // External data file bit without a data file name.
-    let mut b = t;
-    put(&mut b, 72, &4u64.to_be_bytes());
     corrupt(
-        open_bytes(dp, "nodatafile", &b),
+        opened("nodatafile", &[(72, &4u64.to_be_bytes())]),
         "data file bit without name",
     );
 }
@@ -1134,54 +1140,60 @@ fn malformed_tables_fail_on_read_not_panic() {
         assert!(!out.exists(), "{name}: failed conversion left an output");
     };
 
-    let mut b = t.clone();
-    put(&mut b, l1_off, &L1Entry::new(1 << 40, true).0.to_be_bytes());
-    read_err("l2eof", &b);
-
-    let mut b = t.clone();
-    put(
-        &mut b,
-        l1_off,
-        &(0x8000_0000_0000_0000u64 | 0x40200).to_be_bytes(),
+    read_err(
+        "l2eof",
+        &patched(
+            &t,
+            &[(l1_off, &L1Entry::new(1 << 40, true).0.to_be_bytes())],
+        ),
     );
-    read_err("l2align", &b);
 
-    let mut b = t.clone();
-    put(
-        &mut b,
-        l2_off,
-        &L2Entry::normal(0x50200, true).0.to_be_bytes(),
+    read_err(
+        "l2align",
+        &patched(
+            &t,
+            &[(l1_off, &(0x8000_0000_0000_0000u64 | 0x40200).to_be_bytes())],
+        ),
     );
-    read_err("dataalign", &b);
 
-    let mut b = t.clone();
-    put(
-        &mut b,
-        l2_off,
-        &L2Entry::normal(1 << 40, true).0.to_be_bytes(),
+    read_err(
+        "dataalign",
+        &patched(
+            &t,
+            &[(l2_off, &L2Entry::normal(0x50200, true).0.to_be_bytes())],
+        ),
     );
-    read_err("dataeof", &b);
+
+    read_err(
+        "dataeof",
+        &patched(
+            &t,
+            &[(l2_off, &L2Entry::normal(1 << 40, true).0.to_be_bytes())],
+        ),
+    );
 
     // A compressed cluster holding garbage, and one pointing past the end of the file.
-    let mut b = t.clone();
     let desc = CompressedDescriptor::for_data(0x50000, 1000, 16).unwrap();
-    put(
-        &mut b,
-        l2_off,
-        &L2Entry::compressed(desc, 16).0.to_be_bytes(),
-    );
     let garbage = noise(1000, 3);
-    put(&mut b, 0x50000, &garbage);
-    read_err("garbage", &b);
-
-    let mut b = t;
-    let desc = CompressedDescriptor::for_data(1 << 30, 1000, 16).unwrap();
-    put(
-        &mut b,
-        l2_off,
-        &L2Entry::compressed(desc, 16).0.to_be_bytes(),
+    read_err(
+        "garbage",
+        &patched(
+            &t,
+            &[
+                (l2_off, &L2Entry::compressed(desc, 16).0.to_be_bytes()),
+                (0x50000, &garbage[..]),
+            ],
+        ),
     );
-    read_err("compeof", &b);
+
+    let desc = CompressedDescriptor::for_data(1 << 30, 1000, 16).unwrap();
+    read_err(
+        "compeof",
+        &patched(
+            &t,
+            &[(l2_off, &L2Entry::compressed(desc, 16).0.to_be_bytes())],
+        ),
+    );
 }
 
 #[test]
@@ -1407,4 +1419,13 @@ fn snapshot_contents_read_like_qemu_convert_l() {
     let ctx = OpenContext::for_path(&img, &OpenOptions::default());
     let st = Arc::new(FileStorage::open(&img).unwrap());
     assert!(qcow2::open_snapshot(st, &ctx, "nope").is_err());
+}
+
+/// A copy of the template `t` with each `(offset, bytes)` written over it.
+fn patched(t: &[u8], edits: &[(usize, &[u8])]) -> Vec<u8> {
+    let mut b = t.to_vec();
+    for (off, v) in edits {
+        put(&mut b, *off, v);
+    }
+    b
 }
