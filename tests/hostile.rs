@@ -16,6 +16,31 @@ struct Watched {
     max_rss_kib: i64,
 }
 
+impl Watched {
+    /// Asserts the run did not panic; `what` names it in the message.
+    fn assert_no_panic(&self, what: impl std::fmt::Debug) {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "{what:?} panicked: {}",
+            self.stderr
+        );
+    }
+
+    /// Asserts the run took less than `limit`.
+    fn assert_faster_than(&self, what: impl std::fmt::Debug, limit: Duration) {
+        assert!(self.elapsed < limit, "{what:?} took {:?}", self.elapsed);
+    }
+
+    /// Asserts the run's peak memory stayed under 256 MiB.
+    fn assert_small(&self, what: impl std::fmt::Debug) {
+        assert!(
+            self.max_rss_kib < 256 * 1024,
+            "{what:?} used {} KiB",
+            self.max_rss_kib
+        );
+    }
+}
+
 /// Runs imgconv with `args`, measuring wall time and peak memory (wait4's rusage).
 #[allow(clippy::zombie_processes)] // reaped with wait4 below, to read its rusage
 fn watched(args: &[&str]) -> Watched {
@@ -68,21 +93,9 @@ fn assert_clean_error(args: &[&str], expect_in_msg: &str) {
         "{args:?}: message {:?} does not mention {expect_in_msg:?}",
         w.stderr
     );
-    assert!(
-        !w.stderr.contains("panicked"),
-        "{args:?} panicked: {}",
-        w.stderr
-    );
-    assert!(
-        w.elapsed < Duration::from_secs(2),
-        "{args:?} took {:?}",
-        w.elapsed
-    );
-    assert!(
-        w.max_rss_kib < 256 * 1024,
-        "{args:?} used {} KiB",
-        w.max_rss_kib
-    );
+    w.assert_no_panic(args);
+    w.assert_faster_than(args, Duration::from_secs(2));
+    w.assert_small(args);
 }
 
 fn only_files(dir: &Path) -> Vec<String> {
@@ -92,10 +105,6 @@ fn only_files(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Replaces the first occurrence of `from` in the file by `to` (same length).
@@ -309,26 +318,14 @@ fn corpus_malicious_images_are_handled_quickly() {
                 w.code,
                 w.stderr
             );
-            assert!(!w.stderr.contains("panicked"), "{args:?}: {}", w.stderr);
-            assert!(
-                w.elapsed < Duration::from_secs(5),
-                "{args:?} took {:?}",
-                w.elapsed
-            );
-            assert!(
-                w.max_rss_kib < 256 * 1024,
-                "{args:?} used {} KiB",
-                w.max_rss_kib
-            );
+            w.assert_no_panic(&args);
+            w.assert_faster_than(&args, Duration::from_secs(5));
+            w.assert_small(&args);
         }
         let out = d.path().join("out.raw");
         let w = watched(&["convert", "--untrusted", "-O", "raw", s(&p), s(&out)]);
-        assert!(!w.stderr.contains("panicked"), "{name}: {}", w.stderr);
-        assert!(
-            w.max_rss_kib < 256 * 1024,
-            "{name} used {} KiB",
-            w.max_rss_kib
-        );
+        w.assert_no_panic(name);
+        w.assert_small(name);
         let _ = std::fs::remove_file(&out);
     }
 }
@@ -351,21 +348,14 @@ fn truncations(img: &Path, fmt: &str) {
         std::fs::write(&p, &data[..cut]).unwrap();
         let out = d.path().join("out.raw");
         let w = watched(&["convert", "-f", fmt, "-O", "raw", s(&p), s(&out)]);
-        assert!(
-            !w.stderr.contains("panicked"),
-            "{fmt} cut at {cut}: {}",
-            w.stderr
-        );
+        let what = format!("{fmt} cut at {cut}");
+        w.assert_no_panic(&what);
         assert!(
             matches!(w.code, Some(0) | Some(1)),
             "{fmt} cut at {cut}: {:?}",
             w.code
         );
-        assert!(
-            w.elapsed < Duration::from_secs(5),
-            "{fmt} cut at {cut}: {:?}",
-            w.elapsed
-        );
+        w.assert_faster_than(&what, Duration::from_secs(5));
         if w.code == Some(1) {
             assert!(!out.exists(), "{fmt} cut at {cut} left an output behind");
         }
@@ -402,15 +392,7 @@ fn truncated_vmdk_images_fail_cleanly() {
     let raw = sample_raw(d.path());
     for sub in ["monolithicSparse", "streamOptimized"] {
         let v = d.path().join("t.vmdk");
-        qemu_img(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sub}"),
-            s(&raw),
-            s(&v),
-        ]);
+        qemu_convert("vmdk", &format!("subformat={sub}"), &raw, &v);
         truncations(&v, "vmdk");
     }
 }
@@ -511,15 +493,7 @@ fn sigterm_or_sigint_mid_conversion_leaves_no_file() {
     }
     std::fs::write(&raw, &data).unwrap();
     let vmdk = d.path().join("src.vmdk");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
-        s(&raw),
-        s(&vmdk),
-    ]);
+    qemu_convert("vmdk", "subformat=streamOptimized", &raw, &vmdk);
     let stream = std::fs::read(&vmdk).unwrap();
     let outdir = d.path().join("out");
     std::fs::create_dir(&outdir).unwrap();
