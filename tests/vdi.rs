@@ -16,10 +16,6 @@ use imgconv::{BlockDevice, Error, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// A raw file with data, sparse holes and an all-zero data stretch, `size` bytes.
 fn sample_raw(path: &Path, size: u64) {
     make_raw(
@@ -306,15 +302,7 @@ fn every_image_gets_fresh_uuids_and_uuid_can_be_set() {
 
     let c = d.path().join("c.vdi");
     let want = "5e4f1c2a-9b3d-4e8f-a1b2-c3d4e5f60718";
-    imgconv(&[
-        "convert",
-        "-O",
-        "vdi",
-        "-o",
-        &format!("uuid={want}"),
-        s(&raw),
-        s(&c),
-    ]);
+    imgconv_convert("vdi", &format!("uuid={want}"), &raw, &c);
     let jc = info_json(&c);
     assert_eq!(jc["format-specific"]["data"]["uuid"], want);
     assert_ne!(jc["format-specific"]["data"]["modification-uuid"], want);
@@ -691,6 +679,14 @@ fn malformed_inputs_give_typed_errors() {
     let v = victim(d.path());
     let good = std::fs::read(&v).unwrap();
     let p = d.path().join("bad.vdi");
+    // A breaker writing the good image with its header and block map edited.
+    let edited = |edit: fn(&mut Header, &mut Vec<u32>)| -> Breaker {
+        let good = &good;
+        Box::new(move |p| {
+            std::fs::write(p, good).unwrap();
+            patch(p, edit)
+        })
+    };
     let cases: Vec<(&str, Breaker)> = vec![
         (
             "truncated pre-header",
@@ -726,136 +722,61 @@ fn malformed_inputs_give_typed_errors() {
         ),
         (
             "block map past EOF",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| {
-                    h.blocks_offset = 0x7000_0000;
-                    h.data_offset = 0x7100_0000;
-                })
+            edited(|h, _| {
+                h.blocks_offset = 0x7000_0000;
+                h.data_offset = 0x7100_0000;
             }),
         ),
-        (
-            "duplicate block map entries",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |_, m| m[3] = m[0])
-            }),
-        ),
-        (
-            "block map entry out of range",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |_, m| m[3] = 1000)
-            }),
-        ),
+        ("duplicate block map entries", edited(|_, m| m[3] = m[0])),
+        ("block map entry out of range", edited(|_, m| m[3] = 1000)),
         (
             "block size not a power of two",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.block_size = 3 << 19)
-            }),
+            edited(|h, _| h.block_size = 3 << 19),
         ),
         (
             "huge block count",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| {
-                    h.blocks = 0xFFFF_FFF0;
-                    h.disk_size = 0xFFFF_FFF0u64 << 20;
-                    h.data_offset = u32::MAX;
-                })
+            edited(|h, _| {
+                h.blocks = 0xFFFF_FFF0;
+                h.disk_size = 0xFFFF_FFF0u64 << 20;
+                h.data_offset = u32::MAX;
             }),
         ),
-        (
-            "huge disk size",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.disk_size = u64::MAX)
-            }),
-        ),
-        (
-            "zero disk size",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.disk_size = 0)
-            }),
-        ),
-        (
-            "null UUID",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.uuid_create = Uuid::NULL)
-            }),
-        ),
+        ("huge disk size", edited(|h, _| h.disk_size = u64::MAX)),
+        ("zero disk size", edited(|h, _| h.disk_size = 0)),
+        ("null UUID", edited(|h, _| h.uuid_create = Uuid::NULL)),
         (
             "null modification UUID",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.uuid_modify = Uuid::NULL)
-            }),
+            edited(|h, _| h.uuid_modify = Uuid::NULL),
         ),
-        (
-            "unknown type",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.image_type = 9)
-            }),
-        ),
-        (
-            "unknown flags",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.flags = 0x100)
-            }),
-        ),
+        ("unknown type", edited(|h, _| h.image_type = 9)),
+        ("unknown flags", edited(|h, _| h.flags = 0x100)),
         (
             "data offset inside the block map",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.data_offset = h.blocks_offset + 4)
-            }),
+            edited(|h, _| h.data_offset = h.blocks_offset + 4),
         ),
         (
             "header size too small",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.header_size = 0x100)
-            }),
+            edited(|h, _| h.header_size = 0x100),
         ),
         (
             "block extra not a power of two",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.block_extra = 3)
-            }),
+            edited(|h, _| h.block_extra = 3),
         ),
         (
             "LCHS sector size",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.lchs.as_mut().unwrap().sector_size = 4096)
-            }),
+            edited(|h, _| h.lchs.as_mut().unwrap().sector_size = 4096),
         ),
         (
             "more blocks allocated than exist",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.blocks_allocated = 5)
-            }),
+            edited(|h, _| h.blocks_allocated = 5),
         ),
         (
             "too few blocks for the disk",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.disk_size = 5 * MIB)
-            }),
+            edited(|h, _| h.disk_size = 5 * MIB),
         ),
         (
             "differencing image without parent UUID",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.image_type = 4)
-            }),
+            edited(|h, _| h.image_type = 4),
         ),
     ];
     for (what, make) in cases {
