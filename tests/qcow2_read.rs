@@ -1007,112 +1007,100 @@ fn malformed_headers_give_typed_errors() {
         other => panic!("{what}: expected too-large, got {}", brief(&other)),
     };
 
-    let opened = |name: &str, edits: &[(usize, &[u8])]| open_bytes(dp, name, &patched(&t, edits));
-
     corrupt(open_bytes(dp, "trunc50", &t[..50]), "truncated header");
     corrupt(open_bytes(dp, "trunc100", &t[..100]), "truncated v3 header");
     corrupt(open_bytes(dp, "trunc512", &t[..512]), "tables cut off");
 
-    unsupported(
-        opened("v4", &[(4, &4u32.to_be_bytes())]),
-        "version 4",
-        "version 4",
-    );
-
-    corrupt(opened("magic", &[(0, b"QFI\xfa")]), "bad magic");
-
-    corrupt(
-        opened("cb30", &[(20, &30u32.to_be_bytes())]),
-        "cluster_bits 30",
-    );
-
-    too_large(
-        opened("l1huge", &[(36, &0x1000_0000u32.to_be_bytes())]),
-        "l1_size huge",
-    );
-
-    corrupt(
-        opened("l1small", &[(36, &0u32.to_be_bytes())]),
-        "l1_size too small",
-    );
-
-    corrupt(
-        opened("l1eof", &[(40, &(1u64 << 40).to_be_bytes())]),
-        "L1 offset past EOF",
-    );
-
-    corrupt(
-        opened("l1align", &[(40, &0x30200u64.to_be_bytes())]),
-        "L1 offset unaligned",
-    );
-
-    corrupt(
-        opened("rteof", &[(48, &(1u64 << 40).to_be_bytes())]),
-        "refcount table past EOF",
-    );
-
-    unsupported(
-        opened("incompat5", &[(72, &(1u64 << 5).to_be_bytes())]),
-        "unknown incompatible bit",
-        "bit 5",
-    );
-
-    unsupported(opened("luks", &[(32, &2u32.to_be_bytes())]), "LUKS", "LUKS");
-
-    unsupported(opened("aes", &[(32, &1u32.to_be_bytes())]), "AES", "AES");
-
-    unsupported(
-        opened("ct7", &[(72, &8u64.to_be_bytes()), (104, &[7])]),
-        "compression type 7",
-        "compression type 7",
-    );
-
-    too_large(
-        opened("size63", &[(24, &(1u64 << 63).to_be_bytes())]),
-        "virtual size 2^63",
-    );
-
-    too_large(
-        opened("snaps", &[(60, &70000u32.to_be_bytes())]),
-        "70000 snapshots",
-    );
-
-    corrupt(
-        opened(
+    // (file name, what is wrong, header edits) for each kind of refusal.
+    type Edits<'a> = &'a [(usize, &'a [u8])];
+    type Case<'a> = (&'a str, &'a str, Edits<'a>);
+    let corrupt_cases: &[Case] = &[
+        ("magic", "bad magic", &[(0, b"QFI\xfa")]),
+        ("cb30", "cluster_bits 30", &[(20, &30u32.to_be_bytes())]),
+        ("l1small", "l1_size too small", &[(36, &0u32.to_be_bytes())]),
+        (
+            "l1eof",
+            "L1 offset past EOF",
+            &[(40, &(1u64 << 40).to_be_bytes())],
+        ),
+        (
+            "l1align",
+            "L1 offset unaligned",
+            &[(40, &0x30200u64.to_be_bytes())],
+        ),
+        (
+            "rteof",
+            "refcount table past EOF",
+            &[(48, &(1u64 << 40).to_be_bytes())],
+        ),
+        (
             "snaptable",
+            "snapshot table past EOF",
             &[
                 (60, &60000u32.to_be_bytes()),
                 (64, &0x10000u64.to_be_bytes()),
             ],
         ),
-        "snapshot table past EOF",
-    );
-
-    corrupt(
-        opened("hlen", &[(100, &100u32.to_be_bytes())]),
-        "header_length 100",
-    );
-
-    // A header extension whose length runs past the first cluster.
-    corrupt(
-        opened("extlen", &[(116, &0x20000u32.to_be_bytes())]),
-        "extension length",
-    );
-
-    // Backing file name outside the first cluster.
-    corrupt(
-        opened(
+        ("hlen", "header_length 100", &[(100, &100u32.to_be_bytes())]),
+        // A header extension whose length runs past the first cluster.
+        (
+            "extlen",
+            "extension length",
+            &[(116, &0x20000u32.to_be_bytes())],
+        ),
+        // Backing file name outside the first cluster.
+        (
             "bfname",
+            "backing name offset",
             &[(8, &0xfff0u64.to_be_bytes()), (16, &100u32.to_be_bytes())],
         ),
-        "backing name offset",
-    );
-
-    // External data file bit without a data file name.
-    corrupt(
-        opened("nodatafile", &[(72, &4u64.to_be_bytes())]),
-        "data file bit without name",
-    );
+        // External data file bit without a data file name.
+        (
+            "nodatafile",
+            "data file bit without name",
+            &[(72, &4u64.to_be_bytes())],
+        ),
+    ];
+    for &(name, what, edits) in corrupt_cases {
+        corrupt(open_bytes(dp, name, &patched(&t, edits)), what);
+    }
+    let too_large_cases: &[Case] = &[
+        (
+            "l1huge",
+            "l1_size huge",
+            &[(36, &0x1000_0000u32.to_be_bytes())],
+        ),
+        (
+            "size63",
+            "virtual size 2^63",
+            &[(24, &(1u64 << 63).to_be_bytes())],
+        ),
+        ("snaps", "70000 snapshots", &[(60, &70000u32.to_be_bytes())]),
+    ];
+    for &(name, what, edits) in too_large_cases {
+        too_large(open_bytes(dp, name, &patched(&t, edits)), what);
+    }
+    // (file name, what is wrong, word the error must name, header edits).
+    let unsupported_cases: &[(&str, &str, &str, Edits)] = &[
+        ("v4", "version 4", "version 4", &[(4, &4u32.to_be_bytes())]),
+        (
+            "incompat5",
+            "unknown incompatible bit",
+            "bit 5",
+            &[(72, &(1u64 << 5).to_be_bytes())],
+        ),
+        ("luks", "LUKS", "LUKS", &[(32, &2u32.to_be_bytes())]),
+        ("aes", "AES", "AES", &[(32, &1u32.to_be_bytes())]),
+        (
+            "ct7",
+            "compression type 7",
+            "compression type 7",
+            &[(72, &8u64.to_be_bytes()), (104, &[7])],
+        ),
+    ];
+    for &(name, what, needle, edits) in unsupported_cases {
+        unsupported(open_bytes(dp, name, &patched(&t, edits)), what, needle);
+    }
 }
 
 #[test]
