@@ -179,17 +179,7 @@ fn vmdk_grains_past_the_end_of_the_file() {
     );
     // A delta disk over the damaged image: only the delta is checked.
     let child = d.path().join("child.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-b",
-        "one.vmdk",
-        "-F",
-        "vmdk",
-        s(&child),
-    ]);
+    qemu_img(&overlay_args("vmdk", &["-q"], "one.vmdk", &child, ""));
     qemu_io(&["-c", "write -P 0x63 3M 64k", s(&child)]);
     assert_eq!(agree(&child), Some(0));
     // Repairs are refused as qemu-img refuses them.

@@ -160,16 +160,7 @@ fn qcow2_backing_file_is_refused_when_untrusted() {
     let base = d.path().join("base.qcow2");
     let top = d.path().join("top.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&base), "1M"]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_img(&overlay_args("qcow2", &[], "base.qcow2", &top, ""));
     assert_clean_error(
         &[
             "convert",
@@ -218,44 +209,17 @@ fn cyclic_and_too_deep_backing_chains_are_errors() {
     let d = scratch();
     let a = d.path().join("a.qcow2");
     let b = d.path().join("b.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "b.qcow2",
-        "-F",
-        "qcow2",
-        s(&a),
-        "1M",
-    ]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "a.qcow2",
-        "-F",
-        "qcow2",
-        s(&b),
-        "1M",
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-u"], "b.qcow2", &a, "1M"));
+    qemu_img(&overlay_args("qcow2", &["-u"], "a.qcow2", &b, "1M"));
     assert_clean_error(&["info", s(&a)], "loop");
     let selfref = d.path().join("self.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
+    qemu_img(&overlay_args(
         "qcow2",
-        "-u",
-        "-b",
+        &["-u"],
         "self.qcow2",
-        "-F",
-        "qcow2",
-        s(&selfref),
+        &selfref,
         "1M",
-    ]);
+    ));
     assert_clean_error(&["info", s(&selfref)], "loop");
 
     // 20 images deep: more than the 16 allowed.
@@ -264,18 +228,7 @@ fn cyclic_and_too_deep_backing_chains_are_errors() {
     for i in 1..20 {
         let next = d.path().join(format!("l{i}.qcow2"));
         let back = prev.file_name().unwrap().to_str().unwrap().to_string();
-        qemu_img(&[
-            "create",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            &back,
-            "-F",
-            "qcow2",
-            s(&next),
-            "1M",
-        ]);
+        qemu_img(&overlay_args("qcow2", &["-u"], &back, &next, "1M"));
         prev = next;
     }
     assert_clean_error(&["info", s(&prev)], "deeper");

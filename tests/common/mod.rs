@@ -212,3 +212,35 @@ pub fn qemu_convert(fmt: &str, opts: &str, src: &Path, dst: &Path) -> String {
 pub fn imgconv_convert(fmt: &str, opts: &str, src: &Path, dst: &Path) -> String {
     imgconv(&convert_args(fmt, opts, src, dst))
 }
+
+/// The argument list of `create -f FMT FLAGS.. -b BACKING -F FMT PATH [SIZE]` (no size
+/// when `size` is empty), for qemu-img or imgconv: an overlay over a same-format backing file.
+pub fn overlay_args<'a>(
+    fmt: &'a str,
+    flags: &[&'a str],
+    backing: &'a str,
+    path: &'a Path,
+    size: &'a str,
+) -> Vec<&'a str> {
+    let mut a = vec!["create", "-f", fmt];
+    a.extend(flags);
+    a.extend(["-b", backing, "-F", fmt, s(path)]);
+    if !size.is_empty() {
+        a.push(size);
+    }
+    a
+}
+
+/// One step of the xorshift64 generator (13, 7, 17): cheap, reproducible noise for test data.
+pub fn xorshift64(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Asserts `qemu-img check` finds no errors in the image.
+pub fn assert_qemu_check_clean(path: &Path) {
+    let chk = qemu_img(&["check", s(path)]);
+    assert!(chk.contains("No errors"), "{}: {chk}", path.display());
+}
