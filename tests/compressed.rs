@@ -760,10 +760,7 @@ fn ctrl_c_while_spooling_a_bz2_file_leaves_nothing() {
     let mut data = vec![0u8; 24 << 20];
     let mut x = 0x2545_f491_4f6c_dd1du64;
     for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&(x & 0x0f0f_0f0f_0f0f_0f0f).to_le_bytes());
+        chunk.copy_from_slice(&(xorshift64(&mut x) & 0x0f0f_0f0f_0f0f_0f0f).to_le_bytes());
     }
     let raw = dir.path().join("noise.raw");
     std::fs::write(&raw, &data).unwrap();
@@ -814,10 +811,7 @@ fn multi_stream_bz2_file_converts() {
     let mut data = vec![0u8; 16 << 20];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for chunk in data[..12 << 20].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes());
+        chunk.copy_from_slice(&xorshift64(&mut x).to_le_bytes());
     }
     let raw = dir.path().join("multi.raw");
     std::fs::write(&raw, &data).unwrap();

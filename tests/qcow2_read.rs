@@ -70,14 +70,7 @@ fn assert_info_agrees(img: &Path) {
 /// Pseudo-random, incompressible bytes.
 fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    (0..len).map(|_| xorshift64(&mut x) as u8).collect()
 }
 
 /// A raw source with compressible patterns, zero gaps and one incompressible stretch.
@@ -137,18 +130,7 @@ fn zlib_compressed_clusters() {
     let raw = pattern_raw(d.path(), 4 << 20);
     for cs in ["512", "4k", "64k", "2M"] {
         let img = d.path().join(format!("z{cs}.qcow2"));
-        qemu_img(&[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cs}"),
-            s(&raw),
-            s(&img),
-        ]);
+        qemu_compress_to_qcow2(&format!("cluster_size={cs}"), &raw, &img);
         check(&img, d.path());
         assert_same(&raw, &img);
     }
@@ -160,18 +142,11 @@ fn zstd_compressed_clusters() {
     let raw = pattern_raw(d.path(), 4 << 20);
     for cs in ["4k", "64k", "2M"] {
         let img = d.path().join(format!("zs{cs}.qcow2"));
-        qemu_img(&[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
+        qemu_compress_to_qcow2(
             &format!("compression_type=zstd,cluster_size={cs}"),
-            s(&raw),
-            s(&img),
-        ]);
+            &raw,
+            &img,
+        );
         check(&img, d.path());
     }
 }
@@ -252,18 +227,7 @@ fn extended_l2_with_compressed_clusters() {
     check(&img, d.path());
     let raw = pattern_raw(d.path(), 2 << 20);
     let img2 = d.path().join("extc2.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        s(&raw),
-        s(&img2),
-    ]);
+    qemu_compress_to_qcow2("extended_l2=on", &raw, &img2);
     check(&img2, d.path());
 }
 
@@ -317,17 +281,7 @@ fn zero_clusters_hide_the_backing_file() {
     let base = create(d.path(), "zbase.qcow2", "", "4M");
     io(&base, &["write -P 0x99 0 4M"]);
     let img = d.path().join("zover.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "zbase.qcow2",
-        "-F",
-        "qcow2",
-        s(&img),
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-q"], "zbase.qcow2", &img, ""));
     io(
         &img,
         &["write -z 0 128k", "write -P 0x12 1M 64k", "write -z 2M 1M"],
@@ -377,17 +331,7 @@ fn three_deep_chain_with_relative_names_from_another_cwd() {
     let base = create(&sub, "base.qcow2", "cluster_size=4k", "6M");
     io(&base, &["write -P 0x01 0 6M"]);
     let mid = sub.join("mid.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&mid),
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-q"], "base.qcow2", &mid, ""));
     io(&mid, &["write -P 0x02 1M 2M", "write -z 5M 64k"]);
     let top = sub.join("top.qcow2");
     qemu_img(&[
@@ -460,18 +404,7 @@ fn raw_backing_file_and_shorter_backing_file() {
     let short = create(d.path(), "short.qcow2", "", "1M");
     io(&short, &["write -P 0x64 0 1M"]);
     let img2 = d.path().join("over-short.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "short.qcow2",
-        "-F",
-        "qcow2",
-        s(&img2),
-        "5M",
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-q"], "short.qcow2", &img2, "5M"));
     io(&img2, &["write -P 0x65 4M 4k"]);
     check(&img2, d.path());
 }
@@ -553,17 +486,7 @@ fn untrusted_mode_reports_but_refuses_references() {
     let d = scratch();
     let base = create(d.path(), "b.qcow2", "", "1M");
     let top = d.path().join("t.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "b.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-q"], "b.qcow2", &top, ""));
     let _ = base;
     match imgconv::open(&top, &OpenOptions::untrusted()) {
         Err(Error::UntrustedReference {
@@ -674,18 +597,7 @@ fn reads_are_thread_safe() {
     let d = scratch();
     let raw = pattern_raw(d.path(), 4 << 20);
     let img = d.path().join("t.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        s(&raw),
-        s(&img),
-    ]);
+    qemu_compress_to_qcow2("cluster_size=4k", &raw, &img);
     let image = imgconv::open(&img, &OpenOptions::default()).unwrap();
     let want = std::fs::read(&raw).unwrap();
     std::thread::scope(|sc| {
@@ -1189,17 +1101,7 @@ fn backing_loops_and_deep_chains_are_refused() {
     let d = scratch();
     let a = create(d.path(), "a.qcow2", "", "1M");
     let b = d.path().join("b.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "a.qcow2",
-        "-F",
-        "qcow2",
-        s(&b),
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-q"], "a.qcow2", &b, ""));
     qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
     match imgconv::open(&a, &OpenOptions::default()) {
         Err(Error::BackingChain { .. }) => {}
@@ -1210,17 +1112,7 @@ fn backing_loops_and_deep_chains_are_refused() {
     for i in 1..17 {
         let next = d.path().join(format!("c{i}.qcow2"));
         let pn = prev.file_name().unwrap().to_str().unwrap().to_string();
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &pn,
-            "-F",
-            "qcow2",
-            s(&next),
-        ]);
+        qemu_img(&overlay_args("qcow2", &["-q"], &pn, &next, ""));
         prev = next;
     }
     match imgconv::open(&prev, &OpenOptions::default()) {
@@ -1264,18 +1156,7 @@ fn odd_sized_compressed_images() {
     make_raw(&raw, 1_000_448, &[(0, 1_000_448, 0x2d)]);
     for ct in ["zlib", "zstd"] {
         let img = d.path().join(format!("odd-{ct}.qcow2"));
-        qemu_img(&[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            &format!("compression_type={ct}"),
-            s(&raw),
-            s(&img),
-        ]);
+        qemu_compress_to_qcow2(&format!("compression_type={ct}"), &raw, &img);
         check(&img, d.path());
     }
 }
@@ -1416,4 +1297,20 @@ fn patched(t: &[u8], edits: &[(usize, &[u8])]) -> Vec<u8> {
         put(&mut b, *off, v);
     }
     b
+}
+
+/// `qemu-img convert -c -f raw -O qcow2 -o OPTS RAW IMG`: a compressed qcow2 made by qemu.
+fn qemu_compress_to_qcow2(opts: &str, raw: &Path, img: &Path) {
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        opts,
+        s(raw),
+        s(img),
+    ]);
 }

@@ -12,14 +12,7 @@ use serde_json::Value;
 /// Pseudo-random (incompressible) bytes.
 fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    (0..len).map(|_| (xorshift64(&mut x) >> 24) as u8).collect()
 }
 
 /// Compressible text-like bytes.
