@@ -158,8 +158,7 @@ fn write_vdi(src: &Path, dst: &Path, opts: Option<&str>) {
     args.extend([s(src), s(dst)]);
     imgconv(&args);
     assert_same(src, dst);
-    let chk = qemu_img(&["check", s(dst)]);
-    assert!(chk.contains("No errors"), "{chk}");
+    assert_qemu_check_clean(dst);
 }
 
 #[test]
@@ -823,8 +822,7 @@ fn empty_and_oversized_targets_are_refused() {
     let (_, h) = read_head(&v);
     assert_eq!((h.blocks, h.blocks_allocated), (1 << 20, 1));
     assert_eq!(std::fs::metadata(&v).unwrap().len(), MIB + 4 * MIB + MIB);
-    let chk = qemu_img(&["check", s(&v)]);
-    assert!(chk.contains("No errors"), "{chk}");
+    assert_qemu_check_clean(&v);
 }
 
 #[test]
@@ -950,8 +948,7 @@ fn blank_images_come_from_the_zero_device() {
             o = o.option("static", "on");
         }
         convert_to(&ZeroDevice::new(64 * MIB), &p, OutputSet::new(), &o).unwrap();
-        let chk = qemu_img(&["check", s(&p)]);
-        assert!(chk.contains("No errors"), "{chk}");
+        assert_qemu_check_clean(&p);
         let q = qemu_info(&p);
         assert_eq!(q["virtual-size"], 64 * MIB);
         let (_, h) = read_head(&p);
