@@ -37,12 +37,6 @@ fn agree(img: &Path) -> Value {
             "{} --output={out}",
             img.display()
         );
-        let strip = |b: &[u8], p: &str| -> Vec<String> {
-            String::from_utf8_lossy(b)
-                .lines()
-                .map(|l| l.strip_prefix(p).unwrap_or(l).to_string())
-                .collect()
-        };
         assert_eq!(
             strip(&q.stderr, "qemu-img: "),
             strip(&i.stderr, "imgconv: "),
@@ -51,6 +45,14 @@ fn agree(img: &Path) -> Value {
         );
     }
     json
+}
+
+/// The lines of a tool's stderr, each without the tool-name prefix `p`.
+fn strip(b: &[u8], p: &str) -> Vec<String> {
+    String::from_utf8_lossy(b)
+        .lines()
+        .map(|l| l.strip_prefix(p).unwrap_or(l).to_string())
+        .collect()
 }
 
 fn pattern_raw(dir: &Path) -> PathBuf {
@@ -117,17 +119,7 @@ fn agrees_with_qemu_on_qemu_made_images() {
     let t8 = create(d.path(), "datafile.qcow2", &df, "20M");
     io(&t8, &["write -P 3 0 1M"]);
     let t9 = d.path().join("overlay.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "snap.qcow2",
-        "-F",
-        "qcow2",
-        s(&t9),
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-q"], "snap.qcow2", &t9, ""));
     io(&t9, &["write -P 9 64k 64k", "write -z 2M 1M"]);
     let t10 = create(d.path(), "prealloc.qcow2", "preallocation=metadata", "20M");
     let mut imgs = vec![t1, t2, t6, t7, t8, t9, t10];
@@ -340,12 +332,6 @@ fn repairs_leaks_like_qemu() {
                 let qs = String::from_utf8_lossy(&q.stdout).replace("a.qcow2", "X");
                 let is = String::from_utf8_lossy(&i.stdout).replace("b.qcow2", "X");
                 assert_eq!(qs, is, "{tool} {kind} {out}");
-                let strip = |b: &[u8], p: &str| -> Vec<String> {
-                    String::from_utf8_lossy(b)
-                        .lines()
-                        .map(|l| l.strip_prefix(p).unwrap_or(l).to_string())
-                        .collect()
-                };
                 assert_eq!(
                     strip(&q.stderr, "qemu-img: "),
                     strip(&i.stderr, "imgconv: ")
