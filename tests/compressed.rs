@@ -522,18 +522,12 @@ fn interrupted_spool_leaves_nothing() {
     std::fs::create_dir(&tmp).unwrap();
     std::fs::create_dir(&outdir).unwrap();
     let out = outdir.join("x.raw");
-    let mut child = Command::new(imgconv_bin())
-        .env("TMPDIR", &tmp)
-        .args(["convert", "-O", "raw", "-", s(&out)])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // Half of the stream, then silence: imgconv is in the middle of spooling.
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(&qgz[..qgz.len() / 2]).unwrap();
-    stdin.flush().unwrap();
+    let (mut child, stdin) = imgconv_fed_partly(
+        &["convert", "-O", "raw", "-", s(&out)],
+        &[("TMPDIR", &tmp)],
+        &qgz[..qgz.len() / 2],
+    );
     std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: signalling a child we spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };

@@ -432,7 +432,6 @@ fn fuzz_regressions_do_not_panic() {
 
 #[test]
 fn sigterm_or_sigint_mid_conversion_leaves_no_file() {
-    use std::io::Write;
     let d = scratch();
     let raw = d.path().join("src.raw");
     // Random-ish data so that the compressed stream is long.
@@ -452,17 +451,12 @@ fn sigterm_or_sigint_mid_conversion_leaves_no_file() {
     std::fs::create_dir(&outdir).unwrap();
     for sig in [libc::SIGTERM, libc::SIGINT] {
         let out = outdir.join("out.qcow2");
-        let mut child = Command::new(imgconv_bin())
-            .args(["convert", "-O", "qcow2", "-", s(&out)])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
         // Half the stream: the conversion starts writing, then waits for more input.
-        stdin.write_all(&stream[..stream.len() / 2]).unwrap();
-        stdin.flush().unwrap();
+        let (mut child, stdin) = imgconv_fed_partly(
+            &["convert", "-O", "qcow2", "-", s(&out)],
+            &[],
+            &stream[..stream.len() / 2],
+        );
         let t = Instant::now();
         while only_files(&outdir).is_empty() && t.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(20));

@@ -244,3 +244,27 @@ pub fn assert_qemu_check_clean(path: &Path) {
     let chk = qemu_img(&["check", s(path)]);
     assert!(chk.contains("No errors"), "{}: {chk}", path.display());
 }
+
+/// Spawns imgconv with `args` and the environment `env` (stdout and stderr discarded),
+/// writes `input` to its stdin and returns it with stdin still open: the run then waits
+/// for input that never comes, to be interrupted by the test.
+pub fn imgconv_fed_partly(
+    args: &[&str],
+    env: &[(&str, &Path)],
+    input: &[u8],
+) -> (std::process::Child, std::process::ChildStdin) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(imgconv_bin())
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    stdin.flush().unwrap();
+    (child, stdin)
+}
