@@ -696,20 +696,10 @@ fn stream_reader_reads_from_a_pipe_in_order() {
             imgconv_convert("vmdk", "subformat=streamOptimized", &src, &f);
         }
         let file = std::fs::File::open(&f).unwrap();
-        let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
-        let opened =
-            imgconv::format::vmdk::open_stream(Box::new(std::io::BufReader::new(file)), &ctx)
-                .unwrap();
+        let opened = open_piped(Box::new(std::io::BufReader::new(file)));
         assert!(opened.device.sequential_only());
         let out = d.path().join(format!("{who}.raw"));
-        let opts = imgconv::ConvertOptions::new(imgconv::Format::Raw);
-        imgconv::convert::convert_to(
-            opened.device.as_ref(),
-            &out,
-            imgconv::io::OutputSet::new(),
-            &opts,
-        )
-        .unwrap();
+        stream_to_raw(&opened, &out).unwrap();
         assert_same(&src, &out);
     }
     // The corpus streams too.
@@ -719,18 +709,9 @@ fn stream_reader_reads_from_a_pipe_in_order() {
             ("vagrant-mutate/virtualbox-box-disk1.vmdk.xz", "vb.vmdk"),
         ] {
             let f = corpus_file(&c, rel, d.path(), name);
-            let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
-            let r = std::fs::File::open(&f).unwrap();
-            let opened = imgconv::format::vmdk::open_stream(Box::new(r), &ctx).unwrap();
+            let opened = open_piped(Box::new(std::fs::File::open(&f).unwrap()));
             let out = d.path().join(format!("{name}.raw"));
-            let opts = imgconv::ConvertOptions::new(imgconv::Format::Raw);
-            imgconv::convert::convert_to(
-                opened.device.as_ref(),
-                &out,
-                imgconv::io::OutputSet::new(),
-                &opts,
-            )
-            .unwrap();
+            stream_to_raw(&opened, &out).unwrap();
             assert_same(&f, &out);
         }
     }
@@ -738,19 +719,26 @@ fn stream_reader_reads_from_a_pipe_in_order() {
     let b = std::fs::read(d.path().join("a.vmdk")).unwrap();
     let over = le64(&b, 64) as usize * 512;
     let cut = &b[..over + (b.len() - over) / 2 + 7];
+    let opened = open_piped(Box::new(std::io::Cursor::new(cut.to_vec())));
+    let r = stream_to_raw(&opened, &d.path().join("cut.raw"));
+    assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+}
+
+/// Opens a streamOptimized VMDK from `r` as imgconv opens one from a pipe ("-").
+fn open_piped(r: Box<dyn std::io::Read + Send>) -> imgconv::image::Opened {
     let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
-    let opened =
-        imgconv::format::vmdk::open_stream(Box::new(std::io::Cursor::new(cut.to_vec())), &ctx)
-            .unwrap();
-    let out = d.path().join("cut.raw");
+    imgconv::format::vmdk::open_stream(r, &ctx).unwrap()
+}
+
+/// Converts an opened stream to a raw file at `out`, as the engine does.
+fn stream_to_raw(opened: &imgconv::image::Opened, out: &Path) -> imgconv::Result<()> {
     let opts = imgconv::ConvertOptions::new(imgconv::Format::Raw);
-    let r = imgconv::convert::convert_to(
+    imgconv::convert::convert_to(
         opened.device.as_ref(),
-        &out,
+        out,
         imgconv::io::OutputSet::new(),
         &opts,
-    );
-    assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+    )
 }
 
 /// Patches `len` little-endian bytes of `value` at `off` in a copy of `b`.
@@ -1166,18 +1154,9 @@ fn open_vmdk_stream_layout_reads_like_qemu() {
     make_open_vmdk_stream(&ov, &guest);
     assert_same(&raw, &ov); // qemu's reading
     check_to_raw(&ov, d.path()); // ours, random access
-    let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
-    let r = std::fs::File::open(&ov).unwrap();
-    let opened = imgconv::format::vmdk::open_stream(Box::new(r), &ctx).unwrap();
+    let opened = open_piped(Box::new(std::fs::File::open(&ov).unwrap()));
     let out = d.path().join("piped.raw");
-    let opts = imgconv::ConvertOptions::new(imgconv::Format::Raw);
-    imgconv::convert::convert_to(
-        opened.device.as_ref(),
-        &out,
-        imgconv::io::OutputSet::new(),
-        &opts,
-    )
-    .unwrap();
+    stream_to_raw(&opened, &out).unwrap();
     assert_same(&raw, &out); // ours, sequential
 }
 
