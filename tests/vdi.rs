@@ -324,10 +324,7 @@ fn every_image_gets_fresh_uuids_and_uuid_can_be_set() {
         "cluster_size=3000",
         "subformat=fixed",
     ] {
-        let out = d.path().join("bad.vdi");
-        let o = imgconv_out(&["convert", "-O", "vdi", "-o", bad, s(&raw), s(&out)]);
-        assert_eq!(o.status.code(), Some(1), "-o {bad}");
-        assert!(!out.exists());
+        assert_convert_refused("vdi", bad, &raw, &d.path().join("bad.vdi"));
     }
     let o = imgconv_out(&[
         "convert",
@@ -798,15 +795,7 @@ fn empty_and_oversized_targets_are_refused() {
     let d = scratch();
     let empty = d.path().join("empty.raw");
     std::fs::write(&empty, b"").unwrap();
-    let o = imgconv_out(&[
-        "convert",
-        "-O",
-        "vdi",
-        s(&empty),
-        s(&d.path().join("e.vdi")),
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(!d.path().join("e.vdi").exists());
+    assert_convert_refused("vdi", "", &empty, &d.path().join("e.vdi"));
     // A huge sparse disk is fine: only its block map is written (64 TiB = 64 Mi blocks
     // would be 256 MiB of map; 1 TiB is 4 MiB of map).
     let big = d.path().join("big.raw");

@@ -268,3 +268,17 @@ pub fn imgconv_fed_partly(
     stdin.flush().unwrap();
     (child, stdin)
 }
+
+/// Asserts `imgconv convert -O FMT [-o OPTS] SRC DST` fails with exit code 1 and
+/// leaves no `DST` behind.
+pub fn assert_convert_refused(fmt: &str, opts: &str, src: &Path, dst: &Path) {
+    let o = imgconv_out(&convert_args(fmt, opts, src, dst));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "convert -O {fmt} -o {opts:?} {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!dst.exists(), "{} left behind", dst.display());
+}
