@@ -45,12 +45,7 @@ fn agree(img: &Path) -> Option<i32> {
 /// A 4 MiB image of `fmt` made by qemu-img with some data written by qemu-io.
 fn qemu_image(dir: &Path, name: &str, fmt: &str, opts: &str) -> PathBuf {
     let p = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", fmt];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([s(&p), "4M"]);
-    qemu_img(&args);
+    qemu_create(fmt, opts, &p, "4M");
     if !opts.contains("streamOptimized") {
         qemu_io(&[
             "-f",
@@ -124,12 +119,7 @@ fn imgconv_made_images_check_clean() {
         ("outst.vdi", "vdi", "static=on"),
     ] {
         let p = d.path().join(name);
-        let mut args = vec!["convert", "-O", fmt];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([s(&src), s(&p)]);
-        imgconv(&args);
+        imgconv_convert(fmt, opts, &src, &p);
         assert_eq!(agree(&p), Some(0), "{name}");
     }
 }

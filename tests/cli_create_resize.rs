@@ -179,12 +179,7 @@ fn resize_grows_and_shrinks_safely() {
     .enumerate()
     {
         let img = d.path().join(format!("r{i}.qcow2"));
-        let mut a = vec!["convert", "-O", "qcow2"];
-        if !o.is_empty() {
-            a.extend_from_slice(&["-o", o]);
-        }
-        a.extend_from_slice(&[s(&src), s(&img)]);
-        imgconv(&a);
+        imgconv_convert("qcow2", o, &src, &img);
         // Grow by 1 GiB: with 512-byte clusters the L1 table must move.
         imgconv(&["resize", "-q", s(&img), "+1G"]);
         check_clean(&img);

@@ -71,12 +71,7 @@ fn pattern_raw(dir: &Path) -> PathBuf {
 
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     let p = dir.join(name);
-    let mut a = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        a.extend_from_slice(&["-o", opts]);
-    }
-    a.extend_from_slice(&[s(&p), size]);
-    qemu_img(&a);
+    qemu_create("qcow2", opts, &p, size);
     p
 }
 

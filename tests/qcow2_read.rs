@@ -17,12 +17,7 @@ use serde_json::Value;
 /// `qemu-img create -f qcow2 [-o OPTS] PATH SIZE`.
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     let p = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([s(&p), size]);
-    qemu_img(&args);
+    qemu_create("qcow2", opts, &p, size);
     p
 }
 

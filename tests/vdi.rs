@@ -151,12 +151,7 @@ fn corpus_vdis_read_identical() {
 
 /// Converts `src` to VDI with imgconv (`-o opts`), checks it with qemu-img.
 fn write_vdi(src: &Path, dst: &Path, opts: Option<&str>) {
-    let mut args = vec!["convert", "-O", "vdi"];
-    if let Some(o) = opts {
-        args.extend(["-o", o]);
-    }
-    args.extend([s(src), s(dst)]);
-    imgconv(&args);
+    imgconv_convert("vdi", opts.unwrap_or(""), src, dst);
     assert_same(src, dst);
     assert_qemu_check_clean(dst);
 }
@@ -265,12 +260,7 @@ fn dissect_hypervisor_reads_our_vdis() {
         ("big-blocks.vdi", Some("cluster_size=2M,static=on")),
     ] {
         let v = d.path().join(name);
-        let mut args = vec!["convert", "-O", "vdi"];
-        if let Some(o) = opts {
-            args.extend(["-o", o]);
-        }
-        args.extend([s(&raw), s(&v)]);
-        imgconv(&args);
+        imgconv_convert("vdi", opts.unwrap_or(""), &raw, &v);
         let got = dissect_read(&v, None);
         assert_eq!(got.len(), data.len(), "{name}");
         assert!(

@@ -282,3 +282,13 @@ pub fn assert_convert_refused(fmt: &str, opts: &str, src: &Path, dst: &Path) {
     );
     assert!(!dst.exists(), "{} left behind", dst.display());
 }
+
+/// `qemu-img create -q -f FMT [-o OPTS] PATH SIZE`, which must succeed.
+pub fn qemu_create(fmt: &str, opts: &str, path: &Path, size: &str) {
+    let mut a = vec!["create", "-q", "-f", fmt];
+    if !opts.is_empty() {
+        a.extend(["-o", opts]);
+    }
+    a.extend([s(path), size]);
+    qemu_img(&a);
+}
