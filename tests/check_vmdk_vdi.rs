@@ -7,10 +7,6 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Exit code, the `ERROR` lines of stderr, and stdout of a check run.
 fn verdict(cmd: &str, args: &[&str]) -> (Option<i32>, Vec<String>, String) {
     let o = run(cmd, args);
@@ -49,12 +45,7 @@ fn agree(img: &Path) -> Option<i32> {
 /// A 4 MiB image of `fmt` made by qemu-img with some data written by qemu-io.
 fn qemu_image(dir: &Path, name: &str, fmt: &str, opts: &str) -> PathBuf {
     let p = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", fmt];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([s(&p), "4M"]);
-    qemu_img(&args);
+    qemu_create(fmt, opts, &p, "4M");
     if !opts.contains("streamOptimized") {
         qemu_io(&[
             "-f",
@@ -128,12 +119,7 @@ fn imgconv_made_images_check_clean() {
         ("outst.vdi", "vdi", "static=on"),
     ] {
         let p = d.path().join(name);
-        let mut args = vec!["convert", "-O", fmt];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([s(&src), s(&p)]);
-        imgconv(&args);
+        imgconv_convert(fmt, opts, &src, &p);
         assert_eq!(agree(&p), Some(0), "{name}");
     }
 }
@@ -183,17 +169,7 @@ fn vmdk_grains_past_the_end_of_the_file() {
     );
     // A delta disk over the damaged image: only the delta is checked.
     let child = d.path().join("child.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-b",
-        "one.vmdk",
-        "-F",
-        "vmdk",
-        s(&child),
-    ]);
+    qemu_img(&overlay_args("vmdk", &["-q"], "one.vmdk", &child, ""));
     qemu_io(&["-c", "write -P 0x63 3M 64k", s(&child)]);
     assert_eq!(agree(&child), Some(0));
     // Repairs are refused as qemu-img refuses them.

@@ -65,10 +65,6 @@ fn compress(cmd: &[&str], suffix: &str, src: &Path) -> PathBuf {
     dst
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn info_json(path: &Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["info", "--output=json"];
     args.extend_from_slice(extra);
@@ -479,15 +475,7 @@ fn stdin_stream_optimized_vmdk_both_ways() {
 
     // raw.xz -> streamOptimized VMDK on stdout, vs the file-to-file conversion.
     let file_vmdk = dir.path().join("file.vmdk");
-    imgconv(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
-        s(&xz),
-        s(&file_vmdk),
-    ]);
+    imgconv_convert("vmdk", "subformat=streamOptimized", &xz, &file_vmdk);
     let o = pipe_through(
         &tmp,
         &std::fs::read(&xz).unwrap(),
@@ -534,18 +522,12 @@ fn interrupted_spool_leaves_nothing() {
     std::fs::create_dir(&tmp).unwrap();
     std::fs::create_dir(&outdir).unwrap();
     let out = outdir.join("x.raw");
-    let mut child = Command::new(imgconv_bin())
-        .env("TMPDIR", &tmp)
-        .args(["convert", "-O", "raw", "-", s(&out)])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // Half of the stream, then silence: imgconv is in the middle of spooling.
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(&qgz[..qgz.len() / 2]).unwrap();
-    stdin.flush().unwrap();
+    let (mut child, stdin) = imgconv_fed_partly(
+        &["convert", "-O", "raw", "-", s(&out)],
+        &[("TMPDIR", &tmp)],
+        &qgz[..qgz.len() / 2],
+    );
     std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: signalling a child we spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -772,10 +754,7 @@ fn ctrl_c_while_spooling_a_bz2_file_leaves_nothing() {
     let mut data = vec![0u8; 24 << 20];
     let mut x = 0x2545_f491_4f6c_dd1du64;
     for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&(x & 0x0f0f_0f0f_0f0f_0f0f).to_le_bytes());
+        chunk.copy_from_slice(&(xorshift64(&mut x) & 0x0f0f_0f0f_0f0f_0f0f).to_le_bytes());
     }
     let raw = dir.path().join("noise.raw");
     std::fs::write(&raw, &data).unwrap();
@@ -826,10 +805,7 @@ fn multi_stream_bz2_file_converts() {
     let mut data = vec![0u8; 16 << 20];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for chunk in data[..12 << 20].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes());
+        chunk.copy_from_slice(&xorshift64(&mut x).to_le_bytes());
     }
     let raw = dir.path().join("multi.raw");
     std::fs::write(&raw, &data).unwrap();
