@@ -69,6 +69,11 @@ impl FileStorage {
             }
             off as u64
         };
+        if is_file {
+            // Conversions read mostly in ascending order: ask for a larger readahead.
+            // SAFETY: advice on a descriptor we own; the result is only a hint.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+        }
         Ok(FileStorage {
             file,
             path,
@@ -89,7 +94,7 @@ impl Storage for FileStorage {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > self.len) {
+        if offset.checked_add(buf.len() as u64).map_or(true, |e| e > self.len) {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
