@@ -5,9 +5,10 @@
 # inside a BENCH_DISK_GB GiB sparse raw disk. The other inputs are made from it with
 # qemu-img (and xz / gzip / bzip2 / zstd for the compressed-input rows) and kept in
 # BENCH_DIR between runs. For every row, imgconv and the baseline run alternately on the
-# same input: one warm-up each, then N measured runs each; the table shows medians,
-# the ratio imgconv / baseline, the ratio imgconv / `cp --sparse=always` (the floor for a
-# copy of the data), allocated output sizes and peak resident memory.
+# same input: one warm-up each, then N measured runs each; the table shows median wall
+# times, the ratio imgconv / baseline, the ratio imgconv / `cp --sparse=always` (the floor
+# for a copy of the data), median CPU time (user + system: steadier than wall time on a
+# shared machine), allocated output sizes and peak resident memory.
 #
 # imgconv's output of every row is checked once with `qemu-img compare` against the
 # source. A row whose format imgconv does not implement yet is reported, not fatal.
@@ -108,17 +109,18 @@ need() {
 }
 
 # ---------------------------------------------------------------- measuring
-# run_timed CMD: runs CMD through bash under GNU time; sets T (seconds), M (peak KiB),
-# RC (exit status) and ERR (first line of stderr).
+# run_timed CMD: runs CMD through bash under GNU time; sets T (seconds), C (CPU seconds,
+# user + system), M (peak KiB), RC (exit status) and ERR (first line of stderr).
 run_timed() {
-    local tf=$OUT/.time errf=$OUT/.err t0 t1
+    local tf=$OUT/.time errf=$OUT/.err t0 t1 cu cs
     t0=$(date +%s%N)
-    /usr/bin/time -f '%M' -o "$tf" bash -c "$1" >/dev/null 2>"$errf"
+    /usr/bin/time -f '%U %S %M' -o "$tf" bash -c "$1" >/dev/null 2>"$errf"
     RC=$?
     t1=$(date +%s%N)
     T=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
-    M=$(tail -n 1 "$tf" 2>/dev/null)
+    read -r cu cs M < <(tail -n 1 "$tf" 2>/dev/null)
     case $M in '' | *[!0-9]*) M=0 ;; esac
+    C=$(awk -v u="${cu:-0}" -v s="${cs:-0}" 'BEGIN { printf "%.2f", u + s }')
     ERR=$(grep -v '^Command exited' "$errf" | head -n 1)
 }
 
@@ -154,7 +156,7 @@ row() {
     # shellcheck disable=SC2086 # a list of names
     need $needs
     echo "row: $label" >&2
-    local note="" it=() bt=() im=0 bm=0 k isz bsz
+    local note="" it=() bt=() ic=() bc=() im=0 bm=0 k isz bsz
     rm -f "$OUT"/i.out* "$OUT"/b.out*
     run_timed "$icmd"
     if [ "$RC" -ne 0 ]; then
@@ -179,10 +181,12 @@ row() {
             rm -f "$OUT"/i.out*
             run_timed "$icmd"
             it+=("$T")
+            ic+=("$C")
             [ "$M" -gt "$im" ] && im=$M
             rm -f "$OUT"/b.out*
             run_timed "$bcmd"
             bt+=("$T")
+            bc+=("$C")
             [ "$M" -gt "$bm" ] && bm=$M
         done
         local imed bmed
@@ -191,9 +195,9 @@ row() {
         isz=$(alloc_mib "$OUT"/i.out*)
         bsz=$(alloc_mib "$OUT"/b.out*)
         [ "$label" = "raw→raw vs cp --sparse=always (floor)" ] && CP_MEDIAN=$bmed
-        ROWS+=("| $label | $imed | $bmed | $(ratio "$imed" "$bmed") | $(ratio "$imed" "$CP_MEDIAN") | $isz | $bsz | $(mib "$im") | $(mib "$bm") | |")
+        ROWS+=("| $label | $imed | $bmed | $(ratio "$imed" "$bmed") | $(ratio "$imed" "$CP_MEDIAN") | $(median "${ic[@]}") | $(median "${bc[@]}") | $isz | $bsz | $(mib "$im") | $(mib "$bm") | |")
     else
-        ROWS+=("| $label | – | – | – | – | – | – | – | – | ${note//|/\\|} |")
+        ROWS+=("| $label | – | – | – | – | – | – | – | – | – | – | ${note//|/\\|} |")
     fi
     if [ "${KEEP_OUTPUTS:-0}" = 1 ]; then
         mkdir -p "$OUT/keep"
@@ -271,6 +275,6 @@ echo "Machine: $(nproc) CPUs ($cpu), $(awk '/MemTotal/ { printf "%.0f GiB", $2 /
 echo "Input: ext4 with $DATA_MB MiB of files from /usr in a $DISK_GB GiB sparse raw disk;" \
     "median of $N runs after a warm-up, imgconv and baseline alternating."
 echo
-echo "| conversion | imgconv (s) | baseline (s) | imgconv / baseline | imgconv / cp | imgconv out (MiB) | baseline out (MiB) | imgconv peak RSS (MiB) | baseline peak RSS (MiB) | note |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+echo "| conversion | imgconv (s) | baseline (s) | imgconv / baseline | imgconv / cp | imgconv CPU (s) | baseline CPU (s) | imgconv out (MiB) | baseline out (MiB) | imgconv peak RSS (MiB) | baseline peak RSS (MiB) | note |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
 printf '%s\n' "${ROWS[@]}"
