@@ -4,10 +4,11 @@
 //! - `codec`: one 64 KiB cluster through raw deflate (4 KiB window, level 6, as qemu
 //!   writes compressed qcow2 clusters) and zstd (level 3, qemu's default), both ways;
 //! - `engine`: the whole pipeline on an in-memory disk, into a writer that discards
-//!   everything (with and without a compressing encoder) and into a sparse raw file.
-//!
-//! L2 table lookups of the qcow2 reader are not benchmarked here yet: the reader lives on
-//! another branch.
+//!   everything (with and without a compressing encoder) and into a sparse raw file;
+//! - `qcow2_l2`: L2 table lookups of the qcow2 reader through the public `BlockDevice`
+//!   API (a `map` walk of a disk with every eighth cluster allocated, and 4 KiB reads of
+//!   allocated clusters), on an image that qemu-img makes. Skipped, with a note, when
+//!   qemu-img is missing or this build cannot read qcow2 yet.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use imgconv::convert::{convert_to, is_zero, run, ConvertOptions, EngineOptions};
 use imgconv::device::MemDevice;
 use imgconv::io::OutputSet;
 use imgconv::writer::{DataRun, GrainEncoder, ImageWriter};
-use imgconv::{Format, Result};
+use imgconv::{BlockDevice, Format, OpenOptions, Result};
 
 const CLUSTER: usize = 64 * 1024;
 
@@ -221,5 +222,76 @@ fn bench_engine(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_is_zero, bench_codecs, bench_engine);
+/// Makes a 256 MiB qcow2 (64 KiB clusters) with every eighth cluster allocated.
+fn make_qcow2(dir: &std::path::Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::FileExt;
+    let raw = dir.join("l2.raw");
+    let f = std::fs::File::create(&raw).ok()?;
+    f.set_len(256 << 20).ok()?;
+    let block = disk_like(4096, 9);
+    for c in (0..(256u64 << 20) / CLUSTER as u64).step_by(8) {
+        f.write_all_at(&block, c * CLUSTER as u64).ok()?;
+    }
+    drop(f);
+    let q = dir.join("l2.qcow2");
+    let ok = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&q)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    ok.then_some(q)
+}
+
+fn bench_qcow2_l2(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(path) = make_qcow2(dir.path()) else {
+        eprintln!("qcow2_l2: skipped (qemu-img could not make the image)");
+        return;
+    };
+    let img = match imgconv::open(&path, &OpenOptions::default().format(Format::Qcow2)) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("qcow2_l2: skipped ({e})");
+            return;
+        }
+    };
+    let dev = img.device().clone();
+    let size = dev.size();
+    let mut g = c.benchmark_group("qcow2_l2");
+    g.throughput(Throughput::Elements(size / CLUSTER as u64));
+    g.bench_function("map_walk_256m", |b| {
+        b.iter(|| {
+            let (mut pos, mut n) = (0u64, 0u32);
+            while pos < size {
+                let e = dev.map(pos, size - pos).expect("map");
+                pos = e.end();
+                n += 1;
+            }
+            black_box(n)
+        })
+    });
+    let mut buf = vec![0u8; 4096];
+    let clusters = size / CLUSTER as u64;
+    g.throughput(Throughput::Elements(1));
+    let mut k = 0u64;
+    g.bench_function("read_4k_allocated", |b| {
+        b.iter(|| {
+            // A different allocated cluster each time, in a scattered order.
+            k = (k + 97) % (clusters / 8);
+            dev.read_at(&mut buf, k * 8 * CLUSTER as u64).expect("read");
+            black_box(buf[0])
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_is_zero,
+    bench_codecs,
+    bench_engine,
+    bench_qcow2_l2
+);
 criterion_main!(benches);
