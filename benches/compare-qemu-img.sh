@@ -18,7 +18,9 @@
 #   BENCH_DIR      scratch folder (default /tmp/imgconv-bench)
 #   BENCH_DATA_MB  MiB of files in the filesystem (default 400)
 #   BENCH_DISK_GB  GiB of virtual disk (default 4)
-#   BENCH_ROWS     only rows whose label contains this text (default: all)
+#   BENCH_ROWS     only rows whose label matches this extended regex (default: all),
+#                  e.g. 'raw→raw|qcow2→'
+#   BENCH_SKIP     skip rows whose label matches this extended regex, e.g. '\.(xz|bz2)' 
 #   IMGCONV        imgconv binary to test (default: `cargo build --release`, then
 #                  target/release/imgconv)
 #   KEEP_OUTPUTS=1 keep the last outputs of each row in BENCH_DIR/out
@@ -29,6 +31,7 @@ BENCH_DIR=${BENCH_DIR:-/tmp/imgconv-bench}
 DATA_MB=${BENCH_DATA_MB:-400}
 DISK_GB=${BENCH_DISK_GB:-4}
 ROWS_FILTER=${BENCH_ROWS:-}
+ROWS_SKIP=${BENCH_SKIP:-}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 
 die() { echo "compare-qemu-img: $*" >&2; exit 1; }
@@ -150,7 +153,10 @@ CP_MEDIAN=nan
 #   The commands write $OUT/i.out and $OUT/b.out (plus .out-* extent files for VMDK).
 row() {
     local label=$1 needs=$2 ref=$3 icmd=$4 bcmd=$5
-    if [ -n "$ROWS_FILTER" ] && [[ $label != *"$ROWS_FILTER"* ]]; then
+    if [ -n "$ROWS_FILTER" ] && ! [[ $label =~ $ROWS_FILTER ]]; then
+        return
+    fi
+    if [ -n "$ROWS_SKIP" ] && [[ $label =~ $ROWS_SKIP ]]; then
         return
     fi
     # shellcheck disable=SC2086 # a list of names
