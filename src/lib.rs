@@ -39,14 +39,18 @@ pub mod detect;
 pub mod device;
 pub mod error;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 pub mod io;
 pub mod limits;
 pub mod writer;
 
 pub use convert::{convert, convert_to_writer, ConvertOptions, EngineOptions};
+pub use detect::Compression;
 pub use detect::Format;
 pub use device::{BlockDevice, DeviceReader, Extent, ExtentKind};
 pub use error::{Error, Result};
+pub use image::open_reader;
 pub use image::{open, Image, ImageInfo, OpenOptions};
 pub use writer::{ImageWriter, WriteOptions};

@@ -119,9 +119,7 @@ pub fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
         "on" | "yes" | "true" => Ok(true),
         "off" | "no" | "false" => Ok(false),
-        _ => Err(Error::invalid(format!(
-            "option {key}: '{v}' is not on/off"
-        ))),
+        _ => Err(Error::invalid(format!("option {key}: '{v}' is not on/off"))),
     }
 }
 

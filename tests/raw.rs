@@ -7,15 +7,28 @@ use common::*;
 fn huge_sparse_raw_converts_fast_and_stays_sparse() {
     let d = scratch();
     let src = d.path().join("big.raw");
-    make_raw(&src, 1 << 40, &[(1 << 30, 65536, 7), ((1 << 40) - 4096, 4096, 9)]);
+    make_raw(
+        &src,
+        1 << 40,
+        &[(1 << 30, 65536, 7), ((1 << 40) - 4096, 4096, 9)],
+    );
     let out = d.path().join("out.raw");
     let t = std::time::Instant::now();
-    imgconv(&["convert", "-O", "raw", src.to_str().unwrap(), out.to_str().unwrap()]);
+    imgconv(&[
+        "convert",
+        "-O",
+        "raw",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     assert!(t.elapsed().as_secs_f64() < 1.0, "took {:?}", t.elapsed());
     assert_same(&src, &out);
     use std::os::unix::fs::MetadataExt;
     let blocks = std::fs::metadata(&out).unwrap().blocks() * 512;
-    assert!(blocks <= 65536 + 4096 + 8192, "output occupies {blocks} bytes");
+    assert!(
+        blocks <= 65536 + 4096 + 8192,
+        "output occupies {blocks} bytes"
+    );
 }
 
 #[test]
@@ -24,7 +37,15 @@ fn raw_to_raw_keeps_odd_sizes_and_zero_runs() {
     let src = d.path().join("odd.raw");
     make_raw(&src, 10_000_001, &[(0, 5000, 1), (9_000_000, 1_000_001, 3)]);
     let out = d.path().join("odd.out");
-    imgconv(&["convert", "-f", "raw", "-O", "raw", src.to_str().unwrap(), out.to_str().unwrap()]);
+    imgconv(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&out).unwrap());
 }
 
@@ -37,7 +58,10 @@ fn compare_reports_first_difference_with_qemu_exit_codes() {
     make_raw(&b, 1 << 20, &[(4096, 512, 1), (70000, 1, 5)]);
     let o = imgconv_out(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "Content mismatch at offset 70000!");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "Content mismatch at offset 70000!"
+    );
     let o = imgconv_out(&["compare", a.to_str().unwrap(), a.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0));
     let o = imgconv_out(&["compare", a.to_str().unwrap(), "/nonexistent"]);
@@ -57,10 +81,21 @@ fn failed_conversion_leaves_no_file() {
     let src = d.path().join("a.raw");
     make_raw(&src, 1 << 20, &[(0, 512, 1)]);
     let out = d.path().join("out.img");
-    let o = imgconv_out(&["convert", "-O", "raw", "-o", "bogus=1", src.to_str().unwrap(), out.to_str().unwrap()]);
+    let o = imgconv_out(&[
+        "convert",
+        "-O",
+        "raw",
+        "-o",
+        "bogus=1",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("bogus"));
-    let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "left behind: {names:?}");
 }
 

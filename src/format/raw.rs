@@ -165,7 +165,11 @@ fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<(
 
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
-fn write_zero_bytes(w: &mut dyn FnMut(&[u8], u64) -> Result<()>, offset: u64, len: u64) -> Result<()> {
+fn write_zero_bytes(
+    w: &mut dyn FnMut(&[u8], u64) -> Result<()>,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(ZEROS.len() as u64) as usize;
@@ -219,11 +223,7 @@ impl ImageWriter for RawWriter {
                     return Ok(()); // a new file reads as zeros already
                 }
                 let (file, path) = (&*file, path.clone());
-                write_zero_bytes(
-                    &mut |b, o| write_all_at(file, b, o, &path),
-                    offset,
-                    len,
-                )
+                write_zero_bytes(&mut |b, o| write_all_at(file, b, o, &path), offset, len)
             }
             Sink::Stream { .. } => Ok(()), // gaps are filled by the next write or finish
         }

@@ -1,7 +1,13 @@
-//! Bytes in and out: positional file reads, memory, atomic sparse outputs.
+//! Bytes in and out: positional file reads, memory, atomic sparse outputs, and the
+//! way in through decompressors, tar archives, pipes and spooled temporary files.
 
+pub mod compressed;
 pub mod file;
 pub mod output;
+pub mod source;
+pub mod spool;
+pub mod stream;
+pub mod tar;
 
 pub use file::{FileStorage, MemStorage, Storage};
 pub use output::OutputSet;
@@ -39,7 +45,13 @@ pub fn read_struct(
 }
 
 /// Writes all of `buf` at `offset` of `file`, naming `path` on failure.
-pub fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64, path: &std::path::Path) -> Result<()> {
+pub fn write_all_at(
+    file: &std::fs::File,
+    buf: &[u8],
+    offset: u64,
+    path: &std::path::Path,
+) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    file.write_all_at(buf, offset).map_err(|e| Error::io(path, e))
+    file.write_all_at(buf, offset)
+        .map_err(|e| Error::io(path, e))
 }

@@ -177,6 +177,12 @@ pub fn check_to_raw(src: &Path, dir: &Path) {
         "{}.out.raw",
         src.file_name().unwrap().to_string_lossy()
     ));
-    imgconv(&["convert", "-O", "raw", src.to_str().unwrap(), out.to_str().unwrap()]);
+    imgconv(&[
+        "convert",
+        "-O",
+        "raw",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     assert_same(src, &out);
 }

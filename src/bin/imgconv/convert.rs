@@ -7,11 +7,15 @@ use clap::Args as ClapArgs;
 use imgconv::writer::parse_size;
 use imgconv::{ConvertOptions, Format};
 
-use crate::common::{fail, open_image, parse_format, progress_bar, CmdResult};
+use crate::common::{
+    fail, open_image, open_input, parse_format, progress_bar, CmdResult, InputArgs,
+};
 
 /// Arguments of `imgconv convert`.
 #[derive(ClapArgs)]
 pub struct Args {
+    #[command(flatten)]
+    input: InputArgs,
     /// Source format (probed when omitted).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
@@ -67,14 +71,17 @@ pub struct Args {
 
 /// Runs `imgconv convert`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = (&a.cache, &a.src_cache, a.out_of_order, a.force_share, a.quiet);
+    let _ = (
+        &a.cache,
+        &a.src_cache,
+        a.out_of_order,
+        a.force_share,
+        a.quiet,
+    );
     if a.target_is_zero && !a.no_create {
-        return Err((
-            1,
-            imgconv::Error::invalid("--target-is-zero requires -n"),
-        ));
+        return Err((1, imgconv::Error::invalid("--target-is-zero requires -n")));
     }
-    let src = open_image(&a.src, a.format, a.untrusted).map_err(fail(1))?;
+    let src = open_input(&a.src, a.format, a.untrusted, &a.input).map_err(fail(1))?;
     let mut opts = ConvertOptions::new(a.out_format);
     for o in &a.options {
         opts.write.parse_o(o).map_err(fail(1))?;
@@ -101,12 +108,8 @@ pub fn run(a: Args) -> CmdResult {
         } else {
             path
         };
-        let backing = open_image(
-            &path.to_string_lossy(),
-            opts.write.backing_format,
-            false,
-        )
-        .map_err(fail(1))?;
+        let backing = open_image(&path.to_string_lossy(), opts.write.backing_format, false)
+            .map_err(fail(1))?;
         if opts.write.backing_format.is_none() {
             opts.write.backing_format = Some(backing.format());
         }
@@ -121,7 +124,10 @@ pub fn run(a: Args) -> CmdResult {
     let r = if a.dst == "-" {
         imgconv::convert_to_writer(
             &src,
-            Box::new(std::io::BufWriter::with_capacity(1 << 20, std::io::stdout())),
+            Box::new(std::io::BufWriter::with_capacity(
+                1 << 20,
+                std::io::stdout(),
+            )),
             &opts,
         )
     } else {

@@ -1,0 +1,7 @@
+//! The qcow2 reader (header, tables, data paths) on arbitrary bytes.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    imgconv::fuzzing::open_and_walk(data, Some(imgconv::Format::Qcow2));
+});

@@ -1,0 +1,496 @@
+//! Hostile input: the untrusted-reference policy, bounded time and memory on malformed
+//! images, no files left behind, and the fuzzers' regression inputs.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Result of one imgconv run under watch.
+struct Watched {
+    code: Option<i32>,
+    stderr: String,
+    elapsed: Duration,
+    max_rss_kib: i64,
+}
+
+/// Runs imgconv with `args`, measuring wall time and peak memory (wait4's rusage).
+#[allow(clippy::zombie_processes)] // reaped with wait4 below, to read its rusage
+fn watched(args: &[&str]) -> Watched {
+    let t = Instant::now();
+    let child = Command::new(imgconv_bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = child.stderr.unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        use std::io::Read;
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut status = 0;
+    // SAFETY: plain wait4 on our own child; rusage is a POD out-parameter.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    assert_eq!(r, pid);
+    let code = if libc::WIFEXITED(status) {
+        Some(libc::WEXITSTATUS(status))
+    } else {
+        None
+    };
+    Watched {
+        code,
+        stderr: reader.join().unwrap(),
+        elapsed: t.elapsed(),
+        max_rss_kib: ru.ru_maxrss,
+    }
+}
+
+/// Asserts a clean refusal: exit code 1 (or 2 for compare), a message, fast, small.
+fn assert_clean_error(args: &[&str], expect_in_msg: &str) {
+    let w = watched(args);
+    assert!(
+        matches!(w.code, Some(1) | Some(2)),
+        "{args:?}: expected an error exit, got {:?}; stderr: {}",
+        w.code,
+        w.stderr
+    );
+    assert!(
+        w.stderr
+            .to_lowercase()
+            .contains(&expect_in_msg.to_lowercase()),
+        "{args:?}: message {:?} does not mention {expect_in_msg:?}",
+        w.stderr
+    );
+    assert!(
+        !w.stderr.contains("panicked"),
+        "{args:?} panicked: {}",
+        w.stderr
+    );
+    assert!(
+        w.elapsed < Duration::from_secs(2),
+        "{args:?} took {:?}",
+        w.elapsed
+    );
+    assert!(
+        w.max_rss_kib < 256 * 1024,
+        "{args:?} used {} KiB",
+        w.max_rss_kib
+    );
+}
+
+fn only_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Replaces the first occurrence of `from` in the file by `to` (same length).
+fn patch_bytes(path: &Path, from: &[u8], to: &[u8]) {
+    assert_eq!(from.len(), to.len());
+    let mut data = std::fs::read(path).unwrap();
+    let i = data
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("pattern present");
+    data[i..i + to.len()].copy_from_slice(to);
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn qcow2_external_data_file_naming_a_host_file_is_refused_when_untrusted() {
+    // CVE-2024-32498's shape: a qcow2 whose data file is /etc/hostname.
+    let d = scratch();
+    let img = d.path().join("evil.qcow2");
+    std::fs::write(d.path().join("aaaaaaaaaaaaa"), vec![0u8; 1 << 20]).unwrap();
+    // qemu-img resolves the data file name against its working folder.
+    let o = Command::new("qemu-img")
+        .current_dir(d.path())
+        .args([
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=aaaaaaaaaaaaa",
+            "evil.qcow2",
+            "1M",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    patch_bytes(&img, b"aaaaaaaaaaaaa", b"/etc/hostname");
+    let out = d.path().join("out.raw");
+    assert_clean_error(
+        &["convert", "--untrusted", "-O", "raw", s(&img), s(&out)],
+        "/etc/hostname",
+    );
+    assert!(!out.exists());
+    // info --untrusted still reports the reference without opening it.
+    let o = imgconv_out(&["info", "--untrusted", "--output=json", s(&img)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("/etc/hostname"), "{text}");
+}
+
+#[test]
+fn qcow2_backing_file_is_refused_when_untrusted() {
+    let d = scratch();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&base), "1M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    assert_clean_error(
+        &[
+            "convert",
+            "--untrusted",
+            "-O",
+            "raw",
+            s(&top),
+            s(&d.path().join("o")),
+        ],
+        "base.qcow2",
+    );
+    assert_eq!(only_files(d.path()), ["base.qcow2", "top.qcow2"]);
+}
+
+#[test]
+fn vmdk_extents_outside_the_folder_are_refused_when_untrusted() {
+    // CVE-2022-47951's shape: a descriptor whose flat extent names a host file.
+    let d = scratch();
+    for (name, extent) in [("abs.vmdk", "/etc/hostname"), ("rel.vmdk", "../secret")] {
+        let desc = d.path().join(name);
+        std::fs::write(
+            &desc,
+            format!(
+                "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+                 createType=\"monolithicFlat\"\n\nRW 8 FLAT \"{extent}\" 0\n\n\
+                 ddb.adapterType = \"ide\"\n"
+            ),
+        )
+        .unwrap();
+        assert_clean_error(
+            &[
+                "convert",
+                "--untrusted",
+                "-O",
+                "raw",
+                s(&desc),
+                s(&d.path().join("o")),
+            ],
+            extent,
+        );
+    }
+}
+
+#[test]
+fn cyclic_and_too_deep_backing_chains_are_errors() {
+    let d = scratch();
+    let a = d.path().join("a.qcow2");
+    let b = d.path().join("b.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        s(&a),
+        "1M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        s(&b),
+        "1M",
+    ]);
+    assert_clean_error(&["info", s(&a)], "loop");
+    let selfref = d.path().join("self.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "self.qcow2",
+        "-F",
+        "qcow2",
+        s(&selfref),
+        "1M",
+    ]);
+    assert_clean_error(&["info", s(&selfref)], "loop");
+
+    // 20 images deep: more than the 16 allowed.
+    let mut prev = d.path().join("l0.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&prev), "1M"]);
+    for i in 1..20 {
+        let next = d.path().join(format!("l{i}.qcow2"));
+        let back = prev.file_name().unwrap().to_str().unwrap().to_string();
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &back,
+            "-F",
+            "qcow2",
+            s(&next),
+            "1M",
+        ]);
+        prev = next;
+    }
+    assert_clean_error(&["info", s(&prev)], "deeper");
+}
+
+#[test]
+fn corpus_malicious_images_are_handled_quickly() {
+    let Some(corpus) = corpus_dir() else { return };
+    let d = scratch();
+    for (rel, name) in [
+        (
+            "cdi-malicious/invalid-qcow-large-memory.img.xz",
+            "large-memory.img",
+        ),
+        (
+            "cdi-malicious/invalid-qcow-backing-file.img.xz",
+            "backing-file.img",
+        ),
+        (
+            "cdi-malicious/invalid-qcow-large-json.img.xz",
+            "large-json.img",
+        ),
+        (
+            "cdi-malicious/invalid-qcow-large-size.img.xz",
+            "large-size.img",
+        ),
+        ("qemu-iotests/afl5.img.bz2", "afl5.img"),
+        ("qemu-iotests/afl9.vmdk.bz2", "afl9.vmdk"),
+    ] {
+        let p = corpus_file(&corpus, rel, d.path(), name);
+        for args in [
+            vec!["info", "--untrusted", s(&p)],
+            vec!["info", "--untrusted", "--output=json", s(&p)],
+            vec!["map", "--untrusted", "--output=json", s(&p)],
+        ] {
+            let w = watched(&args);
+            assert!(
+                matches!(w.code, Some(0) | Some(1)),
+                "{args:?}: {:?} {}",
+                w.code,
+                w.stderr
+            );
+            assert!(!w.stderr.contains("panicked"), "{args:?}: {}", w.stderr);
+            assert!(
+                w.elapsed < Duration::from_secs(5),
+                "{args:?} took {:?}",
+                w.elapsed
+            );
+            assert!(
+                w.max_rss_kib < 256 * 1024,
+                "{args:?} used {} KiB",
+                w.max_rss_kib
+            );
+        }
+        let out = d.path().join("out.raw");
+        let w = watched(&["convert", "--untrusted", "-O", "raw", s(&p), s(&out)]);
+        assert!(!w.stderr.contains("panicked"), "{name}: {}", w.stderr);
+        assert!(
+            w.max_rss_kib < 256 * 1024,
+            "{name} used {} KiB",
+            w.max_rss_kib
+        );
+        let _ = std::fs::remove_file(&out);
+    }
+}
+
+/// Truncates a valid image at many points; every open must fail cleanly or succeed, and a
+/// conversion either succeeds or leaves nothing behind.
+fn truncations(img: &Path, fmt: &str) {
+    let d = scratch();
+    let data = std::fs::read(img).unwrap();
+    let mut cuts: Vec<usize> = vec![0, 1, 3, 4, 8, 63, 64, 71, 72, 100, 104, 112, 511, 512, 513];
+    let mut c = 1024;
+    while c < data.len() {
+        cuts.push(c);
+        cuts.push(c - 1);
+        c *= 2;
+    }
+    cuts.push(data.len() - 1);
+    for cut in cuts.into_iter().filter(|&c| c < data.len()) {
+        let p = d.path().join(format!("cut-{cut}.{fmt}"));
+        std::fs::write(&p, &data[..cut]).unwrap();
+        let out = d.path().join("out.raw");
+        let w = watched(&["convert", "-f", fmt, "-O", "raw", s(&p), s(&out)]);
+        assert!(
+            !w.stderr.contains("panicked"),
+            "{fmt} cut at {cut}: {}",
+            w.stderr
+        );
+        assert!(
+            matches!(w.code, Some(0) | Some(1)),
+            "{fmt} cut at {cut}: {:?}",
+            w.code
+        );
+        assert!(
+            w.elapsed < Duration::from_secs(5),
+            "{fmt} cut at {cut}: {:?}",
+            w.elapsed
+        );
+        if w.code == Some(1) {
+            assert!(!out.exists(), "{fmt} cut at {cut} left an output behind");
+        }
+        let _ = std::fs::remove_file(&out);
+        std::fs::remove_file(&p).unwrap();
+    }
+    assert!(
+        only_files(d.path()).is_empty(),
+        "left: {:?}",
+        only_files(d.path())
+    );
+}
+
+fn sample_raw(dir: &Path) -> PathBuf {
+    let raw = dir.join("src.raw");
+    make_raw(&raw, 4 << 20, &[(0, 70000, 1), (3 << 20, 5000, 2)]);
+    raw
+}
+
+#[test]
+fn truncated_qcow2_images_fail_cleanly() {
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    for opts in ["compat=1.1", "compat=0.10,cluster_size=4096"] {
+        let q = d.path().join("t.qcow2");
+        qemu_img(&["convert", "-O", "qcow2", "-o", opts, s(&raw), s(&q)]);
+        truncations(&q, "qcow2");
+    }
+}
+
+#[test]
+fn truncated_vmdk_images_fail_cleanly() {
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    for sub in ["monolithicSparse", "streamOptimized"] {
+        let v = d.path().join("t.vmdk");
+        qemu_img(&[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            s(&raw),
+            s(&v),
+        ]);
+        truncations(&v, "vmdk");
+    }
+}
+
+#[test]
+fn truncated_vdi_images_fail_cleanly() {
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    let v = d.path().join("t.vdi");
+    qemu_img(&["convert", "-O", "vdi", s(&raw), s(&v)]);
+    truncations(&v, "vdi");
+}
+
+#[test]
+fn no_create_never_truncates_the_target() {
+    let d = scratch();
+    let src = d.path().join("a.raw");
+    make_raw(&src, 1 << 20, &[(0, 4096, 1)]);
+    let dst = d.path().join("target.raw");
+    make_raw(&dst, 3 << 20, &[(0, 8192, 9), (2 << 20, 4096, 9)]);
+    imgconv(&["convert", "-n", "-O", "raw", s(&src), s(&dst)]);
+    assert_eq!(std::fs::metadata(&dst).unwrap().len(), 3 << 20);
+    let data = std::fs::read(&dst).unwrap();
+    let srcdata = std::fs::read(&src).unwrap();
+    assert_eq!(&data[..1 << 20], &srcdata[..], "first MiB is the source");
+    assert!(
+        data[(2 << 20)..(2 << 20) + 4096].iter().any(|&b| b != 0),
+        "beyond the source is untouched"
+    );
+    // A target smaller than the source is refused, untouched.
+    let small = d.path().join("small.raw");
+    make_raw(&small, 4096, &[(0, 4096, 5)]);
+    let before = std::fs::read(&small).unwrap();
+    let o = imgconv_out(&["convert", "-n", "-O", "raw", s(&src), s(&small)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(std::fs::read(&small).unwrap(), before);
+}
+
+#[test]
+fn an_existing_destination_is_replaced_only_by_a_complete_image() {
+    let d = scratch();
+    let src = d.path().join("a.raw");
+    make_raw(&src, 1 << 20, &[(0, 4096, 1)]);
+    let dst = d.path().join("keep.img");
+    std::fs::write(&dst, b"precious").unwrap();
+    // A failing conversion (bad option) leaves the old file as it was.
+    let o = imgconv_out(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=3",
+        s(&src),
+        s(&dst),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(std::fs::read(&dst).unwrap(), b"precious");
+    assert_eq!(only_files(d.path()), ["a.raw", "keep.img"]);
+}
+
+#[test]
+fn fuzz_regressions_do_not_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries {
+        let p = e.unwrap().path();
+        let data = std::fs::read(&p).unwrap();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let format = match name.split('-').next() {
+            Some("qcow2") => Some(imgconv::Format::Qcow2),
+            Some("vmdk") => Some(imgconv::Format::Vmdk),
+            Some("vdi") => Some(imgconv::Format::Vdi),
+            Some("roundtrip") => {
+                imgconv::fuzzing::roundtrip(&data);
+                continue;
+            }
+            _ => None,
+        };
+        imgconv::fuzzing::open_and_walk(&data, format);
+    }
+}
