@@ -855,12 +855,9 @@ impl ImageWriter for Qcow2Writer {
         h.refcount_table_clusters = rt_used as u32;
         let mut first = h.serialize();
         first.extend_from_slice(&tail);
-        // Header last: an interrupted write never looks like a valid image.
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io(&self.path, e))?;
-        self.write_at(&first, 0)?;
-        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+        // Header last. No fdatasync, like `qemu-img convert`: the image appears under its
+        // name (by rename) only once complete, which is what guards against interruption.
+        self.write_at(&first, 0)
     }
 }
 

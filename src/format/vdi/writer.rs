@@ -291,7 +291,8 @@ impl ImageWriter for VdiWriter {
             &map,
             self.header.blocks_offset as u64,
             &self.path,
-        )?;
-        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+        )
+        // No fdatasync, like `qemu-img convert`: the rename on commit guards against
+        // interruption.
     }
 }

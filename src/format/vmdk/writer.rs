@@ -608,8 +608,7 @@ impl SparseWriter {
         self.flush_gt()?;
         self.file
             .set_len(self.next * SECTOR)
-            .map_err(|e| Error::io(&self.path, e))?;
-        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+            .map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -683,9 +682,9 @@ impl ImageWriter for SplitWriter {
         for (_, w) in self.extents {
             match w {
                 ExtentWriter::Sparse(s) => s.finish()?,
-                ExtentWriter::Flat { file, path } => {
-                    file.sync_data().map_err(|e| Error::io(&path, e))?
-                }
+                // No fdatasync, like `qemu-img convert`: the rename on commit guards
+                // against interruption.
+                ExtentWriter::Flat { .. } => {}
             }
         }
         Ok(())
@@ -859,9 +858,6 @@ impl ImageWriter for StreamWriter {
         self.put(&footer.serialize())?;
         self.put(&[0u8; 512])?; // end-of-stream marker
         self.sink.flush()?;
-        if let Some((f, path)) = &self.file {
-            f.sync_data().map_err(|e| Error::io(path, e))?;
-        }
         Ok(())
     }
 }
