@@ -94,6 +94,63 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
     Ok(probe_bytes(&head))
 }
 
+/// A compression wrapped around an image file, found by magic bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Compression {
+    /// gzip (RFC 1952), possibly several concatenated members.
+    Gzip,
+    /// bzip2, possibly several concatenated streams (pbzip2, lbzip2).
+    Bzip2,
+    /// xz, possibly several concatenated streams and multi-block.
+    Xz,
+    /// Zstandard, possibly several frames (and skippable frames).
+    Zstd,
+}
+
+impl Compression {
+    /// The name `info` shows (`gzip`, `bzip2`, `xz`, `zstd`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Gzip => "gzip",
+            Compression::Bzip2 => "bzip2",
+            Compression::Xz => "xz",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Recognises a compressed stream by its first bytes (never by file name).
+pub fn probe_compression(head: &[u8]) -> Option<Compression> {
+    if head.starts_with(b"\xfd7zXZ\0") {
+        Some(Compression::Xz)
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some(Compression::Zstd)
+    } else if head.len() >= 4
+        && head[1..4] == [0x2a, 0x4d, 0x18]
+        && (0x50..=0x5f).contains(&head[0])
+    {
+        // A zstd skippable frame first (e.g. a seek table or pzstd header).
+        Some(Compression::Zstd)
+    } else if head.starts_with(&[0x1f, 0x8b, 0x08]) {
+        Some(Compression::Gzip)
+    } else if head.len() >= 4 && head.starts_with(b"BZh") && (b'1'..=b'9').contains(&head[3]) {
+        Some(Compression::Bzip2)
+    } else {
+        None
+    }
+}
+
+/// True when `head` (at least 263 bytes) starts with a ustar or GNU tar header.
+pub fn probe_tar(head: &[u8]) -> bool {
+    head.len() >= 263 && &head[257..262] == b"ustar"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +167,33 @@ mod tests {
         assert_eq!(probe_bytes(&[0u8; 512]), Format::Raw);
         assert_eq!("QCOW2".parse::<Format>().unwrap(), Format::Qcow2);
         assert!("vhd".parse::<Format>().is_err());
+    }
+
+    #[test]
+    fn probes_compression_magics() {
+        assert_eq!(
+            probe_compression(b"\xfd7zXZ\0\0\x04"),
+            Some(Compression::Xz)
+        );
+        assert_eq!(
+            probe_compression(&[0x28, 0xb5, 0x2f, 0xfd, 0]),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            probe_compression(&[0x5a, 0x2a, 0x4d, 0x18]),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            probe_compression(&[0x1f, 0x8b, 0x08, 0]),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(probe_compression(b"BZh91AY&SY"), Some(Compression::Bzip2));
+        assert_eq!(probe_compression(b"BZh0"), None);
+        assert_eq!(probe_compression(b"QFI\xfb"), None);
+        assert_eq!(probe_compression(b""), None);
+        let mut tar = vec![0u8; 512];
+        tar[257..263].copy_from_slice(b"ustar\0");
+        assert!(probe_tar(&tar));
+        assert!(!probe_tar(&tar[..200]));
     }
 }

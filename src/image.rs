@@ -53,6 +53,18 @@ impl OpenOptions {
         self
     }
 
+    /// Spools compressed inputs that need random access into `dir` (`--tmpdir`).
+    pub fn tmpdir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.tmpdir = Some(dir.into());
+        self
+    }
+
+    /// Opens the tar member `name` when the input is a tar archive (`--member`).
+    pub fn member(mut self, name: impl Into<String>) -> Self {
+        self.member = Some(name.into());
+        self
+    }
+
     /// Records references without opening them (see [`OpenOptions::metadata_only`]).
     pub fn metadata_only(mut self) -> Self {
         self.metadata_only = true;
@@ -129,6 +141,9 @@ pub struct ImageInfo {
     /// Compression wrapping the image file (`gzip`, `xz`…), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
+    /// The tar archive member holding the image, when the input is a tar archive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_member: Option<String>,
     /// Every reference to another file found in the image.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub references: Vec<FileReference>,
@@ -153,6 +168,7 @@ impl ImageInfo {
             snapshots: Vec::new(),
             format_specific: None,
             compression: None,
+            archive_member: None,
             references: Vec::new(),
             backing: None,
         }
@@ -362,9 +378,25 @@ impl OpenContext {
 
 /// Opens the image at `path`: finds its format (unless `options` names it) and returns the
 /// virtual disk with its backing chain.
+///
+/// Compressed files (gzip, bzip2, xz, zstd) and tar archives are unwrapped first, found
+/// by magic bytes; `options.format` then names the inner format. The path `-` reads
+/// standard input (see [`open_reader`]).
 pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
     let path = path.as_ref();
-    let ctx = OpenContext::for_path(path, options);
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path)?);
-    crate::format::open_storage(storage, &ctx)
+    if path.as_os_str() == "-" {
+        return crate::io::source::open_stream_input(Box::new(std::io::stdin()), "-", options);
+    }
+    crate::io::source::open_path(path, options)
+}
+
+/// Opens an image from any byte stream: compressed or not, a tar archive or not. A raw
+/// disk in a tar member is read straight from the stream; raw disks of unknown length
+/// and formats that need random access are spooled to a sparse temporary file in
+/// `options.tmpdir` (else `$TMPDIR`), removed when the image is dropped.
+pub fn open_reader(
+    reader: impl std::io::Read + Send + 'static,
+    options: &OpenOptions,
+) -> Result<Image> {
+    crate::io::source::open_stream_input(Box::new(reader), "(stream)", options)
 }

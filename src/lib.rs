@@ -47,8 +47,10 @@ pub mod limits;
 pub mod writer;
 
 pub use convert::{convert, convert_to_writer, ConvertOptions, EngineOptions};
+pub use detect::Compression;
 pub use detect::Format;
 pub use device::{BlockDevice, DeviceReader, Extent, ExtentKind};
 pub use error::{Error, Result};
+pub use image::open_reader;
 pub use image::{open, Image, ImageInfo, OpenOptions};
 pub use writer::{ImageWriter, WriteOptions};

@@ -17,6 +17,7 @@ struct Watched {
 }
 
 /// Runs imgconv with `args`, measuring wall time and peak memory (wait4's rusage).
+#[allow(clippy::zombie_processes)] // reaped with wait4 below, to read its rusage
 fn watched(args: &[&str]) -> Watched {
     let t = Instant::now();
     let child = Command::new(imgconv_bin())
@@ -61,12 +62,22 @@ fn assert_clean_error(args: &[&str], expect_in_msg: &str) {
         w.stderr
     );
     assert!(
-        w.stderr.to_lowercase().contains(&expect_in_msg.to_lowercase()),
+        w.stderr
+            .to_lowercase()
+            .contains(&expect_in_msg.to_lowercase()),
         "{args:?}: message {:?} does not mention {expect_in_msg:?}",
         w.stderr
     );
-    assert!(!w.stderr.contains("panicked"), "{args:?} panicked: {}", w.stderr);
-    assert!(w.elapsed < Duration::from_secs(2), "{args:?} took {:?}", w.elapsed);
+    assert!(
+        !w.stderr.contains("panicked"),
+        "{args:?} panicked: {}",
+        w.stderr
+    );
+    assert!(
+        w.elapsed < Duration::from_secs(2),
+        "{args:?} took {:?}",
+        w.elapsed
+    );
     assert!(
         w.max_rss_kib < 256 * 1024,
         "{args:?} used {} KiB",
@@ -108,7 +119,15 @@ fn qcow2_external_data_file_naming_a_host_file_is_refused_when_untrusted() {
     // qemu-img resolves the data file name against its working folder.
     let o = Command::new("qemu-img")
         .current_dir(d.path())
-        .args(["create", "-f", "qcow2", "-o", "data_file=aaaaaaaaaaaaa", "evil.qcow2", "1M"])
+        .args([
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=aaaaaaaaaaaaa",
+            "evil.qcow2",
+            "1M",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -133,10 +152,24 @@ fn qcow2_backing_file_is_refused_when_untrusted() {
     let top = d.path().join("top.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&base), "1M"]);
     qemu_img(&[
-        "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top),
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
     ]);
     assert_clean_error(
-        &["convert", "--untrusted", "-O", "raw", s(&top), s(&d.path().join("o"))],
+        &[
+            "convert",
+            "--untrusted",
+            "-O",
+            "raw",
+            s(&top),
+            s(&d.path().join("o")),
+        ],
         "base.qcow2",
     );
     assert_eq!(only_files(d.path()), ["base.qcow2", "top.qcow2"]);
@@ -158,7 +191,14 @@ fn vmdk_extents_outside_the_folder_are_refused_when_untrusted() {
         )
         .unwrap();
         assert_clean_error(
-            &["convert", "--untrusted", "-O", "raw", s(&desc), s(&d.path().join("o"))],
+            &[
+                "convert",
+                "--untrusted",
+                "-O",
+                "raw",
+                s(&desc),
+                s(&d.path().join("o")),
+            ],
             extent,
         );
     }
@@ -169,12 +209,43 @@ fn cyclic_and_too_deep_backing_chains_are_errors() {
     let d = scratch();
     let a = d.path().join("a.qcow2");
     let b = d.path().join("b.qcow2");
-    qemu_img(&["create", "-f", "qcow2", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a), "1M"]);
-    qemu_img(&["create", "-f", "qcow2", "-u", "-b", "a.qcow2", "-F", "qcow2", s(&b), "1M"]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        s(&a),
+        "1M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        s(&b),
+        "1M",
+    ]);
     assert_clean_error(&["info", s(&a)], "loop");
     let selfref = d.path().join("self.qcow2");
     qemu_img(&[
-        "create", "-f", "qcow2", "-u", "-b", "self.qcow2", "-F", "qcow2", s(&selfref), "1M",
+        "create",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "self.qcow2",
+        "-F",
+        "qcow2",
+        s(&selfref),
+        "1M",
     ]);
     assert_clean_error(&["info", s(&selfref)], "loop");
 
@@ -184,7 +255,18 @@ fn cyclic_and_too_deep_backing_chains_are_errors() {
     for i in 1..20 {
         let next = d.path().join(format!("l{i}.qcow2"));
         let back = prev.file_name().unwrap().to_str().unwrap().to_string();
-        qemu_img(&["create", "-f", "qcow2", "-u", "-b", &back, "-F", "qcow2", s(&next), "1M"]);
+        qemu_img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            &back,
+            "-F",
+            "qcow2",
+            s(&next),
+            "1M",
+        ]);
         prev = next;
     }
     assert_clean_error(&["info", s(&prev)], "deeper");
@@ -195,10 +277,22 @@ fn corpus_malicious_images_are_handled_quickly() {
     let Some(corpus) = corpus_dir() else { return };
     let d = scratch();
     for (rel, name) in [
-        ("cdi-malicious/invalid-qcow-large-memory.img.xz", "large-memory.img"),
-        ("cdi-malicious/invalid-qcow-backing-file.img.xz", "backing-file.img"),
-        ("cdi-malicious/invalid-qcow-large-json.img.xz", "large-json.img"),
-        ("cdi-malicious/invalid-qcow-large-size.img.xz", "large-size.img"),
+        (
+            "cdi-malicious/invalid-qcow-large-memory.img.xz",
+            "large-memory.img",
+        ),
+        (
+            "cdi-malicious/invalid-qcow-backing-file.img.xz",
+            "backing-file.img",
+        ),
+        (
+            "cdi-malicious/invalid-qcow-large-json.img.xz",
+            "large-json.img",
+        ),
+        (
+            "cdi-malicious/invalid-qcow-large-size.img.xz",
+            "large-size.img",
+        ),
         ("qemu-iotests/afl5.img.bz2", "afl5.img"),
         ("qemu-iotests/afl9.vmdk.bz2", "afl9.vmdk"),
     ] {
@@ -209,15 +303,32 @@ fn corpus_malicious_images_are_handled_quickly() {
             vec!["map", "--untrusted", "--output=json", s(&p)],
         ] {
             let w = watched(&args);
-            assert!(matches!(w.code, Some(0) | Some(1)), "{args:?}: {:?} {}", w.code, w.stderr);
+            assert!(
+                matches!(w.code, Some(0) | Some(1)),
+                "{args:?}: {:?} {}",
+                w.code,
+                w.stderr
+            );
             assert!(!w.stderr.contains("panicked"), "{args:?}: {}", w.stderr);
-            assert!(w.elapsed < Duration::from_secs(5), "{args:?} took {:?}", w.elapsed);
-            assert!(w.max_rss_kib < 256 * 1024, "{args:?} used {} KiB", w.max_rss_kib);
+            assert!(
+                w.elapsed < Duration::from_secs(5),
+                "{args:?} took {:?}",
+                w.elapsed
+            );
+            assert!(
+                w.max_rss_kib < 256 * 1024,
+                "{args:?} used {} KiB",
+                w.max_rss_kib
+            );
         }
         let out = d.path().join("out.raw");
         let w = watched(&["convert", "--untrusted", "-O", "raw", s(&p), s(&out)]);
         assert!(!w.stderr.contains("panicked"), "{name}: {}", w.stderr);
-        assert!(w.max_rss_kib < 256 * 1024, "{name} used {} KiB", w.max_rss_kib);
+        assert!(
+            w.max_rss_kib < 256 * 1024,
+            "{name} used {} KiB",
+            w.max_rss_kib
+        );
         let _ = std::fs::remove_file(&out);
     }
 }
@@ -240,16 +351,32 @@ fn truncations(img: &Path, fmt: &str) {
         std::fs::write(&p, &data[..cut]).unwrap();
         let out = d.path().join("out.raw");
         let w = watched(&["convert", "-f", fmt, "-O", "raw", s(&p), s(&out)]);
-        assert!(!w.stderr.contains("panicked"), "{fmt} cut at {cut}: {}", w.stderr);
-        assert!(matches!(w.code, Some(0) | Some(1)), "{fmt} cut at {cut}: {:?}", w.code);
-        assert!(w.elapsed < Duration::from_secs(5), "{fmt} cut at {cut}: {:?}", w.elapsed);
+        assert!(
+            !w.stderr.contains("panicked"),
+            "{fmt} cut at {cut}: {}",
+            w.stderr
+        );
+        assert!(
+            matches!(w.code, Some(0) | Some(1)),
+            "{fmt} cut at {cut}: {:?}",
+            w.code
+        );
+        assert!(
+            w.elapsed < Duration::from_secs(5),
+            "{fmt} cut at {cut}: {:?}",
+            w.elapsed
+        );
         if w.code == Some(1) {
             assert!(!out.exists(), "{fmt} cut at {cut} left an output behind");
         }
         let _ = std::fs::remove_file(&out);
         std::fs::remove_file(&p).unwrap();
     }
-    assert!(only_files(d.path()).is_empty(), "left: {:?}", only_files(d.path()));
+    assert!(
+        only_files(d.path()).is_empty(),
+        "left: {:?}",
+        only_files(d.path())
+    );
 }
 
 fn sample_raw(dir: &Path) -> PathBuf {
@@ -275,7 +402,15 @@ fn truncated_vmdk_images_fail_cleanly() {
     let raw = sample_raw(d.path());
     for sub in ["monolithicSparse", "streamOptimized"] {
         let v = d.path().join("t.vmdk");
-        qemu_img(&["convert", "-O", "vmdk", "-o", &format!("subformat={sub}"), s(&raw), s(&v)]);
+        qemu_img(&[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            s(&raw),
+            s(&v),
+        ]);
         truncations(&v, "vmdk");
     }
 }
@@ -301,7 +436,10 @@ fn no_create_never_truncates_the_target() {
     let data = std::fs::read(&dst).unwrap();
     let srcdata = std::fs::read(&src).unwrap();
     assert_eq!(&data[..1 << 20], &srcdata[..], "first MiB is the source");
-    assert!(data[(2 << 20)..(2 << 20) + 4096].iter().any(|&b| b != 0), "beyond the source is untouched");
+    assert!(
+        data[(2 << 20)..(2 << 20) + 4096].iter().any(|&b| b != 0),
+        "beyond the source is untouched"
+    );
     // A target smaller than the source is refused, untouched.
     let small = d.path().join("small.raw");
     make_raw(&small, 4096, &[(0, 4096, 5)]);
@@ -319,7 +457,15 @@ fn an_existing_destination_is_replaced_only_by_a_complete_image() {
     let dst = d.path().join("keep.img");
     std::fs::write(&dst, b"precious").unwrap();
     // A failing conversion (bad option) leaves the old file as it was.
-    let o = imgconv_out(&["convert", "-O", "qcow2", "-o", "cluster_size=3", s(&src), s(&dst)]);
+    let o = imgconv_out(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=3",
+        s(&src),
+        s(&dst),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(std::fs::read(&dst).unwrap(), b"precious");
     assert_eq!(only_files(d.path()), ["a.raw", "keep.img"]);
@@ -328,7 +474,9 @@ fn an_existing_destination_is_replaced_only_by_a_complete_image() {
 #[test]
 fn fuzz_regressions_do_not_panic() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions");
-    let Ok(entries) = std::fs::read_dir(&dir) else { return };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
     for e in entries {
         let p = e.unwrap().path();
         let data = std::fs::read(&p).unwrap();

@@ -9,11 +9,13 @@ pub mod raw;
 pub mod vdi;
 pub mod vmdk;
 
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::detect::{probe, Format};
 use crate::error::Result;
+use crate::image::ImageInfo;
 use crate::image::{Image, OpenContext, Opened};
 use crate::io::{OutputSet, Storage};
 use crate::writer::{ImageWriter, WriteOptions};
@@ -31,6 +33,95 @@ pub fn open_storage(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Imag
         Format::Vdi => vdi::open(storage, ctx)?,
     };
     Ok(Image::from_opened(opened))
+}
+
+/// Opens an image of `format` from a byte stream (decompressor, pipe, tar member).
+///
+/// A raw disk of known length `len` is read straight from the stream, in one pass (a
+/// sequential-only device), and so is a streamOptimized VMDK. Everything else — a raw
+/// disk of unknown length, and formats that need random access to their metadata — is
+/// spooled first to a sparse, already unlinked temporary file in `ctx.options.tmpdir`
+/// (else `$TMPDIR`).
+pub fn open_stream(
+    format: Format,
+    reader: Box<dyn Read + Send>,
+    len: Option<u64>,
+    ctx: &OpenContext,
+) -> Result<Opened> {
+    if let (Format::Raw, Some(len)) = (format, len) {
+        // The length comes from a header (tar, xz index, zstd frames): bound it before
+        // a writer sizes its output after it.
+        let limit = crate::limits::MAX_VIRTUAL_SIZE;
+        if len > limit {
+            return Err(crate::error::Error::TooLarge {
+                format: "raw",
+                structure: "disk size declared by the container",
+                size: len,
+                limit,
+            });
+        }
+        let mut reader = reader;
+        if len == 0 {
+            // Nothing will ever be read: check now that the stream is empty and whole.
+            let rest = crate::io::compressed::count(&mut reader)?;
+            if rest != 0 {
+                return Err(crate::error::Error::Format(format!(
+                    "{}: {rest} bytes of data where none were declared",
+                    ctx.filename
+                )));
+            }
+        }
+        let device = crate::io::stream::StreamDevice::new(reader, len, ctx.filename.clone());
+        return Ok(Opened {
+            device: Arc::new(device),
+            info: ImageInfo::new(ctx.filename.clone(), Format::Raw, len),
+        });
+    }
+    let mut reader = reader;
+    if format == Format::Vmdk {
+        // streamOptimized VMDK is designed to be read in one pass; other VMDK
+        // subformats need random access and are spooled.
+        let head = crate::io::compressed::peek(&mut reader, 512)
+            .map_err(crate::io::compressed::from_io)?;
+        let streamable = is_stream_optimized(&head);
+        let reader = crate::io::compressed::replay(head, reader);
+        if streamable {
+            return vmdk::open_stream(reader, ctx);
+        }
+        return spool_and_open(format, reader, ctx);
+    }
+    spool_and_open(format, reader, ctx)
+}
+
+/// True when `head` is a VMDK sparse header with compressed grains and markers (the
+/// streamOptimized layout).
+fn is_stream_optimized(head: &[u8]) -> bool {
+    const COMPRESSED: u32 = 1 << 16;
+    const MARKERS: u32 = 1 << 17;
+    head.len() >= 12 && head.starts_with(b"KDMV") && {
+        let flags = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        flags & (COMPRESSED | MARKERS) == COMPRESSED | MARKERS
+    }
+}
+
+/// Spools `reader` to a sparse temporary file and opens it as `format`.
+fn spool_and_open(
+    format: Format,
+    mut reader: Box<dyn Read + Send>,
+    ctx: &OpenContext,
+) -> Result<Opened> {
+    let dir = crate::io::spool::spool_dir(ctx.options.tmpdir.as_deref());
+    let name = ctx
+        .path
+        .clone()
+        .unwrap_or_else(|| ctx.filename.clone().into());
+    let storage: Arc<dyn Storage> = Arc::new(crate::io::spool::spool(&mut reader, &dir, &name)?);
+    match format {
+        Format::Raw => raw::open(storage, ctx),
+        Format::Qcow2 => qcow2::open(storage, ctx),
+        Format::Vmdk => vmdk::open(storage, ctx),
+        Format::Vdi => vdi::open(storage, ctx),
+    }
 }
 
 /// Creates the writer for `format` that will write an image of `size` bytes to `target`.

@@ -1,7 +1,13 @@
-//! Bytes in and out: positional file reads, memory, atomic sparse outputs.
+//! Bytes in and out: positional file reads, memory, atomic sparse outputs, and the
+//! way in through decompressors, tar archives, pipes and spooled temporary files.
 
+pub mod compressed;
 pub mod file;
 pub mod output;
+pub mod source;
+pub mod spool;
+pub mod stream;
+pub mod tar;
 
 pub use file::{FileStorage, MemStorage, Storage};
 pub use output::OutputSet;

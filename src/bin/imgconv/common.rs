@@ -21,6 +21,44 @@ pub fn parse_format(s: &str) -> Result<Format, String> {
     s.parse::<Format>().map_err(|e| e.to_string())
 }
 
+/// Options for reading a source image: spooling folder and tar member.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct InputArgs {
+    /// Folder for the temporary copy of a compressed or piped input that needs random
+    /// access (qcow2, VDI, sparse VMDK); default $TMPDIR.
+    #[arg(long = "tmpdir", value_name = "DIR")]
+    pub tmpdir: Option<std::path::PathBuf>,
+    /// The member to open when the input is a tar archive holding several images.
+    #[arg(long = "member", value_name = "NAME")]
+    pub member: Option<String>,
+}
+
+impl InputArgs {
+    /// Puts these options into `o`.
+    pub fn apply(&self, o: &mut OpenOptions) {
+        o.tmpdir = self.tmpdir.clone();
+        o.member = self.member.clone();
+    }
+}
+
+/// Opens a source image (`-` = standard input) with an optional format, trust mode,
+/// spooling folder and tar member.
+pub fn open_input(
+    path: &str,
+    format: Option<Format>,
+    untrusted: bool,
+    input: &InputArgs,
+) -> imgconv::Result<Image> {
+    let mut o = if untrusted {
+        OpenOptions::untrusted()
+    } else {
+        OpenOptions::trusted()
+    };
+    o.format = format;
+    input.apply(&mut o);
+    imgconv::open(Path::new(path), &o)
+}
+
 /// Opens `path` with an optional format and trust mode.
 pub fn open_image(path: &str, format: Option<Format>, untrusted: bool) -> imgconv::Result<Image> {
     let mut o = if untrusted {

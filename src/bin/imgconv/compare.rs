@@ -6,11 +6,13 @@ use clap::Args as ClapArgs;
 use imgconv::convert::is_zero;
 use imgconv::{BlockDevice, Format};
 
-use crate::common::{open_image, parse_format, progress_bar, CmdResult};
+use crate::common::{open_input, parse_format, progress_bar, CmdResult, InputArgs};
 
 /// Arguments of `imgconv compare`.
 #[derive(ClapArgs)]
 pub struct Args {
+    #[command(flatten)]
+    input: InputArgs,
     /// Format of the first image (probed when omitted).
     #[arg(short = 'f', value_parser = parse_format)]
     format_a: Option<Format>,
@@ -42,8 +44,8 @@ const CHUNK: u64 = 1 << 20;
 /// Runs `imgconv compare`: exit 0 identical, 1 different, 2 error.
 pub fn run(a: Args) -> CmdResult {
     let _ = a.force_share;
-    let ia = open_image(&a.a, a.format_a, a.untrusted).map_err(|e| (2, e))?;
-    let ib = open_image(&a.b, a.format_b, a.untrusted).map_err(|e| (2, e))?;
+    let ia = open_input(&a.a, a.format_a, a.untrusted, &a.input).map_err(|e| (2, e))?;
+    let ib = open_input(&a.b, a.format_b, a.untrusted, &a.input).map_err(|e| (2, e))?;
     let (da, db) = (ia.device().as_ref(), ib.device().as_ref());
     let (sa, sb) = (da.size(), db.size());
     if sa != sb {

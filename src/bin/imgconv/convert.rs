@@ -7,11 +7,15 @@ use clap::Args as ClapArgs;
 use imgconv::writer::parse_size;
 use imgconv::{ConvertOptions, Format};
 
-use crate::common::{fail, open_image, parse_format, progress_bar, CmdResult};
+use crate::common::{
+    fail, open_image, open_input, parse_format, progress_bar, CmdResult, InputArgs,
+};
 
 /// Arguments of `imgconv convert`.
 #[derive(ClapArgs)]
 pub struct Args {
+    #[command(flatten)]
+    input: InputArgs,
     /// Source format (probed when omitted).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
@@ -77,7 +81,7 @@ pub fn run(a: Args) -> CmdResult {
     if a.target_is_zero && !a.no_create {
         return Err((1, imgconv::Error::invalid("--target-is-zero requires -n")));
     }
-    let src = open_image(&a.src, a.format, a.untrusted).map_err(fail(1))?;
+    let src = open_input(&a.src, a.format, a.untrusted, &a.input).map_err(fail(1))?;
     let mut opts = ConvertOptions::new(a.out_format);
     for o in &a.options {
         opts.write.parse_o(o).map_err(fail(1))?;

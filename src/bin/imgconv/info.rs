@@ -5,11 +5,13 @@ use std::process::ExitCode;
 use clap::Args as ClapArgs;
 use imgconv::{Format, ImageInfo};
 
-use crate::common::{fail, human_size, parse_format, CmdResult};
+use crate::common::{fail, human_size, parse_format, CmdResult, InputArgs};
 
 /// Arguments of `imgconv info`.
 #[derive(ClapArgs)]
 pub struct Args {
+    #[command(flatten)]
+    input: InputArgs,
     /// Image format (probed from magic bytes when omitted).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
@@ -38,6 +40,7 @@ pub fn run(a: Args) -> CmdResult {
         imgconv::OpenOptions::trusted()
     };
     o.format = a.format;
+    a.input.apply(&mut o);
     let img = imgconv::open(&a.file, &o).map_err(fail(1))?;
     let mut chain: Vec<&ImageInfo> = vec![img.info()];
     if a.backing_chain {
@@ -73,6 +76,9 @@ pub fn human(i: &ImageInfo) -> String {
     s += &format!("file format: {}\n", i.format);
     if let Some(c) = &i.compression {
         s += &format!("compression: {c}\n");
+    }
+    if let Some(m) = &i.archive_member {
+        s += &format!("archive member: {m} (tar)\n");
     }
     s += &format!(
         "virtual size: {} ({} bytes)\n",

@@ -6,11 +6,13 @@ use clap::Args as ClapArgs;
 use imgconv::{Extent, ExtentKind, Format};
 use serde::Serialize;
 
-use crate::common::{fail, open_image, parse_format, CmdResult};
+use crate::common::{fail, open_input, parse_format, CmdResult, InputArgs};
 
 /// Arguments of `imgconv map`.
 #[derive(ClapArgs)]
 pub struct Args {
+    #[command(flatten)]
+    input: InputArgs,
     /// Image format (probed when omitted).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
@@ -56,7 +58,7 @@ fn mergeable(prev: &Extent, e: &Extent) -> bool {
 /// Runs `imgconv map`.
 pub fn run(a: Args) -> CmdResult {
     let _ = a.force_share;
-    let img = open_image(&a.file, a.format, a.untrusted).map_err(fail(1))?;
+    let img = open_input(&a.file, a.format, a.untrusted, &a.input).map_err(fail(1))?;
     let dev = img.device();
     let size = dev.size();
     let mut extents: Vec<Extent> = Vec::new();

@@ -1,32 +1,68 @@
-//! vmdk: not implemented yet.
+//! VMDK: VMware's virtual disk, every hosted subformat.
+//!
+//! Reading: a sparse extent with an embedded descriptor (monolithicSparse,
+//! streamOptimized in VMware's, qemu-img's and open-vmdk's layouts) or a text descriptor
+//! naming FLAT, VMFS, SPARSE and ZERO extents (monolithicFlat, twoGbMaxExtent*, vmfs),
+//! with delta disks opened over their parent (`parentFileNameHint`, CID checked);
+//! legacy ESX COWD (vmfsSparse) and ESXi seSparse extents, alone or named by a
+//! descriptor. Raw device mappings (VMFSRDM / VMFSRAW) are refused at open.
+//! Writing: monolithicSparse, monolithicFlat, twoGbMaxExtentSparse,
+//! twoGbMaxExtentFlat and streamOptimized (also to a pipe).
+//!
+//! - [`header`]: the `KDMV` header and stream markers;
+//! - [`descriptor`]: the text descriptor;
+//! - [`sparse`]: reading one hosted sparse extent;
+//! - [`sesparse`]: reading one ESXi seSparse extent;
+//! - [`reader`]: opening an image and serving it as a block device;
+//! - [`stream`]: reading a streamOptimized file sequentially from a pipe;
+//! - [`writer`]: every subformat's writer.
+
+pub mod descriptor;
+pub mod header;
+pub mod reader;
+pub mod sesparse;
+pub mod sparse;
+pub mod stream;
+pub mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::image::{OpenContext, Opened};
 use crate::io::{OutputSet, Storage};
 use crate::writer::{ImageWriter, WriteOptions};
 
-/// Opens a vmdk image.
-pub fn open(_storage: Arc<dyn Storage>, _ctx: &OpenContext) -> Result<Opened> {
-    Err(Error::unsupported("vmdk", "reading vmdk images"))
+/// Opens a vmdk image: a sparse extent (with its embedded descriptor) or a descriptor
+/// file; extent files and the parent go through `ctx` (refused when untrusted).
+pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
+    reader::open(storage, ctx)
 }
 
-/// Creates a vmdk writer.
+/// Reads a streamOptimized VMDK sequentially from `reader` (a pipe): the device it
+/// returns is `sequential_only` and must be read in ascending order.
+pub fn open_stream(reader: Box<dyn std::io::Read + Send>, ctx: &OpenContext) -> Result<Opened> {
+    stream::open_stream(reader, ctx)
+}
+
+/// Creates a vmdk writer for `target` (`-o subformat=…`; extent files are named after
+/// it), or for the stream of `out` (streamOptimized only).
 pub fn create_writer(
-    _target: &Path,
-    _size: u64,
-    _opts: &WriteOptions,
-    _out: &mut OutputSet,
+    target: &Path,
+    size: u64,
+    opts: &WriteOptions,
+    out: &mut OutputSet,
 ) -> Result<Box<dyn ImageWriter>> {
-    Err(Error::unsupported("vmdk", "writing vmdk images"))
+    writer::create_writer(target, size, opts, out)
 }
 
-/// True when `head` starts like a VMDK: a sparse extent (`KDMV`), a COWD extent or a
-/// text descriptor.
+/// True when `head` starts like a VMDK: a sparse extent (`KDMV`), a COWD extent, a
+/// seSparse extent (refused at open, rather than misread as raw) or a text descriptor
+/// (either spelling of its first comment).
 pub fn probe(head: &[u8]) -> bool {
     head.starts_with(b"KDMV")
         || head.starts_with(b"COWD")
+        || head.starts_with(&header::SESPARSE_MAGIC.to_le_bytes())
         || head.starts_with(b"# Disk DescriptorFile")
+        || head.starts_with(b"# Disk Descriptor File")
 }

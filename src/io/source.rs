@@ -1,0 +1,284 @@
+//! The way in: from a path or a byte stream to an [`Image`], unwrapping compression and
+//! tar archives on the way.
+//!
+//! Order of probing (magic bytes only, never file names): compression (gzip, bzip2, xz,
+//! zstd) on the first bytes of the file, then a tar header on the first (decompressed)
+//! bytes, then the disk format. A raw disk inside a compressed stream or a tar member is
+//! read straight from the stream ([`StreamDevice`]) when its size is known: from the tar
+//! header, from the xz index or the zstd frame headers of a file, or, for gzip and bzip2
+//! files, by a first pass that only counts the decompressed bytes. Every other case
+//! (random-access formats, a raw disk of unknown size on a pipe) is spooled to a sparse
+//! temporary file by [`crate::format::open_stream`].
+//!
+//! [`StreamDevice`]: crate::io::stream::StreamDevice
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::detect::{probe_bytes, probe_compression, probe_tar, Compression, Format, PROBE_LEN};
+use crate::error::{Error, Result};
+use crate::image::{Image, OpenContext, OpenOptions};
+use crate::io::compressed::{count, decoder, from_io, peek, replay, to_io, uncompressed_size};
+use crate::io::tar::{self, Entry, StorageInput, StreamInput};
+use crate::io::{FileStorage, Storage};
+
+/// How the length of a raw disk inside a stream is found.
+enum RawLen {
+    /// Recorded by the container.
+    Known(u64),
+    /// Found by decoding the file once more, counting bytes.
+    Count(Box<dyn FnOnce() -> Result<u64>>),
+    /// Not knowable (a pipe): the raw disk is spooled.
+    Unknown,
+}
+
+fn storage_err(storage: &dyn Storage, e: io::Error) -> Error {
+    match storage.path() {
+        Some(p) => Error::io(p, e),
+        None => Error::Stream(e),
+    }
+}
+
+/// Opens the file at `path`: compressed, tar, or a plain image.
+pub fn open_path(path: &Path, options: &OpenOptions) -> Result<Image> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .file_type();
+    if ft.is_fifo() || ft.is_char_device() || ft.is_socket() {
+        // A named pipe (`<(curl …)`, /dev/stdin): read it as a stream.
+        let f = File::open(path).map_err(|e| Error::io(path, e))?;
+        return open_stream_input(Box::new(f), &path.display().to_string(), options);
+    }
+    let ctx = OpenContext::for_path(path, options);
+    let storage = Arc::new(FileStorage::open(path)?);
+    let n = storage.len().min(PROBE_LEN as u64) as usize;
+    let mut head = vec![0u8; n];
+    storage
+        .read_exact_at(&mut head, 0)
+        .map_err(|e| storage_err(storage.as_ref(), e))?;
+    if let Some(c) = probe_compression(&head) {
+        let mut img = open_compressed_file(path, storage.file(), storage.len(), c, &ctx)?;
+        let info = img.info_mut();
+        info.compression = Some(c.name().to_string());
+        info.actual_size = Some(storage.allocated_bytes());
+        return Ok(img);
+    }
+    if probe_tar(&head) {
+        return open_tar_storage(storage, &ctx);
+    }
+    crate::format::open_storage(storage, &ctx)
+}
+
+fn open_compressed_file(
+    path: &Path,
+    file: &File,
+    len: u64,
+    c: Compression,
+    ctx: &OpenContext,
+) -> Result<Image> {
+    let reopen = {
+        let path = path.to_path_buf();
+        move || -> Result<crate::io::compressed::DecodeReader> {
+            let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            decoder(c, Box::new(f))
+        }
+    };
+    let raw_len = match uncompressed_size(c, file, len)? {
+        Some(n) => RawLen::Known(n),
+        None => {
+            let again = reopen.clone();
+            RawLen::Count(Box::new(move || count(&mut again()?)))
+        }
+    };
+    let mut dec = reopen()?;
+    let head = peek(&mut dec, PROBE_LEN).map_err(from_io)?;
+    let stream = replay(head.clone(), Box::new(dec));
+    open_decoded(stream, &head, raw_len, ctx)
+}
+
+/// Opens an image from a byte stream (a pipe, stdin, a network body): compressed or
+/// not, tar or not, any format. Raw and tar members of known size are read in one pass;
+/// other formats are spooled to a sparse temporary file.
+pub fn open_stream_input(
+    reader: Box<dyn Read + Send>,
+    name: &str,
+    options: &OpenOptions,
+) -> Result<Image> {
+    let ctx = OpenContext::detached(name, options);
+    let mut reader = reader;
+    let head = peek(&mut reader, PROBE_LEN).map_err(from_io)?;
+    let reader = replay(head.clone(), reader);
+    match probe_compression(&head) {
+        Some(c) => {
+            let mut dec = decoder(c, reader)?;
+            let head = peek(&mut dec, PROBE_LEN).map_err(from_io)?;
+            let stream = replay(head.clone(), Box::new(dec));
+            let mut img = open_decoded(stream, &head, RawLen::Unknown, &ctx)?;
+            img.info_mut().compression = Some(c.name().to_string());
+            Ok(img)
+        }
+        None => open_decoded(reader, &head, RawLen::Unknown, &ctx),
+    }
+}
+
+/// Opens decompressed bytes (`head` = their first bytes, already replayed in `stream`).
+fn open_decoded(
+    stream: Box<dyn Read + Send>,
+    head: &[u8],
+    raw_len: RawLen,
+    ctx: &OpenContext,
+) -> Result<Image> {
+    if probe_tar(head) {
+        return open_tar_stream(stream, ctx);
+    }
+    let format = ctx.options.format.unwrap_or_else(|| probe_bytes(head));
+    let len = match (format, raw_len) {
+        (Format::Raw, RawLen::Known(n)) => Some(n),
+        (Format::Raw, RawLen::Count(f)) => Some(f()?),
+        _ => None,
+    };
+    Ok(Image::from_opened(crate::format::open_stream(
+        format, stream, len, ctx,
+    )?))
+}
+
+/// Opens the chosen member of an uncompressed tar file in place (a window, no copy).
+fn open_tar_storage(storage: Arc<FileStorage>, ctx: &OpenContext) -> Result<Image> {
+    let entries = tar::list(&mut StorageInput {
+        storage: storage.as_ref(),
+        pos: 0,
+    })?;
+    let e = tar::choose(&entries, ctx.options.member.as_deref())?;
+    let member: Arc<dyn Storage> = if e.kind == tar::EntryKind::Sparse {
+        Arc::new(tar::SparseWindow::new(storage.clone(), &e)?)
+    } else {
+        Arc::new(tar::Window::new(storage.clone(), e.data_offset, e.size)?)
+    };
+    let mut img = crate::format::open_storage(member, ctx)?;
+    let info = img.info_mut();
+    info.archive_member = Some(e.name);
+    info.actual_size = Some(storage.allocated_bytes());
+    Ok(img)
+}
+
+/// Finds the member in a tar stream and opens it from the stream.
+fn open_tar_stream(mut stream: Box<dyn Read + Send>, ctx: &OpenContext) -> Result<Image> {
+    let wanted = ctx.options.member.clone();
+    let mut input = StreamInput {
+        reader: &mut stream,
+        pos: 0,
+    };
+    let mut names = Vec::new();
+    let entry = loop {
+        match tar::next_entry(&mut input)? {
+            None => {
+                return Err(match &wanted {
+                    Some(w) => Error::invalid(format!(
+                        "tar archive has no member '{w}' (members: {})",
+                        names.join(", ")
+                    )),
+                    None => Error::Format(
+                        "tar archive holds no disk image (no non-empty regular file)".into(),
+                    ),
+                })
+            }
+            Some(e) => {
+                let hit = match &wanted {
+                    Some(w) => e.matches(w),
+                    None => e.is_candidate(),
+                };
+                if hit {
+                    tar::check_usable(&e)?;
+                    break e;
+                }
+                names.push(e.name.clone());
+                tar::skip_data(&mut input, &e, 0)?;
+            }
+        }
+    };
+    let pos = input.pos;
+    let member = TarMember {
+        inner: stream,
+        remaining: entry.size,
+        pos,
+        entry: entry.clone(),
+        check_others: wanted.is_none(),
+        done: false,
+    };
+    let mut member: Box<dyn Read + Send> = if entry.kind == tar::EntryKind::Sparse {
+        Box::new(tar::SparseExpand::new(member, &entry))
+    } else {
+        Box::new(member)
+    };
+    let head = peek(&mut member, PROBE_LEN).map_err(from_io)?;
+    let reader = replay(head.clone(), member);
+    let format = ctx.options.format.unwrap_or_else(|| probe_bytes(&head));
+    let len = (format == Format::Raw).then_some(entry.real_size);
+    let mut img = Image::from_opened(crate::format::open_stream(format, reader, len, ctx)?);
+    img.info_mut().archive_member = Some(entry.name);
+    Ok(img)
+}
+
+/// The data of one tar member in a stream. At its end it reads the rest of the archive:
+/// another candidate image there is an error (unless the member was named), and the
+/// stream is drained so that the decompressor checks its trailing checksums.
+struct TarMember {
+    inner: Box<dyn Read + Send>,
+    remaining: u64,
+    pos: u64,
+    entry: Entry,
+    check_others: bool,
+    done: bool,
+}
+
+impl TarMember {
+    fn finish(&mut self) -> Result<()> {
+        let mut input = StreamInput {
+            reader: &mut self.inner,
+            pos: self.pos,
+        };
+        tar::skip_data(&mut input, &self.entry, self.entry.size)?;
+        let mut others = Vec::new();
+        while let Some(e) = tar::next_entry(&mut input)? {
+            if self.check_others && e.is_candidate() {
+                others.push(e.name.clone());
+            }
+            tar::skip_data(&mut input, &e, 0)?;
+        }
+        io::copy(&mut self.inner, &mut io::sink()).map_err(from_io)?;
+        if !others.is_empty() {
+            let mut all = vec![self.entry.name.clone()];
+            all.extend(others);
+            return Err(tar::ambiguous(&all));
+        }
+        Ok(())
+    }
+}
+
+impl Read for TarMember {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            if !self.done {
+                self.done = true;
+                self.finish().map_err(to_io)?;
+            }
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.remaining) as usize;
+        let got = self.inner.read(&mut buf[..n])?;
+        if got == 0 {
+            return Err(to_io(Error::corrupt(
+                "tar",
+                "member data",
+                self.pos,
+                format!("the archive ends inside member '{}'", self.entry.name),
+            )));
+        }
+        self.remaining -= got as u64;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
