@@ -1,5 +1,5 @@
 #!/bin/sh
-# Runs every fuzz target for SECONDS each (default 60), one after another with one job,
+# Runs every fuzz target for SECONDS each (default 60), one after another in one process,
 # and prints the executions, coverage and crashes per target.
 #
 #   fuzz/run-all.sh SECONDS [TARGET...]
@@ -29,7 +29,7 @@ for t in $targets; do
     log="$here/logs/$t.log"
     # A crash ends the run early; the script goes on with the next target.
     cargo fuzz run -O "$t" "$here/corpus/$t" "$here/seeds/$t" -- \
-        -max_total_time="$secs" -rss_limit_mb=512 -timeout=10 -jobs=1 -workers=1 \
+        -max_total_time="$secs" -rss_limit_mb=512 -timeout=10 \
         -print_final_stats=1 >"$log" 2>&1 || true
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
