@@ -239,6 +239,17 @@ impl ImageWriter for RawWriter {
     }
 }
 
+/// Changes the size of the raw image at `path` to `new_size` bytes (a shrink cuts off
+/// the data beyond the new end; the caller asks for consent first).
+pub fn resize(path: &Path, new_size: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    f.set_len(new_size).map_err(|e| Error::io(path, e))?;
+    f.sync_data().map_err(|e| Error::io(path, e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,14 @@
 //! `imgconv`: qemu-img's command line for raw, qcow2, VMDK and VDI images.
 
+mod check;
 mod common;
 mod compare;
 mod convert;
+mod create;
 mod info;
 mod map;
+mod measure;
+mod resize;
 
 use std::process::ExitCode;
 
@@ -30,6 +34,14 @@ enum Command {
     Compare(compare::Args),
     /// Show where the data of an image lies.
     Map(map::Args),
+    /// Check an image's metadata for errors and leaks (qcow2).
+    Check(check::Args),
+    /// Compute the size an image needs in a given format.
+    Measure(measure::Args),
+    /// Create a new empty image.
+    Create(create::Args),
+    /// Change the virtual size of an image.
+    Resize(resize::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +52,10 @@ fn main() -> ExitCode {
         Command::Convert(a) => convert::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Map(a) => map::run(a),
+        Command::Check(a) => check::run(a),
+        Command::Measure(a) => measure::run(a),
+        Command::Create(a) => create::run(a),
+        Command::Resize(a) => resize::run(a),
     };
     match r {
         Ok(code) => code,

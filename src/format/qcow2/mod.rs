@@ -9,9 +9,14 @@
 //! `header.rs` holds the on-disk structures, `snapshot.rs` the snapshot table,
 //! `reader.rs` the address translation behind [`BlockDevice`](crate::BlockDevice).
 
+pub mod check;
 pub mod header;
+pub mod measure;
 pub mod reader;
+pub mod refcount;
+pub mod resize;
 pub mod snapshot;
+pub mod writer;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -573,12 +578,12 @@ fn open_inner(
 
 /// Creates a qcow2 writer.
 pub fn create_writer(
-    _target: &Path,
-    _size: u64,
-    _opts: &WriteOptions,
-    _out: &mut OutputSet,
+    target: &Path,
+    size: u64,
+    opts: &WriteOptions,
+    out: &mut OutputSet,
 ) -> Result<Box<dyn ImageWriter>> {
-    Err(Error::unsupported("qcow2", "writing qcow2 images"))
+    writer::create_writer(target, size, opts, out)
 }
 
 #[cfg(test)]

@@ -1,0 +1,93 @@
+//! `imgconv measure`: the size an image needs in a given format, as `qemu-img measure`.
+
+use std::process::ExitCode;
+
+use clap::Args as ClapArgs;
+use imgconv::format::qcow2::measure::{measure, MeasureSource};
+use imgconv::writer::{parse_size, WriteOptions};
+use imgconv::Format;
+
+use crate::common::{fail, open_image, parse_format, CmdResult};
+
+/// Arguments of `imgconv measure`.
+#[derive(ClapArgs)]
+pub struct Args {
+    /// Source format (probed when omitted).
+    #[arg(short = 'f', value_parser = parse_format)]
+    format: Option<Format>,
+    /// Target format: raw or qcow2.
+    #[arg(short = 'O', value_parser = parse_format, default_value = "raw")]
+    out_format: Format,
+    /// Target options, qemu-img style (may be repeated).
+    #[arg(short = 'o')]
+    options: Vec<String>,
+    /// Measure an empty image of this size instead of a source image.
+    #[arg(long = "size")]
+    size: Option<String>,
+    /// Output format: human or json.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    /// Refuse references to other files in the source.
+    #[arg(long)]
+    untrusted: bool,
+    #[arg(short = 'U', long = "force-share", hide = true)]
+    force_share: bool,
+    /// Source image (when --size is not given).
+    file: Option<String>,
+}
+
+/// Runs `imgconv measure`.
+pub fn run(a: Args) -> CmdResult {
+    let _ = a.force_share;
+    if !matches!(a.output.as_str(), "human" | "json") {
+        return Err((
+            1,
+            imgconv::Error::invalid(format!(
+                "--output must be human or json, not '{}'",
+                a.output
+            )),
+        ));
+    }
+    let mut wo = WriteOptions::default();
+    for o in &a.options {
+        wo.parse_o(o).map_err(fail(1))?;
+    }
+    let m = match (&a.size, &a.file) {
+        (Some(s), None) => {
+            let size = parse_size(s).map_err(fail(1))?;
+            measure(a.out_format, &wo, MeasureSource::Size(size)).map_err(fail(1))?
+        }
+        (None, Some(f)) => {
+            let img = open_image(f, a.format, a.untrusted).map_err(fail(1))?;
+            measure(
+                a.out_format,
+                &wo,
+                MeasureSource::Device(img.device().as_ref(), img.format()),
+            )
+            .map_err(fail(1))?
+        }
+        _ => {
+            return Err((
+                1,
+                imgconv::Error::invalid("give either --size SIZE or a source image, not both"),
+            ))
+        }
+    };
+    if a.output == "json" {
+        let b = m
+            .bitmaps
+            .map(|b| format!("    \"bitmaps\": {b},\n"))
+            .unwrap_or_default();
+        println!(
+            "{{\n{b}    \"required\": {},\n    \"fully-allocated\": {}\n}}",
+            m.required, m.fully_allocated
+        );
+    } else {
+        println!("required size: {}", m.required);
+        println!("fully allocated size: {}", m.fully_allocated);
+        if let Some(b) = m.bitmaps {
+            println!("bitmaps size: {b}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,329 @@
+//! qcow2 refcount structures: sizing, building refcount blocks, reading them all back.
+//!
+//! The on-disk entry encoding (`refcount_get` / `refcount_set`) lives in `header.rs`;
+//! this module holds the logic that walks or produces whole tables.
+
+use std::collections::BTreeMap;
+
+use super::header::{
+    max_refcount, parse_u64_table, refcount_block_entries, refcount_get, refcount_set, Header,
+};
+use crate::error::{Error, Result};
+use crate::io::{read_struct, Storage};
+
+/// Refcount blocks and refcount-table clusters needed so that `clusters` clusters,
+/// plus the refcount structures themselves, are all covered (QEMU's fixed-point
+/// computation in `qcow2_refcount_metadata_size`). Returns `(blocks, table_clusters)`.
+pub fn metadata_clusters(clusters: u64, cluster_bits: u32, refcount_order: u32) -> (u64, u64) {
+    let per_block = refcount_block_entries(cluster_bits, refcount_order);
+    let per_table_cluster = (1u64 << cluster_bits) / 8;
+    let (mut blocks, mut table) = (0u64, 0u64);
+    let mut last = u64::MAX;
+    loop {
+        blocks = (clusters + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table_cluster);
+        let n = clusters + blocks + table;
+        if n == last {
+            return (blocks, table);
+        }
+        last = n;
+    }
+}
+
+/// Refcounts of a file being written: every cluster counts 1 unless set otherwise.
+///
+/// Two bytes per cluster up to the last one set (only byte-packed compressed data sets
+/// many), with the rare counts of 65535 and more kept aside.
+#[derive(Debug, Clone, Default)]
+pub struct RefMap {
+    dense: Vec<u16>,
+    big: BTreeMap<u64, u64>,
+}
+
+impl RefMap {
+    /// An empty map (every cluster counts 1).
+    pub fn new() -> Self {
+        RefMap::default()
+    }
+
+    /// The refcount of `cluster`.
+    pub fn get(&self, cluster: u64) -> u64 {
+        match self.dense.get(cluster as usize) {
+            None => 1,
+            Some(&u16::MAX) => self.big.get(&cluster).copied().unwrap_or(u16::MAX as u64),
+            Some(&v) => v as u64,
+        }
+    }
+
+    /// Sets the refcount of `cluster`.
+    pub fn set(&mut self, cluster: u64, value: u64) {
+        let c = cluster as usize;
+        if c >= self.dense.len() {
+            if value == 1 {
+                return;
+            }
+            self.dense.resize(c + 1, 1);
+        }
+        if value >= u16::MAX as u64 {
+            self.dense[c] = u16::MAX;
+            self.big.insert(cluster, value);
+        } else {
+            self.dense[c] = value as u16;
+            self.big.remove(&cluster);
+        }
+    }
+
+    /// Calls `f(cluster, refcount)` for every cluster in `[first, end)` whose refcount
+    /// is not 1.
+    fn for_each_exception(&self, first: u64, end: u64, mut f: impl FnMut(u64, u64)) {
+        let end = end.min(self.dense.len() as u64);
+        for c in first..end {
+            if self.dense[c as usize] != 1 {
+                f(c, self.get(c));
+            }
+        }
+    }
+}
+
+/// Builds refcount blocks for a file whose clusters `0..total` are all in use with
+/// refcount 1, except those set otherwise in a [`RefMap`].
+pub struct BlockBuilder<'a> {
+    cluster_bits: u32,
+    order: u32,
+    total: u64,
+    exceptions: &'a RefMap,
+    template: Vec<u8>,
+}
+
+impl<'a> BlockBuilder<'a> {
+    /// A builder for the given geometry.
+    pub fn new(cluster_bits: u32, order: u32, total: u64, exceptions: &'a RefMap) -> Self {
+        let cs = 1usize << cluster_bits;
+        let mut template = vec![0u8; cs];
+        let per_block = refcount_block_entries(cluster_bits, order);
+        // A block where every entry is 1: the common case, built once.
+        for i in 0..per_block.min(64) {
+            let _ = refcount_set(&mut template, i, order, 1);
+        }
+        let unit = ((64u64 << order) / 8) as usize; // bytes holding 64 entries
+        let unit = unit.min(cs);
+        let (head, rest) = template.split_at_mut(unit);
+        for c in rest.chunks_mut(unit) {
+            c.copy_from_slice(&head[..c.len()]);
+        }
+        BlockBuilder {
+            cluster_bits,
+            order,
+            total,
+            exceptions,
+            template,
+        }
+    }
+
+    /// The bytes of refcount block `index`.
+    pub fn block(&self, index: u64) -> Result<Vec<u8>> {
+        let per_block = refcount_block_entries(self.cluster_bits, self.order);
+        let first = index * per_block;
+        let mut b = if first + per_block <= self.total {
+            self.template.clone()
+        } else {
+            let mut b = vec![0u8; self.template.len()];
+            for i in 0..self.total.saturating_sub(first) {
+                refcount_set(&mut b, i, self.order, 1)?;
+            }
+            b
+        };
+        let mut err = None;
+        self.exceptions
+            .for_each_exception(first, first + per_block, |c, r| {
+                if err.is_some() {
+                    return;
+                }
+                if r > max_refcount(self.order) {
+                    err = Some(Error::invalid(format!(
+                        "qcow2: cluster {c} needs refcount {r}, more than {} bits hold",
+                        1u32 << self.order
+                    )));
+                } else if let Err(e) = refcount_set(&mut b, c - first, self.order, r) {
+                    err = Some(e);
+                }
+            });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        Ok(b)
+    }
+}
+
+/// Every cluster's refcount as the image's refcount structures record it.
+#[derive(Debug, Clone)]
+pub struct StoredRefcounts {
+    /// Refcount per cluster, for clusters `0..limit` (0 where no block covers it).
+    pub counts: Vec<u64>,
+    /// The refcount table entries.
+    pub table: Vec<u64>,
+    /// Clusters whose refcount cannot be read (their block's offset is not aligned).
+    pub unreadable: Vec<(u64, u64)>,
+}
+
+impl StoredRefcounts {
+    /// The stored refcount of `cluster` (0 where no block covers it).
+    pub fn get(&self, cluster: u64) -> u64 {
+        self.counts.get(cluster as usize).copied().unwrap_or(0)
+    }
+
+    /// True when the refcount of `cluster` cannot be read.
+    pub fn is_unreadable(&self, cluster: u64) -> bool {
+        self.unreadable
+            .iter()
+            .any(|&(a, b)| (a..b).contains(&cluster))
+    }
+}
+
+/// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros
+/// (as QEMU's file driver does).
+pub fn read_padded(storage: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {
+    buf.fill(0);
+    let len = storage.len();
+    if offset >= len {
+        return Ok(());
+    }
+    let n = ((len - offset) as usize).min(buf.len());
+    read_struct(storage, &mut buf[..n], offset, "qcow2", "metadata")
+}
+
+/// Reads the refcount table and the refcount blocks covering clusters `0..limit`.
+///
+/// `limit` must be justified by the file (the caller passes the file's cluster count
+/// plus one). Blocks past the end of the file read as zeros.
+pub fn read_refcounts(storage: &dyn Storage, h: &Header, limit: u64) -> Result<StoredRefcounts> {
+    let cs = h.cluster_size();
+    let table_bytes = h.refcount_table_clusters as u64 * cs;
+    if table_bytes > crate::limits::MAX_QCOW2_REFTABLE_BYTES {
+        return Err(Error::TooLarge {
+            format: "qcow2",
+            structure: "refcount table",
+            size: table_bytes,
+            limit: crate::limits::MAX_QCOW2_REFTABLE_BYTES,
+        });
+    }
+    let mut buf = vec![0u8; table_bytes as usize];
+    read_padded(storage, &mut buf, h.refcount_table_offset)?;
+    let table = parse_u64_table(&buf);
+    let per_block = refcount_block_entries(h.cluster_bits, h.refcount_order);
+    let mut counts = vec![0u64; limit as usize];
+    let mut unreadable = Vec::new();
+    let mut block = vec![0u8; cs as usize];
+    for (i, &e) in table.iter().enumerate() {
+        let first = i as u64 * per_block;
+        if first >= limit {
+            break;
+        }
+        let off = e & OFFSET_MASK_REFTABLE;
+        if off == 0 {
+            continue;
+        }
+        let n = per_block.min(limit - first);
+        if off % cs != 0 {
+            unreadable.push((first, first + n));
+            continue;
+        }
+        read_padded(storage, &mut block, off)?;
+        for j in 0..n {
+            counts[(first + j) as usize] = refcount_get(&block, j, h.refcount_order);
+        }
+    }
+    Ok(StoredRefcounts {
+        counts,
+        table,
+        unreadable,
+    })
+}
+
+/// Sets the stored refcount of `cluster` in its refcount block (which must exist),
+/// through `file` opened for writing.
+pub fn write_refcount(
+    file: &std::fs::File,
+    storage: &dyn Storage,
+    h: &Header,
+    table: &[u64],
+    cluster: u64,
+    value: u64,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let per_block = refcount_block_entries(h.cluster_bits, h.refcount_order);
+    let off = table
+        .get((cluster / per_block) as usize)
+        .map(|e| e & OFFSET_MASK_REFTABLE)
+        .filter(|&o| o != 0 && o % h.cluster_size() == 0)
+        .ok_or_else(|| {
+            Error::corrupt(
+                "qcow2",
+                "refcount table",
+                h.refcount_table_offset,
+                format!("no refcount block for cluster {cluster}"),
+            )
+        })?;
+    let mut block = vec![0u8; h.cluster_size() as usize];
+    read_struct(storage, &mut block, off, "qcow2", "refcount block")?;
+    refcount_set(&mut block, cluster % per_block, h.refcount_order, value)?;
+    file.write_all_at(&block, off).map_err(Error::Stream)
+}
+
+/// Offset bits of a refcount table entry.
+pub const OFFSET_MASK_REFTABLE: u64 = !0x1ff;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_matches_qemu() {
+        // 64 MiB image, 64 KiB clusters: 1027 clusters → 1 block + 1 table cluster.
+        assert_eq!(metadata_clusters(1027, 16, 4), (1, 1));
+        // A block of 16-bit refcounts covers 32768 clusters; it counts itself.
+        assert_eq!(metadata_clusters(32766, 16, 4), (1, 1));
+        assert_eq!(metadata_clusters(32767, 16, 4), (2, 1));
+        // 512-byte clusters with 64-bit refcounts: 64 entries per block.
+        let (b, t) = metadata_clusters(1000, 9, 6);
+        assert!(b * 64 >= 1000 + b + t && t * 64 >= b);
+    }
+
+    #[test]
+    fn blocks_hold_ones_and_exceptions() {
+        for order in 0..=6 {
+            let mut ex = RefMap::new();
+            ex.set(3, 1);
+            if order > 0 {
+                ex.set(5, 3.min(max_refcount(order)));
+            }
+            let b = BlockBuilder::new(9, order, 10, &ex);
+            let blk = b.block(0).unwrap();
+            for i in 0..refcount_block_entries(9, order) {
+                let want = match i {
+                    5 if order > 0 => 3.min(max_refcount(order)),
+                    0..=9 => 1,
+                    _ => 0,
+                };
+                assert_eq!(
+                    refcount_get(&blk, i, order),
+                    want,
+                    "order {order} entry {i}"
+                );
+            }
+        }
+        let mut ex = RefMap::new();
+        ex.set(0, 2);
+        assert!(BlockBuilder::new(9, 0, 1, &ex).block(0).is_err());
+        let mut m = RefMap::new();
+        m.set(10, 0);
+        m.set(11, 70_000);
+        m.set(12, 65_535);
+        assert_eq!(
+            (m.get(9), m.get(10), m.get(11), m.get(12), m.get(99)),
+            (1, 0, 70_000, 65_535, 1)
+        );
+        m.set(11, 2);
+        assert_eq!(m.get(11), 2);
+    }
+}
