@@ -1,27 +1,36 @@
 #!/bin/sh
-# Generates the seed corpora of the fuzz targets into fuzz/seeds/<target>/ (or into the
-# folder given as $1), from small images made with qemu-img/qemu-io (the test oracle;
-# imgconv itself never runs them), the repository's testdata/ and, when
-# $IMGCONV_CORPUS is set, the small files of the shared corpus.
+# Generates the seed corpora of the fuzz targets from small images made with
+# qemu-img/qemu-io (the test oracle; imgconv itself never runs them), the repository's
+# testdata/ and, when $IMGCONV_CORPUS is set, the small files of the shared corpus.
 #
-# Every seed is kept small (at most 128 KiB, most a few KiB): libFuzzer mutates small
-# inputs far faster, and the committed corpus must stay well under 2 MiB.
+#   fuzz/make-seeds.sh [SEEDS-DIR [CORPUS-DIR]]
+#
+# Seeds of at most 16 KiB go to SEEDS-DIR/<target>/ (default fuzz/seeds, committed);
+# larger ones (up to 128 KiB: sparse VMDKs with 64 KiB grains, extended-L2 qcow2) go to
+# CORPUS-DIR/<target>/ (default fuzz/corpus, the working corpus run-all.sh also reads),
+# so that the repository's corpus stays small. libFuzzer mutates small inputs far
+# faster anyway.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/seeds}
+big=${2:-$here/corpus}
 corpus=${IMGCONV_CORPUS:-}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT INT TERM
 
 for t in qcow2 qcow2_header vmdk vmdk_descriptor vmdk_stream vdi open_any compressed roundtrip; do
-    mkdir -p "$out/$t"
+    mkdir -p "$out/$t" "$big/$t"
 done
 
-# put TARGET NAME FILE: copies FILE as a seed when it is small enough.
+# put TARGET NAME FILE: copies FILE as a seed (small) or into the working corpus.
 put() {
-    if [ -f "$3" ] && [ "$(wc -c <"$3")" -le 131072 ]; then
+    [ -f "$3" ] || return 0
+    n=$(wc -c <"$3")
+    if [ "$n" -le 16384 ]; then
         cp "$3" "$out/$1/$2"
+    elif [ "$n" -le 131072 ]; then
+        cp "$3" "$big/$1/$2"
     fi
 }
 
@@ -191,7 +200,7 @@ while [ $i -lt 13 ]; do
     i=$((i + 1))
 done
 
-echo "seeds in $out:"
+echo "seeds in $out (larger ones in $big):"
 for t in "$out"/*/; do
     echo "  $(basename "$t"): $(ls "$t" | wc -l) files, $(du -sk "$t" | cut -f1) KiB"
 done
