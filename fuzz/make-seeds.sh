@@ -19,7 +19,7 @@ corpus=${IMGCONV_CORPUS:-}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT INT TERM
 
-for t in qcow2 qcow2_header vmdk vmdk_descriptor vmdk_stream vdi open_any compressed roundtrip; do
+for t in qcow2 qcow2_header qcow2_check vmdk vmdk_descriptor vmdk_stream vdi open_any compressed roundtrip; do
     mkdir -p "$out/$t" "$big/$t"
 done
 
@@ -178,6 +178,9 @@ fi
 for f in "$here"/../testdata/*; do
     [ -f "$f" ] && put qcow2 "testdata-$(basename "$f")" "$f" && put open_any "testdata-$(basename "$f")" "$f"
 done
+
+# The check walks the same images as the reader.
+cp "$out"/qcow2/* "$out/qcow2_check/"
 
 # --- compressed wrappers ----------------------------------------------------------------
 cp "$tmp/v3-512.qcow2" "$tmp/w.qcow2"

@@ -202,6 +202,15 @@ pub fn qcow2_header(data: &[u8]) {
     }
 }
 
+/// Runs the qcow2 consistency check (`imgconv check`: every table walked, refcounts
+/// rebuilt and compared) on arbitrary bytes.
+pub fn qcow2_check(data: &[u8]) {
+    let storage = MemStorage::new(data.to_vec());
+    if let Ok(report) = crate::format::qcow2::check::check(&storage) {
+        let _ = report.exit_code();
+    }
+}
+
 /// Runs the VMDK text descriptor parser on arbitrary bytes (decoded as the reader
 /// decodes them) and checks that a parsed descriptor renders to text that parses back
 /// the same.
@@ -308,6 +317,7 @@ pub fn replay(name: &str, data: &[u8]) {
     match (format, target) {
         ("roundtrip", _) => return roundtrip(data),
         ("qcow2", "header") => qcow2_header(data),
+        ("qcow2", "check") => qcow2_check(data),
         ("vmdk", "descriptor") => vmdk_descriptor(data),
         ("vmdk", "stream") => vmdk_stream(data),
         ("any", "compressed") => return compressed(data),
