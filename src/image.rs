@@ -31,6 +31,11 @@ pub struct OpenOptions {
     pub tmpdir: Option<PathBuf>,
     /// The tar member to open, when the input is a tar archive holding several images.
     pub member: Option<String>,
+    /// The internal snapshot to read instead of the current state of the top image, as
+    /// qemu-img's `convert -l`: `snapshot.id=ID`, `snapshot.name=NAME` (or both,
+    /// comma-separated), or a bare ID or name (ID first). Formats without internal
+    /// snapshots refuse it.
+    pub snapshot: Option<String>,
 }
 
 impl OpenOptions {
@@ -62,6 +67,12 @@ impl OpenOptions {
     /// Opens the tar member `name` when the input is a tar archive (`--member`).
     pub fn member(mut self, name: impl Into<String>) -> Self {
         self.member = Some(name.into());
+        self
+    }
+
+    /// Reads the internal snapshot `id_or_name` of the top image (`convert -l`).
+    pub fn snapshot(mut self, id_or_name: impl Into<String>) -> Self {
+        self.snapshot = Some(id_or_name.into());
         self
     }
 

@@ -30,7 +30,7 @@
 //!
 //! # Layout
 //! - [`device`]: the [`BlockDevice`] trait every format reader implements;
-//! - [`format`]: one module per format, each with a reader and a writer;
+//! - [`format`](mod@format): one module per format, each with a reader and a writer;
 //! - [`convert`](mod@convert): the one conversion engine for every pair of formats;
 //! - [`io`]: positional file reads, atomic and sparse outputs.
 

@@ -8,10 +8,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn size_of(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap().len()
 }
@@ -86,17 +82,7 @@ fn create_makes_empty_images_like_qemu() {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "7M"]);
     qemu_io(&["-c", "write -P 9 1M 64k", s(&base)]);
     let ov = d.path().join("ov.qcow2");
-    imgconv(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&ov),
-    ]);
+    imgconv(&overlay_args("qcow2", &["-q"], "base.qcow2", &ov, ""));
     check_clean(&ov);
     let info = qemu_info(&ov);
     assert_eq!(info["virtual-size"], Value::from(7u64 << 20));
@@ -104,19 +90,13 @@ fn create_makes_empty_images_like_qemu() {
     assert_same(&ov, &base);
     // An overlay with extended L2 and preallocation still shows the backing data.
     let ov2 = d.path().join("ov2.qcow2");
-    imgconv(&[
-        "create",
-        "-q",
-        "-f",
+    imgconv(&overlay_args(
         "qcow2",
-        "-o",
-        "extended_l2=on,preallocation=metadata",
-        "-b",
+        &["-q", "-o", "extended_l2=on,preallocation=metadata"],
         "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&ov2),
-    ]);
+        &ov2,
+        "",
+    ));
     check_clean(&ov2);
     assert_same(&ov2, &base);
     // No size and no backing file.
@@ -199,12 +179,7 @@ fn resize_grows_and_shrinks_safely() {
     .enumerate()
     {
         let img = d.path().join(format!("r{i}.qcow2"));
-        let mut a = vec!["convert", "-O", "qcow2"];
-        if !o.is_empty() {
-            a.extend_from_slice(&["-o", o]);
-        }
-        a.extend_from_slice(&[s(&src), s(&img)]);
-        imgconv(&a);
+        imgconv_convert("qcow2", o, &src, &img);
         // Grow by 1 GiB: with 512-byte clusters the L1 table must move.
         imgconv(&["resize", "-q", s(&img), "+1G"]);
         check_clean(&img);
@@ -241,32 +216,10 @@ fn resize_grows_and_shrinks_safely() {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "10M"]);
     qemu_io(&["-c", "write -P 5 0 10M", s(&base)]);
     let short = d.path().join("short.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "bb.qcow2",
-        "-F",
-        "qcow2",
-        s(&short),
-        "5M",
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-q"], "bb.qcow2", &short, "5M"));
     assert!(!imgconv_out(&["resize", s(&short), "8M"]).status.success());
     let full = d.path().join("full.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "bb.qcow2",
-        "-F",
-        "qcow2",
-        s(&full),
-        "10M",
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-q"], "bb.qcow2", &full, "10M"));
     imgconv(&["resize", "-q", s(&full), "20M"]);
     check_clean(&full);
     assert_same(&base, &full);

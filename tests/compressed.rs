@@ -65,10 +65,6 @@ fn compress(cmd: &[&str], suffix: &str, src: &Path) -> PathBuf {
     dst
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 fn info_json(path: &Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["info", "--output=json"];
     args.extend_from_slice(extra);
@@ -479,15 +475,7 @@ fn stdin_stream_optimized_vmdk_both_ways() {
 
     // raw.xz -> streamOptimized VMDK on stdout, vs the file-to-file conversion.
     let file_vmdk = dir.path().join("file.vmdk");
-    imgconv(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
-        s(&xz),
-        s(&file_vmdk),
-    ]);
+    imgconv_convert("vmdk", "subformat=streamOptimized", &xz, &file_vmdk);
     let o = pipe_through(
         &tmp,
         &std::fs::read(&xz).unwrap(),
@@ -534,18 +522,12 @@ fn interrupted_spool_leaves_nothing() {
     std::fs::create_dir(&tmp).unwrap();
     std::fs::create_dir(&outdir).unwrap();
     let out = outdir.join("x.raw");
-    let mut child = Command::new(imgconv_bin())
-        .env("TMPDIR", &tmp)
-        .args(["convert", "-O", "raw", "-", s(&out)])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
     // Half of the stream, then silence: imgconv is in the middle of spooling.
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(&qgz[..qgz.len() / 2]).unwrap();
-    stdin.flush().unwrap();
+    let (mut child, stdin) = imgconv_fed_partly(
+        &["convert", "-O", "raw", "-", s(&out)],
+        &[("TMPDIR", &tmp)],
+        &qgz[..qgz.len() / 2],
+    );
     std::thread::sleep(std::time::Duration::from_millis(500));
     // SAFETY: signalling a child we spawned.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -727,4 +709,130 @@ fn named_pipe_is_read_as_a_stream() {
     imgconv(&["convert", "-O", "raw", s(&fifo), s(&out)]);
     writer.join().unwrap();
     assert_same_fmt(&raw, "raw", &out, "raw");
+}
+
+/// A raw disk in a gzip or bzip2 file is decoded once into a sparse spool file that is
+/// unlinked at once: conversions and `info` are right and leave nothing in `$TMPDIR`.
+#[test]
+fn raw_gz_and_bz2_files_convert_through_an_unlinked_spool() {
+    let dir = scratch();
+    let raw = make_source(dir.path());
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    for (name, suffix, cmd) in [
+        ("gzip", "gz", &["gzip", "-c"][..]),
+        ("bzip2", "bz2", &["bzip2", "-c"][..]),
+    ] {
+        let c = compress(cmd, suffix, &raw);
+        for fmt in ["qcow2", "raw", "vdi", "vmdk"] {
+            let out = dir.path().join(format!("out.{fmt}"));
+            let o = imgconv_tmpdir(&tmp, &["convert", "-O", fmt, s(&c), s(&out)]);
+            assert!(
+                o.status.success(),
+                "{name} -> {fmt}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            assert_same_fmt(&raw, "raw", &out, fmt);
+            assert_empty(&tmp);
+            std::fs::remove_file(&out).unwrap();
+        }
+        let o = imgconv_tmpdir(&tmp, &["info", "--output=json", s(&c)]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(j["format"], "raw");
+        assert_eq!(j["compression"], name);
+        assert_eq!(j["virtual-size"], 8u64 << 20);
+        assert_empty(&tmp);
+    }
+}
+
+/// Ctrl-C while a bzip2 raw file is being spooled leaves no spool and no output.
+#[test]
+fn ctrl_c_while_spooling_a_bz2_file_leaves_nothing() {
+    let dir = scratch();
+    // 24 MiB of poorly compressible data: bzip2 takes a while to decode it.
+    let mut data = vec![0u8; 24 << 20];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for chunk in data.chunks_mut(8) {
+        chunk.copy_from_slice(&(xorshift64(&mut x) & 0x0f0f_0f0f_0f0f_0f0f).to_le_bytes());
+    }
+    let raw = dir.path().join("noise.raw");
+    std::fs::write(&raw, &data).unwrap();
+    drop(data);
+    let bz = compress(&["bzip2", "-1", "-c"], "bz2", &raw);
+    let tmp = dir.path().join("tmp");
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("x.qcow2");
+    let mut child = Command::new(imgconv_bin())
+        .env("TMPDIR", &tmp)
+        .args(["convert", "-O", "qcow2", s(&bz), s(&out)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the (already unlinked) spool file is open in the child.
+    let fds = PathBuf::from(format!("/proc/{}/fd", child.id()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut spooling = false;
+    while !spooling && std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        spooling = std::fs::read_dir(&fds).into_iter().flatten().any(|e| {
+            e.ok()
+                .and_then(|e| std::fs::read_link(e.path()).ok())
+                .is_some_and(|t| t.to_string_lossy().contains(".imgconv-spool"))
+        });
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(spooling, "the conversion never spooled (or was too quick)");
+    // SAFETY: signalling a child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert_empty(&tmp);
+    assert_empty(&outdir);
+}
+
+/// A multi-stream bzip2 file (as pbzip2 writes it) big enough to be decoded by several
+/// threads converts to the same disk.
+#[test]
+fn multi_stream_bz2_file_converts() {
+    let dir = scratch();
+    // 12 MiB of poorly compressible data in 1 MiB streams, plus a sparse tail.
+    let mut data = vec![0u8; 16 << 20];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in data[..12 << 20].chunks_mut(8) {
+        chunk.copy_from_slice(&xorshift64(&mut x).to_le_bytes());
+    }
+    let raw = dir.path().join("multi.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let bz = dir.path().join("multi.raw.bz2");
+    let mut all = Vec::new();
+    for part in data.chunks(1 << 20) {
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        e.write_all(part).unwrap();
+        all.extend(e.finish().unwrap());
+    }
+    std::fs::write(&bz, &all).unwrap();
+    drop(data);
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let out = dir.path().join("multi.qcow2");
+    let o = imgconv_tmpdir(&tmp, &["convert", "-O", "qcow2", s(&bz), s(&out)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same_fmt(&raw, "raw", &out, "qcow2");
+    assert_empty(&tmp);
+    // A damaged stream in the middle fails cleanly.
+    let mid = all.len() / 2;
+    all[mid] ^= 0x33;
+    std::fs::write(&bz, &all).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let o = imgconv_tmpdir(&tmp, &["convert", "-O", "qcow2", s(&bz), s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bzip2"));
+    assert!(!out.exists());
+    assert_empty(&tmp);
 }

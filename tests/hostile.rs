@@ -16,6 +16,31 @@ struct Watched {
     max_rss_kib: i64,
 }
 
+impl Watched {
+    /// Asserts the run did not panic; `what` names it in the message.
+    fn assert_no_panic(&self, what: impl std::fmt::Debug) {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "{what:?} panicked: {}",
+            self.stderr
+        );
+    }
+
+    /// Asserts the run took less than `limit`.
+    fn assert_faster_than(&self, what: impl std::fmt::Debug, limit: Duration) {
+        assert!(self.elapsed < limit, "{what:?} took {:?}", self.elapsed);
+    }
+
+    /// Asserts the run's peak memory stayed under 256 MiB.
+    fn assert_small(&self, what: impl std::fmt::Debug) {
+        assert!(
+            self.max_rss_kib < 256 * 1024,
+            "{what:?} used {} KiB",
+            self.max_rss_kib
+        );
+    }
+}
+
 /// Runs imgconv with `args`, measuring wall time and peak memory (wait4's rusage).
 #[allow(clippy::zombie_processes)] // reaped with wait4 below, to read its rusage
 fn watched(args: &[&str]) -> Watched {
@@ -68,21 +93,9 @@ fn assert_clean_error(args: &[&str], expect_in_msg: &str) {
         "{args:?}: message {:?} does not mention {expect_in_msg:?}",
         w.stderr
     );
-    assert!(
-        !w.stderr.contains("panicked"),
-        "{args:?} panicked: {}",
-        w.stderr
-    );
-    assert!(
-        w.elapsed < Duration::from_secs(2),
-        "{args:?} took {:?}",
-        w.elapsed
-    );
-    assert!(
-        w.max_rss_kib < 256 * 1024,
-        "{args:?} used {} KiB",
-        w.max_rss_kib
-    );
+    w.assert_no_panic(args);
+    w.assert_faster_than(args, Duration::from_secs(2));
+    w.assert_small(args);
 }
 
 fn only_files(dir: &Path) -> Vec<String> {
@@ -92,10 +105,6 @@ fn only_files(dir: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Replaces the first occurrence of `from` in the file by `to` (same length).
@@ -151,16 +160,7 @@ fn qcow2_backing_file_is_refused_when_untrusted() {
     let base = d.path().join("base.qcow2");
     let top = d.path().join("top.qcow2");
     qemu_img(&["create", "-f", "qcow2", s(&base), "1M"]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qemu_img(&overlay_args("qcow2", &[], "base.qcow2", &top, ""));
     assert_clean_error(
         &[
             "convert",
@@ -209,44 +209,17 @@ fn cyclic_and_too_deep_backing_chains_are_errors() {
     let d = scratch();
     let a = d.path().join("a.qcow2");
     let b = d.path().join("b.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "b.qcow2",
-        "-F",
-        "qcow2",
-        s(&a),
-        "1M",
-    ]);
-    qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        "a.qcow2",
-        "-F",
-        "qcow2",
-        s(&b),
-        "1M",
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-u"], "b.qcow2", &a, "1M"));
+    qemu_img(&overlay_args("qcow2", &["-u"], "a.qcow2", &b, "1M"));
     assert_clean_error(&["info", s(&a)], "loop");
     let selfref = d.path().join("self.qcow2");
-    qemu_img(&[
-        "create",
-        "-f",
+    qemu_img(&overlay_args(
         "qcow2",
-        "-u",
-        "-b",
+        &["-u"],
         "self.qcow2",
-        "-F",
-        "qcow2",
-        s(&selfref),
+        &selfref,
         "1M",
-    ]);
+    ));
     assert_clean_error(&["info", s(&selfref)], "loop");
 
     // 20 images deep: more than the 16 allowed.
@@ -255,18 +228,7 @@ fn cyclic_and_too_deep_backing_chains_are_errors() {
     for i in 1..20 {
         let next = d.path().join(format!("l{i}.qcow2"));
         let back = prev.file_name().unwrap().to_str().unwrap().to_string();
-        qemu_img(&[
-            "create",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            &back,
-            "-F",
-            "qcow2",
-            s(&next),
-            "1M",
-        ]);
+        qemu_img(&overlay_args("qcow2", &["-u"], &back, &next, "1M"));
         prev = next;
     }
     assert_clean_error(&["info", s(&prev)], "deeper");
@@ -309,26 +271,14 @@ fn corpus_malicious_images_are_handled_quickly() {
                 w.code,
                 w.stderr
             );
-            assert!(!w.stderr.contains("panicked"), "{args:?}: {}", w.stderr);
-            assert!(
-                w.elapsed < Duration::from_secs(5),
-                "{args:?} took {:?}",
-                w.elapsed
-            );
-            assert!(
-                w.max_rss_kib < 256 * 1024,
-                "{args:?} used {} KiB",
-                w.max_rss_kib
-            );
+            w.assert_no_panic(&args);
+            w.assert_faster_than(&args, Duration::from_secs(5));
+            w.assert_small(&args);
         }
         let out = d.path().join("out.raw");
         let w = watched(&["convert", "--untrusted", "-O", "raw", s(&p), s(&out)]);
-        assert!(!w.stderr.contains("panicked"), "{name}: {}", w.stderr);
-        assert!(
-            w.max_rss_kib < 256 * 1024,
-            "{name} used {} KiB",
-            w.max_rss_kib
-        );
+        w.assert_no_panic(name);
+        w.assert_small(name);
         let _ = std::fs::remove_file(&out);
     }
 }
@@ -351,21 +301,14 @@ fn truncations(img: &Path, fmt: &str) {
         std::fs::write(&p, &data[..cut]).unwrap();
         let out = d.path().join("out.raw");
         let w = watched(&["convert", "-f", fmt, "-O", "raw", s(&p), s(&out)]);
-        assert!(
-            !w.stderr.contains("panicked"),
-            "{fmt} cut at {cut}: {}",
-            w.stderr
-        );
+        let what = format!("{fmt} cut at {cut}");
+        w.assert_no_panic(&what);
         assert!(
             matches!(w.code, Some(0) | Some(1)),
             "{fmt} cut at {cut}: {:?}",
             w.code
         );
-        assert!(
-            w.elapsed < Duration::from_secs(5),
-            "{fmt} cut at {cut}: {:?}",
-            w.elapsed
-        );
+        w.assert_faster_than(&what, Duration::from_secs(5));
         if w.code == Some(1) {
             assert!(!out.exists(), "{fmt} cut at {cut} left an output behind");
         }
@@ -402,15 +345,7 @@ fn truncated_vmdk_images_fail_cleanly() {
     let raw = sample_raw(d.path());
     for sub in ["monolithicSparse", "streamOptimized"] {
         let v = d.path().join("t.vmdk");
-        qemu_img(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sub}"),
-            s(&raw),
-            s(&v),
-        ]);
+        qemu_convert("vmdk", &format!("subformat={sub}"), &raw, &v);
         truncations(&v, "vmdk");
     }
 }
@@ -492,5 +427,53 @@ fn fuzz_regressions_do_not_panic() {
             _ => None,
         };
         imgconv::fuzzing::open_and_walk(&data, format);
+    }
+}
+
+#[test]
+fn sigterm_or_sigint_mid_conversion_leaves_no_file() {
+    let d = scratch();
+    let raw = d.path().join("src.raw");
+    // Random-ish data so that the compressed stream is long.
+    let mut data = vec![0u8; 8 << 20];
+    let mut x = 0x1234_5678u32;
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    std::fs::write(&raw, &data).unwrap();
+    let vmdk = d.path().join("src.vmdk");
+    qemu_convert("vmdk", "subformat=streamOptimized", &raw, &vmdk);
+    let stream = std::fs::read(&vmdk).unwrap();
+    let outdir = d.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let out = outdir.join("out.qcow2");
+        // Half the stream: the conversion starts writing, then waits for more input.
+        let (mut child, stdin) = imgconv_fed_partly(
+            &["convert", "-O", "qcow2", "-", s(&out)],
+            &[],
+            &stream[..stream.len() / 2],
+        );
+        let t = Instant::now();
+        while only_files(&outdir).is_empty() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !only_files(&outdir).is_empty(),
+            "no temporary output appeared"
+        );
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let status = child.wait().unwrap();
+        drop(stdin);
+        assert!(!status.success());
+        assert!(
+            only_files(&outdir).is_empty(),
+            "left behind: {:?}",
+            only_files(&outdir)
+        );
     }
 }

@@ -9,10 +9,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Runs both checkers in both output modes and asserts identical results. Returns
 /// qemu-img's JSON.
 fn agree(img: &Path) -> Value {
@@ -41,12 +37,6 @@ fn agree(img: &Path) -> Value {
             "{} --output={out}",
             img.display()
         );
-        let strip = |b: &[u8], p: &str| -> Vec<String> {
-            String::from_utf8_lossy(b)
-                .lines()
-                .map(|l| l.strip_prefix(p).unwrap_or(l).to_string())
-                .collect()
-        };
         assert_eq!(
             strip(&q.stderr, "qemu-img: "),
             strip(&i.stderr, "imgconv: "),
@@ -55,6 +45,14 @@ fn agree(img: &Path) -> Value {
         );
     }
     json
+}
+
+/// The lines of a tool's stderr, each without the tool-name prefix `p`.
+fn strip(b: &[u8], p: &str) -> Vec<String> {
+    String::from_utf8_lossy(b)
+        .lines()
+        .map(|l| l.strip_prefix(p).unwrap_or(l).to_string())
+        .collect()
 }
 
 fn pattern_raw(dir: &Path) -> PathBuf {
@@ -73,12 +71,7 @@ fn pattern_raw(dir: &Path) -> PathBuf {
 
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
     let p = dir.join(name);
-    let mut a = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        a.extend_from_slice(&["-o", opts]);
-    }
-    a.extend_from_slice(&[s(&p), size]);
-    qemu_img(&a);
+    qemu_create("qcow2", opts, &p, size);
     p
 }
 
@@ -121,17 +114,7 @@ fn agrees_with_qemu_on_qemu_made_images() {
     let t8 = create(d.path(), "datafile.qcow2", &df, "20M");
     io(&t8, &["write -P 3 0 1M"]);
     let t9 = d.path().join("overlay.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "snap.qcow2",
-        "-F",
-        "qcow2",
-        s(&t9),
-    ]);
+    qemu_img(&overlay_args("qcow2", &["-q"], "snap.qcow2", &t9, ""));
     io(&t9, &["write -P 9 64k 64k", "write -z 2M 1M"]);
     let t10 = create(d.path(), "prealloc.qcow2", "preallocation=metadata", "20M");
     let mut imgs = vec![t1, t2, t6, t7, t8, t9, t10];
@@ -344,12 +327,6 @@ fn repairs_leaks_like_qemu() {
                 let qs = String::from_utf8_lossy(&q.stdout).replace("a.qcow2", "X");
                 let is = String::from_utf8_lossy(&i.stdout).replace("b.qcow2", "X");
                 assert_eq!(qs, is, "{tool} {kind} {out}");
-                let strip = |b: &[u8], p: &str| -> Vec<String> {
-                    String::from_utf8_lossy(b)
-                        .lines()
-                        .map(|l| l.strip_prefix(p).unwrap_or(l).to_string())
-                        .collect()
-                };
                 assert_eq!(
                     strip(&q.stderr, "qemu-img: "),
                     strip(&i.stderr, "imgconv: ")

@@ -9,21 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// Pseudo-random (incompressible) bytes.
 fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    (0..len).map(|_| (xorshift64(&mut x) >> 24) as u8).collect()
 }
 
 /// Compressible text-like bytes.
@@ -468,15 +457,7 @@ fn backing_file_given_as_options() {
     let f = std::fs::OpenOptions::new().write(true).open(&top).unwrap();
     f.write_all_at(&[9u8; 65536], 2 << 20).unwrap();
     let out = d.path().join("ov.qcow2");
-    imgconv(&[
-        "convert",
-        "-O",
-        "qcow2",
-        "-o",
-        "backing_file=base.raw,backing_fmt=raw",
-        s(&top),
-        s(&out),
-    ]);
+    imgconv_convert("qcow2", "backing_file=base.raw,backing_fmt=raw", &top, &out);
     check_clean(&out);
     assert_same(&top, &out);
     let info = qemu_info(&out);

@@ -16,10 +16,6 @@ use imgconv::{BlockDevice, Error, OpenOptions};
 
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// A raw file with data, sparse holes and an all-zero data stretch, `size` bytes.
 fn sample_raw(path: &Path, size: u64) {
     make_raw(
@@ -155,15 +151,9 @@ fn corpus_vdis_read_identical() {
 
 /// Converts `src` to VDI with imgconv (`-o opts`), checks it with qemu-img.
 fn write_vdi(src: &Path, dst: &Path, opts: Option<&str>) {
-    let mut args = vec!["convert", "-O", "vdi"];
-    if let Some(o) = opts {
-        args.extend(["-o", o]);
-    }
-    args.extend([s(src), s(dst)]);
-    imgconv(&args);
+    imgconv_convert("vdi", opts.unwrap_or(""), src, dst);
     assert_same(src, dst);
-    let chk = qemu_img(&["check", s(dst)]);
-    assert!(chk.contains("No errors"), "{chk}");
+    assert_qemu_check_clean(dst);
 }
 
 #[test]
@@ -270,12 +260,7 @@ fn dissect_hypervisor_reads_our_vdis() {
         ("big-blocks.vdi", Some("cluster_size=2M,static=on")),
     ] {
         let v = d.path().join(name);
-        let mut args = vec!["convert", "-O", "vdi"];
-        if let Some(o) = opts {
-            args.extend(["-o", o]);
-        }
-        args.extend([s(&raw), s(&v)]);
-        imgconv(&args);
+        imgconv_convert("vdi", opts.unwrap_or(""), &raw, &v);
         let got = dissect_read(&v, None);
         assert_eq!(got.len(), data.len(), "{name}");
         assert!(
@@ -306,15 +291,7 @@ fn every_image_gets_fresh_uuids_and_uuid_can_be_set() {
 
     let c = d.path().join("c.vdi");
     let want = "5e4f1c2a-9b3d-4e8f-a1b2-c3d4e5f60718";
-    imgconv(&[
-        "convert",
-        "-O",
-        "vdi",
-        "-o",
-        &format!("uuid={want}"),
-        s(&raw),
-        s(&c),
-    ]);
+    imgconv_convert("vdi", &format!("uuid={want}"), &raw, &c);
     let jc = info_json(&c);
     assert_eq!(jc["format-specific"]["data"]["uuid"], want);
     assert_ne!(jc["format-specific"]["data"]["modification-uuid"], want);
@@ -337,10 +314,7 @@ fn every_image_gets_fresh_uuids_and_uuid_can_be_set() {
         "cluster_size=3000",
         "subformat=fixed",
     ] {
-        let out = d.path().join("bad.vdi");
-        let o = imgconv_out(&["convert", "-O", "vdi", "-o", bad, s(&raw), s(&out)]);
-        assert_eq!(o.status.code(), Some(1), "-o {bad}");
-        assert!(!out.exists());
+        assert_convert_refused("vdi", bad, &raw, &d.path().join("bad.vdi"));
     }
     let o = imgconv_out(&[
         "convert",
@@ -691,6 +665,14 @@ fn malformed_inputs_give_typed_errors() {
     let v = victim(d.path());
     let good = std::fs::read(&v).unwrap();
     let p = d.path().join("bad.vdi");
+    // A breaker writing the good image with its header and block map edited.
+    let edited = |edit: fn(&mut Header, &mut Vec<u32>)| -> Breaker {
+        let good = &good;
+        Box::new(move |p| {
+            std::fs::write(p, good).unwrap();
+            patch(p, edit)
+        })
+    };
     let cases: Vec<(&str, Breaker)> = vec![
         (
             "truncated pre-header",
@@ -726,136 +708,61 @@ fn malformed_inputs_give_typed_errors() {
         ),
         (
             "block map past EOF",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| {
-                    h.blocks_offset = 0x7000_0000;
-                    h.data_offset = 0x7100_0000;
-                })
+            edited(|h, _| {
+                h.blocks_offset = 0x7000_0000;
+                h.data_offset = 0x7100_0000;
             }),
         ),
-        (
-            "duplicate block map entries",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |_, m| m[3] = m[0])
-            }),
-        ),
-        (
-            "block map entry out of range",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |_, m| m[3] = 1000)
-            }),
-        ),
+        ("duplicate block map entries", edited(|_, m| m[3] = m[0])),
+        ("block map entry out of range", edited(|_, m| m[3] = 1000)),
         (
             "block size not a power of two",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.block_size = 3 << 19)
-            }),
+            edited(|h, _| h.block_size = 3 << 19),
         ),
         (
             "huge block count",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| {
-                    h.blocks = 0xFFFF_FFF0;
-                    h.disk_size = 0xFFFF_FFF0u64 << 20;
-                    h.data_offset = u32::MAX;
-                })
+            edited(|h, _| {
+                h.blocks = 0xFFFF_FFF0;
+                h.disk_size = 0xFFFF_FFF0u64 << 20;
+                h.data_offset = u32::MAX;
             }),
         ),
-        (
-            "huge disk size",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.disk_size = u64::MAX)
-            }),
-        ),
-        (
-            "zero disk size",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.disk_size = 0)
-            }),
-        ),
-        (
-            "null UUID",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.uuid_create = Uuid::NULL)
-            }),
-        ),
+        ("huge disk size", edited(|h, _| h.disk_size = u64::MAX)),
+        ("zero disk size", edited(|h, _| h.disk_size = 0)),
+        ("null UUID", edited(|h, _| h.uuid_create = Uuid::NULL)),
         (
             "null modification UUID",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.uuid_modify = Uuid::NULL)
-            }),
+            edited(|h, _| h.uuid_modify = Uuid::NULL),
         ),
-        (
-            "unknown type",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.image_type = 9)
-            }),
-        ),
-        (
-            "unknown flags",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.flags = 0x100)
-            }),
-        ),
+        ("unknown type", edited(|h, _| h.image_type = 9)),
+        ("unknown flags", edited(|h, _| h.flags = 0x100)),
         (
             "data offset inside the block map",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.data_offset = h.blocks_offset + 4)
-            }),
+            edited(|h, _| h.data_offset = h.blocks_offset + 4),
         ),
         (
             "header size too small",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.header_size = 0x100)
-            }),
+            edited(|h, _| h.header_size = 0x100),
         ),
         (
             "block extra not a power of two",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.block_extra = 3)
-            }),
+            edited(|h, _| h.block_extra = 3),
         ),
         (
             "LCHS sector size",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.lchs.as_mut().unwrap().sector_size = 4096)
-            }),
+            edited(|h, _| h.lchs.as_mut().unwrap().sector_size = 4096),
         ),
         (
             "more blocks allocated than exist",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.blocks_allocated = 5)
-            }),
+            edited(|h, _| h.blocks_allocated = 5),
         ),
         (
             "too few blocks for the disk",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.disk_size = 5 * MIB)
-            }),
+            edited(|h, _| h.disk_size = 5 * MIB),
         ),
         (
             "differencing image without parent UUID",
-            Box::new(|p| {
-                std::fs::write(p, &good).unwrap();
-                patch(p, |h, _| h.image_type = 4)
-            }),
+            edited(|h, _| h.image_type = 4),
         ),
     ];
     for (what, make) in cases {
@@ -878,15 +785,7 @@ fn empty_and_oversized_targets_are_refused() {
     let d = scratch();
     let empty = d.path().join("empty.raw");
     std::fs::write(&empty, b"").unwrap();
-    let o = imgconv_out(&[
-        "convert",
-        "-O",
-        "vdi",
-        s(&empty),
-        s(&d.path().join("e.vdi")),
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(!d.path().join("e.vdi").exists());
+    assert_convert_refused("vdi", "", &empty, &d.path().join("e.vdi"));
     // A huge sparse disk is fine: only its block map is written (64 TiB = 64 Mi blocks
     // would be 256 MiB of map; 1 TiB is 4 MiB of map).
     let big = d.path().join("big.raw");
@@ -902,8 +801,7 @@ fn empty_and_oversized_targets_are_refused() {
     let (_, h) = read_head(&v);
     assert_eq!((h.blocks, h.blocks_allocated), (1 << 20, 1));
     assert_eq!(std::fs::metadata(&v).unwrap().len(), MIB + 4 * MIB + MIB);
-    let chk = qemu_img(&["check", s(&v)]);
-    assert!(chk.contains("No errors"), "{chk}");
+    assert_qemu_check_clean(&v);
 }
 
 #[test]
@@ -1029,8 +927,7 @@ fn blank_images_come_from_the_zero_device() {
             o = o.option("static", "on");
         }
         convert_to(&ZeroDevice::new(64 * MIB), &p, OutputSet::new(), &o).unwrap();
-        let chk = qemu_img(&["check", s(&p)]);
-        assert!(chk.contains("No errors"), "{chk}");
+        assert_qemu_check_clean(&p);
         let q = qemu_info(&p);
         assert_eq!(q["virtual-size"], 64 * MIB);
         let (_, h) = read_head(&p);

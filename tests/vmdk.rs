@@ -17,10 +17,6 @@ const SUBFORMATS: [&str; 5] = [
     "streamOptimized",
 ];
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// A 9 MiB + 1000 byte raw disk with data in a few places (partial grains included).
 fn sample_raw(dir: &Path) -> PathBuf {
     let p = dir.join("src.raw");
@@ -104,15 +100,7 @@ fn every_subformat_qemu_writes_reads_like_qemu() {
                 continue;
             }
             let q = d.path().join(format!("q-{sf}{}.vmdk", extra.len()));
-            qemu_img(&[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                &format!("subformat={sf}{extra}"),
-                s(&src),
-                s(&q),
-            ]);
+            qemu_convert("vmdk", &format!("subformat={sf}{extra}"), &src, &q);
             check_to_raw(&q, d.path());
             assert_same(&src, &q);
         }
@@ -124,32 +112,19 @@ fn zeroed_grains_and_delta_disks_read_like_qemu() {
     let d = scratch();
     let src = sample_raw(d.path());
     let base = d.path().join("base.vmdk");
-    qemu_img(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "zeroed_grain=on",
-        s(&src),
-        s(&base),
-    ]);
+    qemu_convert("vmdk", "zeroed_grain=on", &src, &base);
     // Zeroed grain over data in the image itself.
     qemu_io(&["-f", "vmdk", "-c", "write -z 3M 128k", s(&base)]);
     check_to_raw(&base, d.path());
     // A delta disk with partial-grain writes and zeroed grains hiding the parent.
     let delta = d.path().join("delta.vmdk");
-    qemu_img(&[
-        "create",
-        "-f",
+    qemu_img(&overlay_args(
         "vmdk",
-        "-o",
-        "zeroed_grain=on",
-        "-b",
+        &["-o", "zeroed_grain=on"],
         "base.vmdk",
-        "-F",
-        "vmdk",
-        s(&delta),
-    ]);
+        &delta,
+        "",
+    ));
     qemu_io(&[
         "-f",
         "vmdk",
@@ -192,15 +167,7 @@ fn info_matches_qemu_for_every_subformat() {
     let src = sample_raw(d.path());
     for sf in SUBFORMATS {
         let q = d.path().join(format!("{sf}.vmdk"));
-        qemu_img(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&src),
-            s(&q),
-        ]);
+        qemu_convert("vmdk", &format!("subformat={sf}"), &src, &q);
         let ours: serde_json::Value =
             serde_json::from_str(&imgconv(&["info", "--output=json", s(&q)])).unwrap();
         let theirs = qemu_info(&q);
@@ -258,15 +225,7 @@ fn corpus_vmdks_read_like_qemu() {
         // Also through the engine into every subformat, judged by qemu-img.
         for sf in ["monolithicSparse", "streamOptimized"] {
             let out = d.path().join(format!("{name}.{sf}.vmdk"));
-            imgconv(&[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                &format!("subformat={sf}"),
-                s(&f),
-                s(&out),
-            ]);
+            imgconv_convert("vmdk", &format!("subformat={sf}"), &f, &out);
             assert_same(&f, &out);
         }
     }
@@ -406,27 +365,11 @@ fn two_gb_extents_over_4gib_convert_both_ways() {
     for sf in ["twoGbMaxExtentSparse", "twoGbMaxExtentFlat"] {
         // qemu-img writes, imgconv reads.
         let q = d.path().join(format!("q-{sf}.vmdk"));
-        qemu_img(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&src),
-            s(&q),
-        ]);
+        qemu_convert("vmdk", &format!("subformat={sf}"), &src, &q);
         check_to_raw(&q, d.path());
         // imgconv writes, qemu-img reads.
         let o = d.path().join(format!("o-{sf}.vmdk"));
-        imgconv(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&src),
-            s(&o),
-        ]);
+        imgconv_convert("vmdk", &format!("subformat={sf}"), &src, &o);
         assert_same(&src, &o);
         let text = std::fs::read_to_string(&o).unwrap();
         assert_eq!(
@@ -454,15 +397,12 @@ fn every_subformat_written_is_identical_for_qemu() {
             ("legacyESX", "8"),
         ] {
             let o = d.path().join(format!("o-{sf}-{adapter}.vmdk"));
-            imgconv(&[
-                "convert",
-                "-O",
+            imgconv_convert(
                 "vmdk",
-                "-o",
                 &format!("subformat={sf},adapter_type={adapter},hwversion={hw},toolsversion=12345"),
-                s(&src),
-                s(&o),
-            ]);
+                &src,
+                &o,
+            );
             assert_same(&src, &o);
             let check = qemu_img(&["check", s(&o)]);
             assert!(check.contains("No errors were found"), "{sf}: {check}");
@@ -494,15 +434,7 @@ fn every_subformat_written_is_identical_for_qemu() {
     }
     // zeroed_grain: a version-2 header with the zeroed-grain flag.
     let o = d.path().join("zg.vmdk");
-    imgconv(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "zeroed_grain=on",
-        s(&src),
-        s(&o),
-    ]);
+    imgconv_convert("vmdk", "zeroed_grain=on", &src, &o);
     let b = std::fs::read(&o).unwrap();
     assert_eq!((le32(&b, 4), le32(&b, 8)), (2, 7));
     assert_same(&src, &o);
@@ -535,10 +467,7 @@ fn every_subformat_written_is_identical_for_qemu() {
         "subformat=vmfs",
         "hwversion=abc",
     ] {
-        let t = d.path().join("bad.vmdk");
-        let r = imgconv_out(&["convert", "-O", "vmdk", "-o", bad, s(&src), s(&t)]);
-        assert_eq!(r.status.code(), Some(1), "{bad}");
-        assert!(!t.exists());
+        assert_convert_refused("vmdk", bad, &src, &d.path().join("bad.vmdk"));
     }
 }
 
@@ -572,7 +501,7 @@ fn delta_disk_written_over_a_vmdk_parent() {
         assert_same(&src, &o);
         let info = qemu_info(&o);
         assert_eq!(info["backing-filename"], "base.vmdk");
-        assert!(qemu_img(&["check", s(&o)]).contains("No errors"));
+        assert_qemu_check_clean(&o);
     }
 }
 
@@ -596,15 +525,7 @@ fn independent_readers_accept_our_files() {
         ("streamOptimized", "Stream optimized"),
     ] {
         let o = d.path().join(format!("{sf}.vmdk"));
-        imgconv(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&src),
-            s(&o),
-        ]);
+        imgconv_convert("vmdk", &format!("subformat={sf}"), &src, &o);
         let out = run_ok("python3", &[s(&script), s(&o), s(&src)]);
         assert_eq!(out.trim(), "same", "dissect.hypervisor on {sf}");
         let info = run_ok("vmdkinfo", &[s(&o)]);
@@ -702,21 +623,18 @@ fn stream_optimized_layout_and_stdout_output() {
         ],
     );
     let f = d.path().join("file.vmdk");
-    imgconv(&[
-        "convert",
-        "-O",
+    imgconv_convert(
         "vmdk",
-        "-o",
         "subformat=streamOptimized,adapter_type=lsilogic",
-        s(&src),
-        s(&f),
-    ]);
+        &src,
+        &f,
+    );
     let fb = std::fs::read(&f).unwrap();
     let (grains, gts) = check_stream_layout(&fb);
     assert_eq!(grains, 2 + 1 + 16);
     assert_eq!(gts, 3);
     assert_same(&src, &f);
-    assert!(qemu_img(&["check", s(&f)]).contains("No errors"));
+    assert_qemu_check_clean(&f);
 
     let o = imgconv_out(&[
         "convert",
@@ -770,41 +688,15 @@ fn stream_reader_reads_from_a_pipe_in_order() {
         ("qemu", d.path().join("b.vmdk")),
     ] {
         if who == "qemu" {
-            qemu_img(&[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized",
-                s(&src),
-                s(&f),
-            ]);
+            qemu_convert("vmdk", "subformat=streamOptimized", &src, &f);
         } else {
-            imgconv(&[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized",
-                s(&src),
-                s(&f),
-            ]);
+            imgconv_convert("vmdk", "subformat=streamOptimized", &src, &f);
         }
         let file = std::fs::File::open(&f).unwrap();
-        let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
-        let opened =
-            imgconv::format::vmdk::open_stream(Box::new(std::io::BufReader::new(file)), &ctx)
-                .unwrap();
+        let opened = open_piped(Box::new(std::io::BufReader::new(file)));
         assert!(opened.device.sequential_only());
         let out = d.path().join(format!("{who}.raw"));
-        let opts = imgconv::ConvertOptions::new(imgconv::Format::Raw);
-        imgconv::convert::convert_to(
-            opened.device.as_ref(),
-            &out,
-            imgconv::io::OutputSet::new(),
-            &opts,
-        )
-        .unwrap();
+        stream_to_raw(&opened, &out).unwrap();
         assert_same(&src, &out);
     }
     // The corpus streams too.
@@ -814,18 +706,9 @@ fn stream_reader_reads_from_a_pipe_in_order() {
             ("vagrant-mutate/virtualbox-box-disk1.vmdk.xz", "vb.vmdk"),
         ] {
             let f = corpus_file(&c, rel, d.path(), name);
-            let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
-            let r = std::fs::File::open(&f).unwrap();
-            let opened = imgconv::format::vmdk::open_stream(Box::new(r), &ctx).unwrap();
+            let opened = open_piped(Box::new(std::fs::File::open(&f).unwrap()));
             let out = d.path().join(format!("{name}.raw"));
-            let opts = imgconv::ConvertOptions::new(imgconv::Format::Raw);
-            imgconv::convert::convert_to(
-                opened.device.as_ref(),
-                &out,
-                imgconv::io::OutputSet::new(),
-                &opts,
-            )
-            .unwrap();
+            stream_to_raw(&opened, &out).unwrap();
             assert_same(&f, &out);
         }
     }
@@ -833,19 +716,26 @@ fn stream_reader_reads_from_a_pipe_in_order() {
     let b = std::fs::read(d.path().join("a.vmdk")).unwrap();
     let over = le64(&b, 64) as usize * 512;
     let cut = &b[..over + (b.len() - over) / 2 + 7];
+    let opened = open_piped(Box::new(std::io::Cursor::new(cut.to_vec())));
+    let r = stream_to_raw(&opened, &d.path().join("cut.raw"));
+    assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+}
+
+/// Opens a streamOptimized VMDK from `r` as imgconv opens one from a pipe ("-").
+fn open_piped(r: Box<dyn std::io::Read + Send>) -> imgconv::image::Opened {
     let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
-    let opened =
-        imgconv::format::vmdk::open_stream(Box::new(std::io::Cursor::new(cut.to_vec())), &ctx)
-            .unwrap();
-    let out = d.path().join("cut.raw");
+    imgconv::format::vmdk::open_stream(r, &ctx).unwrap()
+}
+
+/// Converts an opened stream to a raw file at `out`, as the engine does.
+fn stream_to_raw(opened: &imgconv::image::Opened, out: &Path) -> imgconv::Result<()> {
     let opts = imgconv::ConvertOptions::new(imgconv::Format::Raw);
-    let r = imgconv::convert::convert_to(
+    imgconv::convert::convert_to(
         opened.device.as_ref(),
-        &out,
+        out,
         imgconv::io::OutputSet::new(),
         &opts,
-    );
-    assert!(matches!(r, Err(Error::Corrupt { .. })), "{r:?}");
+    )
 }
 
 /// Patches `len` little-endian bytes of `value` at `off` in a copy of `b`.
@@ -924,15 +814,7 @@ fn malformed_sparse_files_give_typed_errors_fast() {
 
     // A streamOptimized file with a broken footer or a bad grain.
     let st = d.path().join("st.vmdk");
-    imgconv(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=streamOptimized",
-        s(&src),
-        s(&st),
-    ]);
+    imgconv_convert("vmdk", "subformat=streamOptimized", &src, &st);
     let b = std::fs::read(&st).unwrap();
     let n = b.len();
     let over = le64(&b, 64) as usize * 512;
@@ -1083,21 +965,9 @@ fn qcow2_and_vdi_sources_written_as_every_subformat() {
                 "{}-{sf}.vmdk",
                 p.file_name().unwrap().to_string_lossy()
             ));
-            imgconv(&[
-                "convert",
-                "-O",
-                "vmdk",
-                "-o",
-                &format!("subformat={sf}"),
-                s(p),
-                s(&o),
-            ]);
+            imgconv_convert("vmdk", &format!("subformat={sf}"), p, &o);
             assert_same(p, &o);
-            assert!(
-                qemu_img(&["check", s(&o)]).contains("No errors"),
-                "{}",
-                o.display()
-            );
+            assert_qemu_check_clean(&o);
         }
     }
 }
@@ -1113,15 +983,7 @@ fn huge_sparse_vmdk_converts_in_time_proportional_to_data() {
     );
     for sf in ["monolithicSparse", "streamOptimized"] {
         let q = d.path().join(format!("{sf}.vmdk"));
-        qemu_img(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&src),
-            s(&q),
-        ]);
+        qemu_convert("vmdk", &format!("subformat={sf}"), &src, &q);
         let out = d.path().join(format!("{sf}.raw"));
         let t = Instant::now();
         imgconv(&["convert", "-O", "raw", s(&q), s(&out)]);
@@ -1289,18 +1151,9 @@ fn open_vmdk_stream_layout_reads_like_qemu() {
     make_open_vmdk_stream(&ov, &guest);
     assert_same(&raw, &ov); // qemu's reading
     check_to_raw(&ov, d.path()); // ours, random access
-    let ctx = imgconv::image::OpenContext::detached("-", &OpenOptions::default());
-    let r = std::fs::File::open(&ov).unwrap();
-    let opened = imgconv::format::vmdk::open_stream(Box::new(r), &ctx).unwrap();
+    let opened = open_piped(Box::new(std::fs::File::open(&ov).unwrap()));
     let out = d.path().join("piped.raw");
-    let opts = imgconv::ConvertOptions::new(imgconv::Format::Raw);
-    imgconv::convert::convert_to(
-        opened.device.as_ref(),
-        &out,
-        imgconv::io::OutputSet::new(),
-        &opts,
-    )
-    .unwrap();
+    stream_to_raw(&opened, &out).unwrap();
     assert_same(&raw, &out); // ours, sequential
 }
 
@@ -1314,15 +1167,7 @@ fn mutated_images_never_panic() {
     let mut tried = 0;
     for sf in ["monolithicSparse", "streamOptimized"] {
         let f = d.path().join(format!("{sf}.vmdk"));
-        imgconv(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&raw),
-            s(&f),
-        ]);
+        imgconv_convert("vmdk", &format!("subformat={sf}"), &raw, &f);
         let orig = std::fs::read(&f).unwrap();
         // Metadata lives in the first 64 KiB and (streams) the last 3 KiB.
         let hot: Vec<usize> = (0..65536).chain(orig.len() - 3072..orig.len()).collect();
@@ -1386,15 +1231,7 @@ fn empty_disks_and_descriptors_inside_sparse_headers() {
     std::fs::write(&zero, b"").unwrap();
     for sf in SUBFORMATS {
         let o = d.path().join(format!("z-{sf}.vmdk"));
-        imgconv(&[
-            "convert",
-            "-O",
-            "vmdk",
-            "-o",
-            &format!("subformat={sf}"),
-            s(&zero),
-            s(&o),
-        ]);
+        imgconv_convert("vmdk", &format!("subformat={sf}"), &zero, &o);
         // qemu-img 10.0 cannot open empty VMDKs, not even its own (it takes a 0-sector
         // sparse file for a descriptor, and aborts on a descriptor with no extents), so
         // only imgconv reads these back.

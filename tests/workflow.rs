@@ -3,10 +3,6 @@
 mod common;
 use common::*;
 
-fn s(p: &std::path::Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// The VirtualBox workflow: a compressed qcow2 cloud-style image → VDI and → VMDK
 /// (monolithicSparse), each back to raw, identical to the source.
 #[test]
@@ -28,15 +24,7 @@ fn cloud_qcow2_to_virtualbox_and_back() {
     let vdi = d.path().join("cloud.vdi");
     imgconv(&["convert", "-O", "vdi", s(&qcow), s(&vdi)]);
     let vmdk = d.path().join("cloud.vmdk");
-    imgconv(&[
-        "convert",
-        "-O",
-        "vmdk",
-        "-o",
-        "subformat=monolithicSparse",
-        s(&qcow),
-        s(&vmdk),
-    ]);
+    imgconv_convert("vmdk", "subformat=monolithicSparse", &qcow, &vmdk);
     assert_eq!(qemu_info(&vdi)["format"], "vdi");
     assert_eq!(qemu_info(&vmdk)["format"], "vmdk");
     qemu_img(&["check", s(&vdi)]);

@@ -26,6 +26,7 @@ pub fn open_storage(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Imag
         Some(f) => f,
         None => probe(storage.as_ref())?,
     };
+    refuse_snapshot(format, ctx)?;
     let opened: Opened = match format {
         Format::Raw => raw::open(storage, ctx)?,
         Format::Qcow2 => qcow2::open(storage, ctx)?,
@@ -48,6 +49,7 @@ pub fn open_stream(
     len: Option<u64>,
     ctx: &OpenContext,
 ) -> Result<Opened> {
+    refuse_snapshot(format, ctx)?;
     if let (Format::Raw, Some(len)) = (format, len) {
         // The length comes from a header (tar, xz index, zstd frames): bound it before
         // a writer sizes its output after it.
@@ -91,6 +93,18 @@ pub fn open_stream(
         return spool_and_open(format, reader, ctx);
     }
     spool_and_open(format, reader, ctx)
+}
+
+/// Refuses a snapshot selection (`convert -l`) for formats without internal snapshots;
+/// it applies to the top image only.
+fn refuse_snapshot(format: Format, ctx: &OpenContext) -> Result<()> {
+    if ctx.depth == 0 && ctx.options.snapshot.is_some() && format != Format::Qcow2 {
+        return Err(crate::error::Error::unsupported(
+            format.name(),
+            "internal snapshots",
+        ));
+    }
+    Ok(())
 }
 
 /// True when `head` is a VMDK sparse header with compressed grains and markers (the

@@ -3,7 +3,10 @@
 //! Every decoder reads concatenated members / streams / frames until the end of its
 //! input (pigz, pbzip2, `xz -T0`, pzstd output). xz is decoded by liblzma's multithreaded
 //! decoder, which decodes the blocks of a multi-block stream (`xz -T0`) in parallel and
-//! falls back to one thread for single-block files. The decoders verify their checksums
+//! falls back to one thread for single-block files. A bzip2 file of several streams
+//! (pbzip2 output, files joined with `cat`) is cut at its stream boundaries and decoded by
+//! several threads ([`bzip2_file_decoder`]); a single-stream file (plain `bzip2`) has only
+//! bit-aligned block boundaries and is decoded by one thread. The decoders verify their checksums
 //! (gzip CRC32, bzip2 block CRCs, xz CRC32/CRC64/SHA-256, zstd xxhash when present);
 //! a damaged or truncated stream becomes [`Error::Corrupt`] naming the compression and
 //! the compressed offset where decoding stopped.
@@ -94,8 +97,16 @@ impl Read for DecodeReader {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Decoders started on this thread (tests check that an input is decoded once).
+    pub(crate) static DECODERS_STARTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 /// Wraps `input` in the decoder for `compression`.
 pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<DecodeReader> {
+    #[cfg(test)]
+    DECODERS_STARTED.with(|n| n.set(n.get() + 1));
     let consumed = Arc::new(AtomicU64::new(0));
     let counted = Counting {
         inner: input,
@@ -194,6 +205,256 @@ impl Read for XzMulti {
             }
             self.dec = Some(xz_stream(input).map_err(to_io)?);
         }
+    }
+}
+
+/// Compressed bytes per piece of a multi-stream bzip2 file decoded by one thread.
+const BZ_PIECE: u64 = if cfg!(test) { 64 << 10 } else { 4 << 20 };
+/// Decoded bytes per message from a bzip2 piece worker.
+const BZ_CHUNK: usize = 1 << 20;
+/// Messages a piece worker may have waiting (bounds memory to threads × this × 1 MiB).
+const BZ_QUEUE: usize = 4;
+
+/// The start of a bzip2 stream: "BZh", a block size digit, then the first block's magic
+/// (π) or the end-of-stream magic (√π) of an empty stream.
+fn is_bz_stream_start(b: &[u8]) -> bool {
+    b.len() >= 10
+        && &b[..3] == b"BZh"
+        && (b'1'..=b'9').contains(&b[3])
+        && (b[4..10] == [0x31, 0x41, 0x59, 0x26, 0x53, 0x59]
+            || b[4..10] == [0x17, 0x72, 0x45, 0x38, 0x50, 0x90])
+}
+
+/// True when the 11 bytes before a candidate stream start end with a bzip2 end-of-stream
+/// marker (48-bit magic, 32-bit CRC, zero padding to a byte): the previous stream really
+/// ends there. Together with [`is_bz_stream_start`] this makes a false boundary inside
+/// compressed data practically impossible; one would still only cause a decoding error.
+fn ends_bz_stream(before: &[u8; 11]) -> bool {
+    let mut v = 0u128;
+    for &b in before {
+        v = v << 8 | u128::from(b);
+    }
+    (0..8).any(|pad| {
+        let bits = v >> pad;
+        v & ((1u128 << pad) - 1) == 0 && (bits >> 32) & 0xffff_ffff_ffff == 0x1772_4538_5090
+    })
+}
+
+/// Offsets where the streams of a concatenated bzip2 file (pbzip2 output, or files
+/// joined with `cat`) start, found by scanning the compressed bytes. Always starts with 0.
+fn bz_stream_starts(file: &File, len: u64) -> Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    const WIN: usize = 4 << 20;
+    let mut starts = vec![0u64];
+    let mut buf = vec![0u8; WIN + 21];
+    let mut pos = 0u64;
+    while pos < len {
+        // Each window also holds the 11 bytes before it and 10 after.
+        let from = pos.saturating_sub(11);
+        let n = ((len - from) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], from)
+            .map_err(Error::Stream)?;
+        let lead = (pos - from) as usize;
+        let end = n.min(lead + WIN);
+        let mut i = lead.max(11);
+        while i < end {
+            match buf[i..end].iter().position(|&b| b == b'B') {
+                None => break,
+                Some(k) => i += k,
+            }
+            let before: &[u8; 11] = buf[i - 11..i].try_into().unwrap_or(&[0; 11]);
+            if is_bz_stream_start(&buf[i..n]) && ends_bz_stream(before) {
+                starts.push(from + i as u64);
+            }
+            i += 1;
+        }
+        pos = from + end as u64;
+    }
+    Ok(starts)
+}
+
+/// A decoder for a bzip2 file: a file of several streams (pbzip2, lbzip2 -n, `cat`) of
+/// at least two pieces' worth is decoded by several threads, one piece of whole
+/// streams each, delivered in order; anything else by one thread as [`decoder`] does.
+pub fn bzip2_file_decoder(file: File, len: u64) -> Result<DecodeReader> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || len < 2 * BZ_PIECE {
+        return decoder(Compression::Bzip2, Box::new(file));
+    }
+    let starts = bz_stream_starts(&file, len)?;
+    // Cut into pieces of whole streams, each at least BZ_PIECE long.
+    let mut cuts = vec![0u64];
+    for &s in &starts[1..] {
+        if s - cuts[cuts.len() - 1] >= BZ_PIECE {
+            cuts.push(s);
+        }
+    }
+    if cuts.len() < 2 {
+        return decoder(Compression::Bzip2, Box::new(file));
+    }
+    #[cfg(test)]
+    DECODERS_STARTED.with(|n| n.set(n.get() + 1));
+    cuts.push(len);
+    let consumed = Arc::new(AtomicU64::new(0));
+    let reader = ParallelBz::start(Arc::new(file), cuts, threads.min(8), consumed.clone());
+    Ok(DecodeReader {
+        inner: Box::new(reader),
+        compression: Compression::Bzip2,
+        consumed,
+    })
+}
+
+type BzMsg = std::result::Result<Vec<u8>, Error>;
+
+/// Ordered output of pieces decoded by worker threads.
+struct ParallelBz {
+    pieces: std::vec::IntoIter<(u64, std::sync::mpsc::Receiver<BzMsg>)>,
+    current: Option<(u64, std::sync::mpsc::Receiver<BzMsg>)>,
+    chunk: Vec<u8>,
+    at: usize,
+    consumed: Arc<AtomicU64>,
+}
+
+impl ParallelBz {
+    fn start(file: Arc<File>, cuts: Vec<u64>, threads: usize, consumed: Arc<AtomicU64>) -> Self {
+        use std::sync::mpsc::sync_channel;
+        use std::sync::Mutex;
+        let mut receivers = Vec::new();
+        let mut jobs = Vec::new();
+        for w in cuts.windows(2) {
+            let (tx, rx) = sync_channel::<BzMsg>(BZ_QUEUE);
+            receivers.push((w[1], rx));
+            jobs.push((w[0], w[1], tx));
+        }
+        // Workers take pieces in order, so the piece being read is always being decoded.
+        let jobs = Arc::new(Mutex::new(jobs.into_iter()));
+        for _ in 0..threads.min(receivers.len()) {
+            let (jobs, file) = (jobs.clone(), file.clone());
+            std::thread::spawn(move || loop {
+                let job = match jobs.lock() {
+                    Ok(mut j) => j.next(),
+                    Err(_) => None,
+                };
+                let Some((from, to, tx)) = job else { return };
+                if !decode_bz_piece(&file, from, to, &tx) {
+                    return; // the reader is gone
+                }
+            });
+        }
+        ParallelBz {
+            pieces: receivers.into_iter(),
+            current: None,
+            chunk: Vec::new(),
+            at: 0,
+            consumed,
+        }
+    }
+}
+
+/// Decodes the streams in `[from, to)` of `file` into `tx`; false if the receiver left.
+fn decode_bz_piece(
+    file: &File,
+    from: u64,
+    to: u64,
+    tx: &std::sync::mpsc::SyncSender<BzMsg>,
+) -> bool {
+    struct At<'a> {
+        file: &'a File,
+        pos: u64,
+        end: u64,
+    }
+    impl Read for At<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            use std::os::unix::fs::FileExt;
+            let n = (buf.len() as u64).min(self.end - self.pos) as usize;
+            let got = self.file.read_at(&mut buf[..n], self.pos)?;
+            self.pos += got as u64;
+            Ok(got)
+        }
+    }
+    let input = BufReader::with_capacity(
+        1 << 16,
+        At {
+            file,
+            pos: from,
+            end: to,
+        },
+    );
+    let mut dec = bzip2::bufread::MultiBzDecoder::new(input);
+    loop {
+        let mut out = vec![0u8; BZ_CHUNK];
+        let mut got = 0;
+        let res = loop {
+            if got == out.len() {
+                break Ok(());
+            }
+            match dec.read(&mut out[got..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        if let Err(e) = res {
+            let offset = dec.get_ref().get_ref().pos;
+            let reason = match e.kind() {
+                io::ErrorKind::UnexpectedEof => {
+                    format!("the compressed data ends early (truncated file?): {e}")
+                }
+                _ => e.to_string(),
+            };
+            let _ = tx.send(Err(Error::corrupt(
+                "bzip2",
+                "compressed stream",
+                offset,
+                reason,
+            )));
+            return false;
+        }
+        if got == 0 {
+            return true;
+        }
+        out.truncate(got);
+        if tx.send(Ok(out)).is_err() {
+            return false;
+        }
+    }
+}
+
+impl Read for ParallelBz {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.chunk.len() {
+            if self.current.is_none() {
+                match self.pieces.next() {
+                    None => return Ok(0),
+                    Some(p) => self.current = Some(p),
+                }
+            }
+            let Some((end, rx)) = &self.current else {
+                return Ok(0);
+            };
+            match rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => {
+                    // Fail for good: later reads see the end of no piece.
+                    self.pieces = Vec::new().into_iter();
+                    self.current = None;
+                    return Err(to_io(e));
+                }
+                Err(_) => {
+                    // The piece's worker finished it.
+                    self.consumed.store(*end, Ordering::Relaxed);
+                    self.current = None;
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
@@ -578,6 +839,70 @@ mod tests {
             uncompressed_size(Compression::Zstd, &f, z.len() as u64).unwrap(),
             Some(both.len() as u64)
         );
+    }
+
+    /// Concatenated bzip2 streams: boundaries found, decoded in parallel pieces, in
+    /// order; damage in any piece is a typed error.
+    #[test]
+    fn multi_stream_bzip2_files_decode_in_parallel() {
+        let mut data = Vec::new();
+        let mut x = 12345u32;
+        for i in 0..1_500_000u32 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            data.push(if i % 5000 < 1000 { 0 } else { (x >> 24) as u8 });
+        }
+        data.extend_from_slice(b"BZh91AY&SY inside the data changes nothing");
+        let parts: Vec<Vec<u8>> = data
+            .chunks(200_000)
+            .map(|c| {
+                let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+                e.write_all(c).unwrap();
+                e.finish().unwrap()
+            })
+            .collect();
+        let all = parts.concat();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.bz2");
+        std::fs::write(&p, &all).unwrap();
+        let f = File::open(&p).unwrap();
+        let mut expect = vec![0u64];
+        for part in &parts[..parts.len() - 1] {
+            expect.push(expect[expect.len() - 1] + part.len() as u64);
+        }
+        assert_eq!(bz_stream_starts(&f, all.len() as u64).unwrap(), expect);
+        let mut out = Vec::new();
+        bzip2_file_decoder(f, all.len() as u64)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert!(out == data, "decoded data differs");
+        // A start pattern not preceded by an end-of-stream marker is no boundary.
+        let mut one = parts[0].clone();
+        one[1000..1010].copy_from_slice(b"BZh91AY&SY");
+        let q = dir.path().join("one.bz2");
+        std::fs::write(&q, &one).unwrap();
+        let f = File::open(&q).unwrap();
+        assert_eq!(bz_stream_starts(&f, one.len() as u64).unwrap(), vec![0]);
+        // Damage in a middle stream, and a cut file.
+        let mut bad = all.clone();
+        let mid = expect[4] as usize + 300;
+        bad[mid] ^= 0x5a;
+        for bytes in [bad, all[..all.len() - 5].to_vec()] {
+            std::fs::write(&p, &bytes).unwrap();
+            let f = File::open(&p).unwrap();
+            let mut d = bzip2_file_decoder(f, bytes.len() as u64).unwrap();
+            let err = from_io(d.read_to_end(&mut Vec::new()).unwrap_err());
+            assert!(
+                matches!(
+                    err,
+                    Error::Corrupt {
+                        format: "bzip2",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -69,6 +69,11 @@ impl FileStorage {
             }
             off as u64
         };
+        if is_file {
+            // Conversions read mostly in ascending order: ask for a larger readahead.
+            // SAFETY: advice on a descriptor we own; the result is only a hint.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+        }
         Ok(FileStorage {
             file,
             path,

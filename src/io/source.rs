@@ -5,10 +5,17 @@
 //! zstd) on the first bytes of the file, then a tar header on the first (decompressed)
 //! bytes, then the disk format. A raw disk inside a compressed stream or a tar member is
 //! read straight from the stream ([`StreamDevice`]) when its size is known: from the tar
-//! header, from the xz index or the zstd frame headers of a file, or, for gzip and bzip2
-//! files, by a first pass that only counts the decompressed bytes. Every other case
-//! (random-access formats, a raw disk of unknown size on a pipe) is spooled to a sparse
-//! temporary file by [`crate::format::open_stream`].
+//! header, or from the xz index or the zstd frame headers of a file. Every other case is
+//! spooled to a sparse temporary file by [`crate::format::open_stream`]: random-access
+//! formats, a raw disk on a pipe, and a raw disk in a gzip or bzip2 file (whose length
+//! is recorded nowhere: gzip's ISIZE trailer only gives the length modulo 4 GiB of the
+//! last member). Either way the compressed data is decoded exactly once; a spooled raw
+//! disk is then converted from the temporary file by all worker threads.
+//!
+//! `info` on a raw disk in a gzip or bzip2 file therefore decodes the whole file (and
+//! spools its data) to report the virtual size; for xz and zstd files it reads only the
+//! index or frame headers. Other formats need only their headers, but are spooled whole
+//! too, as their metadata may lie anywhere. (qemu-img cannot read compressed files.)
 //!
 //! [`StreamDevice`]: crate::io::stream::StreamDevice
 
@@ -20,7 +27,9 @@ use std::sync::Arc;
 use crate::detect::{probe_bytes, probe_compression, probe_tar, Compression, Format, PROBE_LEN};
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenContext, OpenOptions};
-use crate::io::compressed::{count, decoder, from_io, peek, replay, to_io, uncompressed_size};
+use crate::io::compressed::{
+    bzip2_file_decoder, decoder, from_io, peek, replay, to_io, uncompressed_size,
+};
 use crate::io::tar::{self, Entry, StorageInput, StreamInput};
 use crate::io::{FileStorage, Storage};
 
@@ -28,9 +37,8 @@ use crate::io::{FileStorage, Storage};
 enum RawLen {
     /// Recorded by the container.
     Known(u64),
-    /// Found by decoding the file once more, counting bytes.
-    Count(Box<dyn FnOnce() -> Result<u64>>),
-    /// Not knowable (a pipe): the raw disk is spooled.
+    /// Not recorded (gzip, bzip2, a pipe): the raw disk is spooled, which decodes it
+    /// once and learns its length at the end.
     Unknown,
 }
 
@@ -79,21 +87,15 @@ fn open_compressed_file(
     c: Compression,
     ctx: &OpenContext,
 ) -> Result<Image> {
-    let reopen = {
-        let path = path.to_path_buf();
-        move || -> Result<crate::io::compressed::DecodeReader> {
-            let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
-            decoder(c, Box::new(f))
-        }
-    };
     let raw_len = match uncompressed_size(c, file, len)? {
         Some(n) => RawLen::Known(n),
-        None => {
-            let again = reopen.clone();
-            RawLen::Count(Box::new(move || count(&mut again()?)))
-        }
+        None => RawLen::Unknown,
     };
-    let mut dec = reopen()?;
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut dec = match c {
+        Compression::Bzip2 => bzip2_file_decoder(f, len)?,
+        _ => decoder(c, Box::new(f))?,
+    };
     let head = peek(&mut dec, PROBE_LEN).map_err(from_io)?;
     let stream = replay(head.clone(), Box::new(dec));
     open_decoded(stream, &head, raw_len, ctx)
@@ -137,7 +139,6 @@ fn open_decoded(
     let format = ctx.options.format.unwrap_or_else(|| probe_bytes(head));
     let len = match (format, raw_len) {
         (Format::Raw, RawLen::Known(n)) => Some(n),
-        (Format::Raw, RawLen::Count(f)) => Some(f()?),
         _ => None,
     };
     Ok(Image::from_opened(crate::format::open_stream(
@@ -280,5 +281,55 @@ impl Read for TarMember {
         self.remaining -= got as u64;
         self.pos += got as u64;
         Ok(got)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::compressed::DECODERS_STARTED;
+    use std::io::Write;
+
+    /// A gzip or bzip2 raw disk is decoded once: spooled, then read from the spool.
+    #[test]
+    fn gzip_and_bzip2_raw_files_are_decoded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        let mut disk = vec![0u8; 3 << 20];
+        for (i, b) in disk[100_000..300_000].iter_mut().enumerate() {
+            *b = (i % 253) as u8 | 1;
+        }
+        disk[(3 << 20) - 1] = 7;
+        let gz = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&disk).unwrap();
+            e.finish().unwrap()
+        };
+        let bz = {
+            let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+            e.write_all(&disk).unwrap();
+            e.finish().unwrap()
+        };
+        for (name, bytes) in [("d.raw.gz", gz), ("d.raw.bz2", bz)] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            let options = OpenOptions {
+                tmpdir: Some(spool.clone()),
+                ..OpenOptions::default()
+            };
+            DECODERS_STARTED.with(|n| n.set(0));
+            let img = open_path(&p, &options).unwrap();
+            assert_eq!(DECODERS_STARTED.with(|n| n.get()), 1, "{name}");
+            assert_eq!(img.info().virtual_size, disk.len() as u64);
+            // Random access (not a sequential-only stream), and the spool is unlinked.
+            assert!(!img.device().sequential_only());
+            assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+            let mut back = vec![0u8; disk.len()];
+            img.device().read_at(&mut back, 0).unwrap();
+            assert_eq!(back, disk, "{name}");
+            img.device().read_at(&mut back[..10], 5).unwrap();
+            assert_eq!(&back[..10], &disk[5..15]);
+        }
     }
 }

@@ -19,6 +19,8 @@ use crate::io::FileStorage;
 
 const BUF: usize = 1 << 20;
 const BLOCK: usize = 4096;
+/// Buffers in flight between the reader thread and the writer.
+const BUFFERS: usize = 3;
 
 /// The folder spooled files go to: `tmpdir`, else `$TMPDIR`, else `/tmp`.
 pub fn spool_dir(tmpdir: Option<&Path>) -> PathBuf {
@@ -61,42 +63,82 @@ pub fn anonymous_file(dir: &Path) -> Result<File> {
 
 /// Copies `reader` to its end into a sparse anonymous file in `dir` and returns it as
 /// storage named `name` (for messages).
-pub fn spool(reader: &mut dyn Read, dir: &Path, name: &Path) -> Result<FileStorage> {
+///
+/// The reader (typically a decompressor) runs on a thread of its own while this thread
+/// finds the zero blocks and writes the rest, so spooling costs little more wall time
+/// than decoding. Buffers go back and forth between the two: at most [`BUFFERS`] MiB.
+pub fn spool(reader: &mut (dyn Read + Send), dir: &Path, name: &Path) -> Result<FileStorage> {
+    use std::sync::mpsc::sync_channel;
     let file = anonymous_file(dir)?;
-    let mut buf = vec![0u8; BUF];
-    let mut pos = 0u64;
-    loop {
-        let mut got = 0;
-        while got < BUF {
-            match reader.read(&mut buf[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(from_io(e)),
-            }
-        }
-        let mut off = 0;
-        while off < got {
-            // Write each run of non-zero blocks at once; zero blocks stay holes.
-            let mut end = off;
-            while end < got && !crate::convert::is_zero(&buf[end..(end + BLOCK).min(got)]) {
-                end = (end + BLOCK).min(got);
-            }
-            if end > off {
-                file.write_all_at(&buf[off..end], pos + off as u64)
-                    .map_err(|e| Error::io(dir, e))?;
-                off = end;
-            } else {
-                off = (off + BLOCK).min(got);
-            }
-        }
-        pos += got as u64;
-        if got < BUF {
-            break;
-        }
+    // Filled buffers (with their length, or the read error) one way, empty ones back.
+    let (full_tx, full_rx) = sync_channel::<Result<(Vec<u8>, usize)>>(BUFFERS);
+    let (empty_tx, empty_rx) = sync_channel::<Vec<u8>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        let _ = empty_tx.send(vec![0u8; BUF]);
     }
+    let pos = std::thread::scope(|scope| -> Result<u64> {
+        // Owned here, so that returning (also on an error) closes both channels and
+        // stops the reader thread before the scope waits for it.
+        let (full_rx, empty_tx) = (full_rx, empty_tx);
+        scope.spawn(move || {
+            while let Ok(mut buf) = empty_rx.recv() {
+                let r = fill(reader, &mut buf);
+                let last = !matches!(r, Ok(n) if n == BUF);
+                if full_tx.send(r.map(|n| (buf, n))).is_err() || last {
+                    return;
+                }
+            }
+        });
+        let mut pos = 0u64;
+        loop {
+            // The reader thread always sends before it stops: a closed channel means it
+            // is gone without a word (a panic), which is an error too.
+            let (buf, got) = full_rx.recv().map_err(|_| {
+                Error::Format(format!("{}: the decoding thread failed", name.display()))
+            })??;
+            write_sparse(&file, &buf[..got], pos, dir)?;
+            pos += got as u64;
+            if got < BUF {
+                return Ok(pos);
+            }
+            let _ = empty_tx.send(buf);
+        }
+    })?;
     file.set_len(pos).map_err(|e| Error::io(dir, e))?;
     FileStorage::from_file(file, name.to_path_buf())
+}
+
+/// Reads until `buf` is full or the stream ends; returns the bytes read.
+fn fill(reader: &mut (dyn Read + Send), buf: &mut [u8]) -> Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(from_io(e)),
+        }
+    }
+    Ok(got)
+}
+
+/// Writes the runs of non-zero blocks of `buf` at `pos`; zero blocks stay holes.
+fn write_sparse(file: &File, buf: &[u8], pos: u64, dir: &Path) -> Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let mut end = off;
+        while end < buf.len() && !crate::convert::is_zero(&buf[end..(end + BLOCK).min(buf.len())]) {
+            end = (end + BLOCK).min(buf.len());
+        }
+        if end > off {
+            file.write_all_at(&buf[off..end], pos + off as u64)
+                .map_err(|e| Error::io(dir, e))?;
+            off = end;
+        } else {
+            off = (off + BLOCK).min(buf.len());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -122,5 +164,38 @@ mod tests {
         s.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(back, data);
         assert!(s.allocated_bytes() < 1 << 20);
+    }
+
+    /// A reader that fails after a few MiB: the error comes back, nothing is left.
+    #[test]
+    fn reader_errors_are_returned_and_leave_nothing() {
+        struct Failing(u64);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("broken"));
+                }
+                let n = (buf.len() as u64).min(self.0).min(100_000) as usize;
+                buf[..n].fill(3);
+                self.0 -= n as u64;
+                Ok(n)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for len in [0, 10, 5 << 20] {
+            let r = spool(&mut Failing(len), dir.path(), Path::new("x"));
+            assert!(r.is_err(), "{len}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+        // Exactly a multiple of the buffer size, and empty.
+        for len in [0usize, 2 * BUF] {
+            let s = spool(
+                &mut std::io::Cursor::new(vec![1u8; len]),
+                dir.path(),
+                Path::new("x"),
+            )
+            .unwrap();
+            assert_eq!(s.len(), len as u64);
+        }
     }
 }

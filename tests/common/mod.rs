@@ -186,3 +186,109 @@ pub fn check_to_raw(src: &Path, dir: &Path) {
     ]);
     assert_same(src, &out);
 }
+
+/// A path as `&str`, for command lines.
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The argument list of `convert -O FMT [-o OPTS] SRC DST` (no `-o` when `opts` is empty),
+/// shared by qemu-img and imgconv since they take the same syntax.
+fn convert_args<'a>(fmt: &'a str, opts: &'a str, src: &'a Path, dst: &'a Path) -> Vec<&'a str> {
+    let mut a = vec!["convert", "-O", fmt];
+    if !opts.is_empty() {
+        a.extend(["-o", opts]);
+    }
+    a.extend([s(src), s(dst)]);
+    a
+}
+
+/// `qemu-img convert -O FMT [-o OPTS] SRC DST`, which must succeed.
+pub fn qemu_convert(fmt: &str, opts: &str, src: &Path, dst: &Path) -> String {
+    qemu_img(&convert_args(fmt, opts, src, dst))
+}
+
+/// `imgconv convert -O FMT [-o OPTS] SRC DST`, which must succeed.
+pub fn imgconv_convert(fmt: &str, opts: &str, src: &Path, dst: &Path) -> String {
+    imgconv(&convert_args(fmt, opts, src, dst))
+}
+
+/// The argument list of `create -f FMT FLAGS.. -b BACKING -F FMT PATH [SIZE]` (no size
+/// when `size` is empty), for qemu-img or imgconv: an overlay over a same-format backing file.
+pub fn overlay_args<'a>(
+    fmt: &'a str,
+    flags: &[&'a str],
+    backing: &'a str,
+    path: &'a Path,
+    size: &'a str,
+) -> Vec<&'a str> {
+    let mut a = vec!["create", "-f", fmt];
+    a.extend(flags);
+    a.extend(["-b", backing, "-F", fmt, s(path)]);
+    if !size.is_empty() {
+        a.push(size);
+    }
+    a
+}
+
+/// One step of the xorshift64 generator (13, 7, 17): cheap, reproducible noise for test data.
+pub fn xorshift64(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Asserts `qemu-img check` finds no errors in the image.
+pub fn assert_qemu_check_clean(path: &Path) {
+    let chk = qemu_img(&["check", s(path)]);
+    assert!(chk.contains("No errors"), "{}: {chk}", path.display());
+}
+
+/// Spawns imgconv with `args` and the environment `env` (stdout and stderr discarded),
+/// writes `input` to its stdin and returns it with stdin still open: the run then waits
+/// for input that never comes, to be interrupted by the test.
+pub fn imgconv_fed_partly(
+    args: &[&str],
+    env: &[(&str, &Path)],
+    input: &[u8],
+) -> (std::process::Child, std::process::ChildStdin) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(imgconv_bin())
+        .envs(env.iter().copied())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    stdin.flush().unwrap();
+    (child, stdin)
+}
+
+/// Asserts `imgconv convert -O FMT [-o OPTS] SRC DST` fails with exit code 1 and
+/// leaves no `DST` behind.
+pub fn assert_convert_refused(fmt: &str, opts: &str, src: &Path, dst: &Path) {
+    let o = imgconv_out(&convert_args(fmt, opts, src, dst));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "convert -O {fmt} -o {opts:?} {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!dst.exists(), "{} left behind", dst.display());
+}
+
+/// `qemu-img create -q -f FMT [-o OPTS] PATH SIZE`, which must succeed.
+pub fn qemu_create(fmt: &str, opts: &str, path: &Path, size: &str) {
+    let mut a = vec!["create", "-q", "-f", fmt];
+    if !opts.is_empty() {
+        a.extend(["-o", opts]);
+    }
+    a.extend([s(path), size]);
+    qemu_img(&a);
+}

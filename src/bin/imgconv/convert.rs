@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Args as ClapArgs;
 use imgconv::writer::parse_size;
-use imgconv::{ConvertOptions, Format};
+use imgconv::{ConvertOptions, Format, OpenOptions};
 
 use crate::common::{
     fail, open_image, open_input, parse_format, progress_bar, CmdResult, InputArgs,
@@ -49,6 +49,13 @@ pub struct Args {
     /// With -n: the target already reads as zeros.
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
+    /// Convert an internal snapshot of the source (qcow2): snapshot.id=ID,
+    /// snapshot.name=NAME, or an ID or name.
+    #[arg(short = 'l')]
+    snapshot: Option<String>,
+    /// Convert an internal snapshot (older spelling of -l, ID or name).
+    #[arg(short = 's')]
+    snapshot_old: Option<String>,
     /// Refuse references to other files in the source (images from strangers).
     #[arg(long)]
     untrusted: bool,
@@ -81,7 +88,24 @@ pub fn run(a: Args) -> CmdResult {
     if a.target_is_zero && !a.no_create {
         return Err((1, imgconv::Error::invalid("--target-is-zero requires -n")));
     }
-    let src = open_input(&a.src, a.format, a.untrusted, &a.input).map_err(fail(1))?;
+    let src = match a.snapshot.as_ref().or(a.snapshot_old.as_ref()) {
+        None => open_input(&a.src, a.format, a.untrusted, &a.input),
+        Some(snap) => {
+            if a.snapshot.is_some() && a.snapshot_old.is_some() {
+                return Err((1, imgconv::Error::invalid("-l and -s are exclusive")));
+            }
+            let mut o = if a.untrusted {
+                OpenOptions::untrusted()
+            } else {
+                OpenOptions::trusted()
+            };
+            o.format = a.format;
+            a.input.apply(&mut o);
+            o.snapshot = Some(snap.clone());
+            imgconv::open(std::path::Path::new(&a.src), &o)
+        }
+    }
+    .map_err(fail(1))?;
     let mut opts = ConvertOptions::new(a.out_format);
     for o in &a.options {
         opts.write.parse_o(o).map_err(fail(1))?;

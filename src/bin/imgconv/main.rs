@@ -34,7 +34,7 @@ enum Command {
     Compare(compare::Args),
     /// Show where the data of an image lies.
     Map(map::Args),
-    /// Check an image's metadata for errors and leaks (qcow2).
+    /// Check an image's metadata for errors and leaks (qcow2, VMDK, VDI).
     Check(check::Args),
     /// Compute the size an image needs in a given format.
     Measure(measure::Args),
@@ -46,7 +46,20 @@ enum Command {
 
 fn main() -> ExitCode {
     common::install_signal_handlers();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // qemu-img exits 1 on a bad command line (2 for compare, whose 1 means
+            // "different"); --help and --version succeed.
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ if std::env::args().nth(1).as_deref() == Some("compare") => 2,
+                _ => 1,
+            };
+            return ExitCode::from(code);
+        }
+    };
     let r = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Convert(a) => convert::run(a),

@@ -15,7 +15,7 @@ use super::header::{
 use super::refcount::{
     read_padded, read_refcounts, write_refcount, StoredRefcounts, OFFSET_MASK_REFTABLE,
 };
-use super::snapshot::SNAPSHOT_FIXED_LEN;
+use super::snapshot::read_snapshot_table;
 use crate::error::{Error, Result};
 use crate::io::{read_struct, Storage};
 use crate::limits::{MAX_QCOW2_L1_BYTES, MAX_QCOW2_SNAPSHOTS};
@@ -46,6 +46,9 @@ pub struct CheckReport {
     pub image_end_offset: u64,
     /// One line per problem, in qemu-img's wording.
     pub messages: Vec<String>,
+    /// The check stopped early with this reason (qemu-img's "Check failed: …", exit 1):
+    /// VMDK's check gives up at its first bad grain, as QEMU's does.
+    pub failed: Option<String>,
 }
 
 impl CheckReport {
@@ -463,62 +466,6 @@ impl Checker<'_> {
     }
 }
 
-/// What the check needs of a snapshot table entry.
-struct SnapshotRef {
-    l1_offset: u64,
-    l1_size: u64,
-    id: String,
-    name: String,
-    extra_size: u64,
-}
-
-/// Reads the snapshot table entry by entry, tolerantly as QEMU's checker does: bytes
-/// past the end of the file read as zeros, and the last entry needs no padding.
-/// Returns the entries and the table's size as QEMU counts it.
-fn read_snapshots(storage: &dyn Storage, h: &Header) -> Result<(Vec<SnapshotRef>, u64)> {
-    const MAX_TABLE: u64 = 64 << 20;
-    let mut out = Vec::new();
-    let mut pos = h.snapshots_offset;
-    let mut size = 0u64;
-    for _ in 0..h.nb_snapshots {
-        pos = pos.next_multiple_of(8);
-        let mut fixed = [0u8; SNAPSHOT_FIXED_LEN];
-        read_padded(storage, &mut fixed, pos)?;
-        let be32 = |o: usize| u32::from_be_bytes(fixed[o..o + 4].try_into().expect("4 bytes"));
-        let extra = be32(36) as u64;
-        if extra > 1024 {
-            return Err(Error::corrupt(
-                FMT,
-                "snapshot table entry",
-                pos + 36,
-                format!("extra data size {extra} is too large"),
-            ));
-        }
-        let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as usize;
-        let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
-        let mut strings = vec![0u8; id_len + name_len];
-        read_padded(storage, &mut strings, pos + 40 + extra)?;
-        out.push(SnapshotRef {
-            l1_offset: u64::from_be_bytes(fixed[0..8].try_into().expect("8 bytes")),
-            l1_size: be32(8) as u64,
-            id: String::from_utf8_lossy(&strings[..id_len]).into_owned(),
-            name: String::from_utf8_lossy(&strings[id_len..]).into_owned(),
-            extra_size: extra,
-        });
-        pos += 40 + extra + (id_len + name_len) as u64;
-        size = pos - h.snapshots_offset;
-        if size > MAX_TABLE {
-            return Err(Error::TooLarge {
-                format: FMT,
-                structure: "snapshot table",
-                size,
-                limit: MAX_TABLE,
-            });
-        }
-    }
-    Ok((out, size))
-}
-
 /// Checks a qcow2 image held in `storage`.
 ///
 /// Fails (rather than reporting) only when the image cannot be checked at all: no qcow2
@@ -621,11 +568,12 @@ pub fn check_and_repair(
         },
         h: h.clone(),
     };
-    let (snapshots, snapshots_size) = read_snapshots(storage, &h)?;
+    let table = read_snapshot_table(storage, h.snapshots_offset, h.nb_snapshots)?;
+    let (snapshots, snapshots_size) = (table.entries, table.size);
     if h.version >= 3 {
         // v3 entries must carry the 64-bit VM state size and the disk size.
         for (i, sn) in snapshots.iter().enumerate() {
-            if sn.extra_size < 16 {
+            if sn.extra.len() < 16 {
                 c.msg(format!("ERROR snapshot table entry {i} is incomplete"));
                 c.r.corruptions += 1;
             }
@@ -636,8 +584,8 @@ pub fn check_and_repair(
     // Each snapshot has its own L1 table in the file: together they cannot be larger.
     let snap_l1_bytes: u64 = snapshots
         .iter()
-        .filter(|sn| sn.l1_offset % cs == 0 && sn.l1_size * 8 <= MAX_QCOW2_L1_BYTES)
-        .map(|sn| sn.l1_size * 8)
+        .filter(|sn| sn.l1_table_offset % cs == 0 && sn.l1_size as u64 * 8 <= MAX_QCOW2_L1_BYTES)
+        .map(|sn| sn.l1_size as u64 * 8)
         .sum();
     if snap_l1_bytes > file_len {
         return Err(Error::corrupt(
@@ -648,15 +596,15 @@ pub fn check_and_repair(
         ));
     }
     for sn in &snapshots {
-        if sn.l1_offset % cs != 0 {
+        if sn.l1_table_offset % cs != 0 {
             c.msg(format!(
                 "ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
-                sn.id, sn.name, sn.l1_offset
+                sn.id, sn.name, sn.l1_table_offset
             ));
             c.r.corruptions += 1;
             continue;
         }
-        if sn.l1_size * 8 > MAX_QCOW2_L1_BYTES {
+        if sn.l1_size as u64 * 8 > MAX_QCOW2_L1_BYTES {
             c.msg(format!(
                 "ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
                 sn.id, sn.name, sn.l1_size
@@ -664,7 +612,7 @@ pub fn check_and_repair(
             c.r.corruptions += 1;
             continue;
         }
-        c.check_l1(sn.l1_offset, sn.l1_size, false)?;
+        c.check_l1(sn.l1_table_offset, sn.l1_size as u64, false)?;
     }
     c.inc(h.snapshots_offset, snapshots_size);
     c.inc(

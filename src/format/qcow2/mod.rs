@@ -40,7 +40,7 @@ use header::{
     MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, V2_HEADER_LEN,
 };
 use reader::{Qcow2Device, Qcow2Parts};
-use snapshot::{read_snapshot_table, SNAPSHOT_FIXED_LEN};
+use snapshot::read_snapshot_table;
 
 const FMT: &str = "qcow2";
 
@@ -171,14 +171,17 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
         });
     }
     let snapshots = if h.nb_snapshots > 0 {
-        check_table(
-            h.snapshots_offset,
-            h.nb_snapshots as u64 * SNAPSHOT_FIXED_LEN as u64,
-            cluster_size,
-            file_len,
-            "snapshot table",
-        )?;
-        read_snapshot_table(storage, h.snapshots_offset, h.nb_snapshots)?
+        // As QEMU: the table must be cluster aligned, but entries past the end of the
+        // file read as zeros (`check` reports them) rather than failing the open.
+        if h.snapshots_offset % cluster_size != 0 {
+            return Err(Error::corrupt(
+                FMT,
+                "snapshot table",
+                h.snapshots_offset,
+                "table offset is not cluster aligned",
+            ));
+        }
+        read_snapshot_table(storage, h.snapshots_offset, h.nb_snapshots)?.entries
     } else {
         Vec::new()
     };
@@ -448,17 +451,52 @@ fn format_specific(m: &Qcow2Metadata) -> serde_json::Value {
 
 /// Opens a qcow2 image: validates its metadata, follows its backing file and external
 /// data file (unless the options forbid it), and exposes the virtual disk.
+///
+/// When the options name a snapshot and this is the top image, opens that snapshot (see
+/// [`open_snapshot`]).
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
-    open_inner(storage, ctx, None)
+    let snapshot = ctx.options.snapshot.as_deref().filter(|_| ctx.depth == 0);
+    open_inner(storage, ctx, snapshot)
 }
 
 /// Opens the internal snapshot `which` (matched by ID first, then by name) as a
 /// read-only virtual disk, like `qemu-img convert -l`.
 ///
-/// The snapshot's L1 table is validated like the active one; the disk size is the one
-/// recorded with the snapshot (the image's current size when none was recorded).
+/// The snapshot's L1 table is validated like the active one against the disk size
+/// recorded with the snapshot; the device has the image's current size, as qemu-img
+/// reads it (the part past the snapshot's disk reads as zeros).
 pub fn open_snapshot(storage: Arc<dyn Storage>, ctx: &OpenContext, which: &str) -> Result<Opened> {
     open_inner(storage, ctx, Some(which))
+}
+
+/// Finds the snapshot `which` names: `snapshot.id=ID`, `snapshot.name=NAME` or both
+/// (comma-separated, both must match), as qemu-img's `-l`; anything else is an ID or,
+/// failing that, a name.
+fn find_snapshot<'a>(
+    snapshots: &'a [snapshot::SnapshotEntry],
+    which: &str,
+) -> Result<Option<&'a snapshot::SnapshotEntry>> {
+    if !which.starts_with("snapshot.") {
+        return Ok(snapshots
+            .iter()
+            .find(|s| s.id == which)
+            .or_else(|| snapshots.iter().find(|s| s.name == which)));
+    }
+    let (mut id, mut name) = (None, None);
+    for part in which.split(',') {
+        match part.split_once('=') {
+            Some(("snapshot.id", v)) => id = Some(v),
+            Some(("snapshot.name", v)) => name = Some(v),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "invalid snapshot selector {part:?} (expected snapshot.id=ID or snapshot.name=NAME)"
+                )))
+            }
+        }
+    }
+    Ok(snapshots
+        .iter()
+        .find(|s| id.map_or(true, |i| s.id == i) && name.map_or(true, |n| s.name == n)))
 }
 
 fn open_inner(
@@ -468,11 +506,7 @@ fn open_inner(
 ) -> Result<Opened> {
     let mut m = read_metadata(storage.as_ref())?;
     if let Some(which) = snapshot {
-        let sn = m
-            .snapshots
-            .iter()
-            .find(|s| s.id == which)
-            .or_else(|| m.snapshots.iter().find(|s| s.name == which))
+        let sn = find_snapshot(&m.snapshots, which)?
             .ok_or_else(|| Error::invalid(format!("qcow2: the image has no snapshot {which:?}")))?;
         let mut h = m.header.clone();
         h.size = sn.disk_size().unwrap_or(h.size);
@@ -487,6 +521,9 @@ fn open_inner(
             ),
             other => other,
         })?;
+        // As QEMU, the snapshot is read at the image's current size (which can only have
+        // grown since): past the snapshot's own L1 table everything reads as zeros.
+        h.size = h.size.max(m.header.size);
         m.header = h;
     }
     let h = &m.header;

@@ -44,6 +44,12 @@ fn be64(b: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
+/// The bytes up to the first NUL, as QEMU reads the ID and name (C strings).
+fn c_string(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
 impl SnapshotEntry {
     /// Total on-disk length (padded to 8) of an entry whose fixed part is `fixed`.
     pub fn total_len(fixed: &[u8]) -> u64 {
@@ -76,8 +82,8 @@ impl SnapshotEntry {
             vm_clock_nsec: be64(buf, 24),
             vm_state_size32: be32(buf, 32),
             extra: buf[SNAPSHOT_FIXED_LEN..extra_end].to_vec(),
-            id: String::from_utf8_lossy(&buf[extra_end..id_end]).into_owned(),
-            name: String::from_utf8_lossy(&buf[id_end..id_end + name_len]).into_owned(),
+            id: c_string(&buf[extra_end..id_end]),
+            name: c_string(&buf[id_end..id_end + name_len]),
         })
     }
 
@@ -136,43 +142,66 @@ impl SnapshotEntry {
     }
 }
 
+/// Largest snapshot table QEMU reads (its own limit, 1 KiB per possible snapshot).
+pub const MAX_SNAPSHOT_TABLE_BYTES: u64 = 1024 * crate::limits::MAX_QCOW2_SNAPSHOTS as u64;
+
+/// A snapshot table as read from the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotTable {
+    /// The entries, in table order.
+    pub entries: Vec<SnapshotEntry>,
+    /// Bytes the table occupies as QEMU counts them: from its offset to the end of the
+    /// last entry, whose padding is not included.
+    pub size: u64,
+}
+
 /// Reads `count` snapshot entries from the table at `offset` of `storage`.
 ///
-/// The table is read in windows of at most 256 KiB, so a table of 65536 entries costs a
-/// handful of reads; every entry must lie inside the file.
+/// Tolerant exactly where QEMU is: each entry starts at the next multiple of 8, the last
+/// entry needs no padding, and bytes past the end of the file read as zeros (QEMU's
+/// reads there return zeros; `check` then reports such entries). Bounded as QEMU is:
+/// at most 1024 bytes of extra data per entry and a table of at most
+/// [`MAX_SNAPSHOT_TABLE_BYTES`], read in windows of 256 KiB.
 pub fn read_snapshot_table(
     storage: &dyn Storage,
     offset: u64,
     count: u32,
-) -> Result<Vec<SnapshotEntry>> {
+) -> Result<SnapshotTable> {
     const WINDOW: u64 = 256 * 1024;
     let file_len = storage.len();
     let mut out = Vec::new();
     let mut win: Vec<u8> = Vec::new();
     let mut win_start = offset;
     let mut pos = offset;
-    // Makes `win` cover [pos, pos + need), reading ahead up to WINDOW bytes.
+    let mut size = 0u64;
+    // Makes `win` cover [pos, pos + need), reading ahead up to WINDOW bytes; bytes past
+    // the end of the file are zeros.
     let fill = |pos: u64, need: u64, win: &mut Vec<u8>, win_start: &mut u64| -> Result<()> {
         let have = *win_start + win.len() as u64;
         if pos >= *win_start && pos + need <= have {
             return Ok(());
         }
-        if !matches!(pos.checked_add(need), Some(e) if e <= file_len) {
-            return Err(Error::corrupt(
-                FMT,
-                "snapshot table",
-                pos,
-                format!("entry of {need} bytes runs past the end of the file ({file_len:#x})"),
-            ));
-        }
-        let n = need.max(WINDOW).min(file_len - pos);
+        let n = need.max(WINDOW);
         win.clear();
         win.resize(n as usize, 0);
-        read_struct(storage, win, pos, FMT, "snapshot table")?;
+        if pos < file_len {
+            let avail = ((file_len - pos).min(n)) as usize;
+            read_struct(storage, &mut win[..avail], pos, FMT, "snapshot table")?;
+        }
         *win_start = pos;
         Ok(())
     };
     for _ in 0..count {
+        pos = pos.next_multiple_of(8);
+        // An entry is at most 40 + 1024 + 2 * 65535 bytes: this keeps every sum below exact.
+        if pos > u64::MAX / 2 {
+            return Err(Error::corrupt(
+                FMT,
+                "snapshot table",
+                pos,
+                "table offset is out of range",
+            ));
+        }
         fill(pos, SNAPSHOT_FIXED_LEN as u64, &mut win, &mut win_start)?;
         let rel = (pos - win_start) as usize;
         let fixed = &win[rel..rel + SNAPSHOT_FIXED_LEN];
@@ -185,13 +214,26 @@ pub fn read_snapshot_table(
                 format!("extra data size {extra} above {MAX_SNAPSHOT_EXTRA_DATA}"),
             ));
         }
+        let strings = u16::from_be_bytes([fixed[12], fixed[13]]) as u64
+            + u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
+        let unpadded = SNAPSHOT_FIXED_LEN as u64 + extra as u64 + strings;
         let total = SnapshotEntry::total_len(fixed);
         fill(pos, total, &mut win, &mut win_start)?;
         let rel = (pos - win_start) as usize;
-        out.push(SnapshotEntry::parse(&win[rel..rel + total as usize], pos)?);
-        pos += total;
+        let e = SnapshotEntry::parse(&win[rel..rel + total as usize], pos)?;
+        pos += unpadded;
+        size = pos - offset;
+        if size > MAX_SNAPSHOT_TABLE_BYTES {
+            return Err(Error::TooLarge {
+                format: FMT,
+                structure: "snapshot table",
+                size,
+                limit: MAX_SNAPSHOT_TABLE_BYTES,
+            });
+        }
+        out.push(e);
     }
-    Ok(out)
+    Ok(SnapshotTable { entries: out, size })
 }
 
 #[cfg(test)]
@@ -238,11 +280,20 @@ mod tests {
         }
         let s = MemStorage::new(file.clone());
         let t = read_snapshot_table(&s, 512, 3).unwrap();
-        assert_eq!(t.len(), 3);
-        assert_eq!(t[2].id, "2");
-        assert!(read_snapshot_table(&s, 512, 4).is_err());
-        // A name length pointing past the end of the file.
-        file[512 + 14] = 0xff;
+        assert_eq!(t.entries.len(), 3);
+        assert_eq!(t.entries[2].id, "2");
+        // Past the end of the file, entries read as zeros (as QEMU reads them).
+        let t = read_snapshot_table(&s, 512, 4).unwrap();
+        assert_eq!(t.entries[3].id, "");
+        assert_eq!(t.size, file.len() as u64 - 512 + 40);
+        // The last entry needs no padding: cut the file right after its name.
+        let cut = file.len() - 6;
+        let s = MemStorage::new(file[..cut].to_vec());
+        let t = read_snapshot_table(&s, 512, 3).unwrap();
+        assert_eq!(t.entries[2].name, "s");
+        assert_eq!(t.size, cut as u64 - 512);
+        // Too much extra data is refused.
+        file[512 + 36..512 + 40].copy_from_slice(&2000u32.to_be_bytes());
         let s = MemStorage::new(file);
         assert!(read_snapshot_table(&s, 512, 1).is_err());
     }

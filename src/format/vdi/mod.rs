@@ -3,9 +3,11 @@
 //! - [`header`]: the pre-header, the v1.1 header, UUIDs and the block map (plain structs);
 //! - [`reader`]: validation as VirtualBox validates, the [`reader::VdiDevice`], and the
 //!   search for a differencing image's parent by UUID;
+//! - [`check`]: `check`, the block map's consistency as qemu-img verifies it;
 //! - [`writer`]: images laid out as VirtualBox lays them out (`-o static=on|off`,
 //!   `-o uuid=…`).
 
+pub mod check;
 pub mod header;
 pub mod reader;
 pub mod writer;

@@ -15,8 +15,10 @@
 //! - [`sesparse`]: reading one ESXi seSparse extent;
 //! - [`reader`]: opening an image and serving it as a block device;
 //! - [`stream`]: reading a streamOptimized file sequentially from a pipe;
-//! - [`writer`]: every subformat's writer.
+//! - [`writer`]: every subformat's writer;
+//! - [`check`]: `check`, grains stored past the end of their extent file.
 
+pub mod check;
 pub mod descriptor;
 pub mod header;
 pub mod reader;
