@@ -2,6 +2,45 @@
 //!
 //! Every size read from an image header is checked against the file size and the virtual
 //! size before anything is allocated; these constants bound what remains.
+//!
+//! # Every limit, and what enforces it
+//!
+//! Exceeding a limit is an error at open time ([`Error::TooLarge`](crate::Error::TooLarge)
+//! or [`Error::Corrupt`](crate::Error::Corrupt) naming the structure), never a
+//! truncated result. Limits of one format's structures that QEMU fixes by the format
+//! itself live next to the parser (noted below); caches are memory bounds, not limits on
+//! what can be read.
+//!
+//! | Limit | Value | Enforced by |
+//! |---|---|---|
+//! | [`MAX_VIRTUAL_SIZE`] | 2^62 bytes (4 EiB) | every reader's header check (qcow2, VMDK sparse/seSparse/descriptor, VDI) and every writer's create |
+//! | [`MAX_CHAIN_DEPTH`] | 16 images | `OpenContext::open_backing` / `open_reference` (backing chains, VMDK parents, VDI parents); loops are refused at any depth |
+//! | [`MAX_QCOW2_L1_BYTES`] | 32 MiB | qcow2 open, check, writer and resize |
+//! | [`MAX_QCOW2_REFTABLE_BYTES`] | 8 MiB | qcow2 open, refcount rebuilding, writer and resize |
+//! | [`MAX_QCOW2_SNAPSHOTS`] | 65536 | qcow2 open and check (the snapshot table is read in 256 KiB windows) |
+//! | qcow2 cluster size (`header::MIN_CLUSTER_BITS`..`MAX_CLUSTER_BITS`) | 512 B to 2 MiB | `qcow2::header::Header::parse` |
+//! | qcow2 refcount width (`header::MAX_REFCOUNT_ORDER`) | 64 bits | `Header::parse` |
+//! | qcow2 backing file name (`header::MAX_BACKING_FILE_NAME`) | 1023 bytes | qcow2 open |
+//! | qcow2 bitmaps (`header::MAX_BITMAPS`, `MAX_BITMAP_DIRECTORY_BYTES`) | 65535, 64 MiB | qcow2 open (bitmap directory) |
+//! | qcow2 snapshot extra data (`snapshot::MAX_SNAPSHOT_EXTRA_DATA`) | 1 KiB per entry | `SnapshotEntry::parse` |
+//! | qcow2 L2 cache (`reader.rs`) | 8 MiB per image, at least 16 tables | memory bound of the reader |
+//! | [`MAX_VMDK_GD_ENTRIES`] | 2^24 entries (64 MiB directory) | VMDK `SparseHeader::validate`, seSparse open |
+//! | [`MAX_VMDK_EXTENTS`] | 4096 | VMDK `Descriptor::parse` |
+//! | [`MAX_DESCRIPTOR_BYTES`] | 64 KiB | VMDK open (descriptor file, embedded descriptor, stream reader) |
+//! | VMDK grain size | power of two, at most 1 MiB; at most 512 entries per grain table | `SparseHeader::validate` |
+//! | VMDK grain-table caches (`sparse.rs`, `sesparse.rs`) | 4096 / 1024 tables per extent | memory bound of the reader |
+//! | VMDK stream buffer (`stream.rs`) | 256 MiB decoded grains held between `map` and `read_at` | streamOptimized reader from a pipe |
+//! | [`MAX_VDI_BLOCKS`] | 2^28 entries (1 GiB block map) | VDI header check and writer |
+//! | [`MAX_VDI_PARENT_SCAN`], [`MAX_VDI_PARENT_CANDIDATES`] | 65536 entries, 1024 headers | the search for a differencing VDI's parent |
+//! | [`MAX_XZ_INDEX_BYTES`] | 64 MiB | xz index read to learn a compressed file's size |
+//! | [`XZ_THREADING_MEMORY`], [`MAX_XZ_DECODER_MEMORY`] | 128 MiB, 1 GiB | the xz decoder (one thread above the first, refused above the second) |
+//! | [`MAX_TAR_META_BYTES`] | 1 MiB | tar GNU long names and pax headers |
+//! | [`MAX_TAR_SPARSE_ENTRIES`] | 2^20 | tar sparse member maps |
+//! | [`STREAM_RETAIN_BYTES`] | 32 MiB | a raw disk read from a stream keeps this much behind the reader |
+//! | format probing (`detect::PROBE_LEN`) | first 4 KiB | format and compression detection |
+//!
+//! The fuzz targets in `fuzz/` check these bounds hold on arbitrary input: they run
+//! with a 512 MiB memory limit and a 10 s per-input timeout (see `fuzz/run-all.sh`).
 
 /// Longest backing chain (the image itself counts as one).
 pub const MAX_CHAIN_DEPTH: u32 = 16;

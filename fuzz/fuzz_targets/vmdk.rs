@@ -1,4 +1,5 @@
-//! The vmdk reader (header, tables, data paths) on arbitrary bytes.
+//! The VMDK reader on arbitrary bytes: sparse (KDMV, COWD, seSparse) extents with their
+//! grain directories and tables, and descriptor files (extents are refused: untrusted).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

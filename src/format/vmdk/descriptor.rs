@@ -289,6 +289,10 @@ fn parse_extent_line(access: Access, line: &str) -> std::result::Result<ExtentLi
         (None, "")
     } else {
         let (f, r) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        // A quote inside an unquoted name cannot be written back (nor read by QEMU).
+        if f.contains('"') {
+            return Err(format!("stray quote in extent file name {f:?}"));
+        }
         (Some(f.to_string()), r.trim())
     };
     let offset = match rest.split_whitespace().next() {

@@ -325,6 +325,15 @@ pub fn create_writer(
     out: &mut OutputSet,
 ) -> Result<Box<dyn ImageWriter>> {
     let o = VmdkOptions::parse(opts, target)?;
+    // The descriptor names extent files in quotes, one per line: such a name could not
+    // be read back.
+    if let Some(f) = target.file_name().map(|f| f.to_string_lossy()) {
+        if f.contains(['"', '\n', '\r']) {
+            return Err(Error::invalid(format!(
+                "vmdk: a file name with a quote or line break cannot be named in a descriptor: {f:?}"
+            )));
+        }
+    }
     if out.is_in_place() {
         return Err(Error::unsupported(
             FMT,
