@@ -72,7 +72,7 @@ impl StreamDevice {
             size,
             name: name.into(),
             state: Mutex::new(State {
-                reader,
+                reader: Box::new(ReadAhead::start(reader)),
                 decoded: 0,
                 base: 0,
                 segs: VecDeque::new(),
@@ -180,6 +180,93 @@ impl StreamDevice {
             "{}: offset {offset:#x} was already passed (stream read at ascending offsets only; now at {base:#x})",
             self.name
         ))
+    }
+}
+
+/// Bytes of one read-ahead buffer.
+const READ_AHEAD_BUF: usize = 1 << 20;
+/// Read-ahead buffers in flight (bounds memory to this many MiB).
+const READ_AHEAD_DEPTH: usize = 4;
+
+/// Runs a (decompressing) reader on a thread of its own, a few buffers ahead, so that
+/// decoding overlaps the zero scan, the engine and the writes instead of taking turns
+/// with them on the engine's dispatcher thread.
+struct ReadAhead {
+    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl ReadAhead {
+    fn start(mut inner: Box<dyn Read + Send>) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_DEPTH);
+        std::thread::spawn(move || loop {
+            let mut buf = vec![0u8; READ_AHEAD_BUF];
+            let mut got = 0;
+            let r = loop {
+                match inner.read(&mut buf[got..]) {
+                    Ok(0) => break Ok(()),
+                    Ok(k) => {
+                        got += k;
+                        if got == buf.len() {
+                            break Ok(());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            buf.truncate(got);
+            let last = got == 0 || r.is_err();
+            let msg = match r {
+                Ok(()) => Ok(buf),
+                Err(e) if got == 0 => Err(e),
+                // Hand over what was read; the error comes with the next message.
+                Err(e) => {
+                    if tx.send(Ok(buf)).is_err() {
+                        return;
+                    }
+                    Err(e)
+                }
+            };
+            // A closed channel means the device was dropped: stop decoding.
+            if tx.send(msg).is_err() || last {
+                return;
+            }
+        });
+        ReadAhead {
+            rx,
+            cur: Vec::new(),
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.cur.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(b)) if b.is_empty() => self.done = true,
+                Ok(Ok(b)) => {
+                    self.cur = b;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => self.done = true,
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
