@@ -17,7 +17,7 @@ pub struct Args {
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
     /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
+    #[arg(long = "output", default_value = "human", value_parser = ["human", "json"])]
     output: String,
     /// Repair: `leaks` lowers the refcounts of leaked clusters (`all` is refused).
     #[arg(short = 'r')]
@@ -34,15 +34,6 @@ pub struct Args {
 /// Runs `imgconv check`.
 pub fn run(a: Args) -> CmdResult {
     let _ = a.force_share;
-    if !matches!(a.output.as_str(), "human" | "json") {
-        return Err((
-            1,
-            imgconv::Error::invalid(format!(
-                "--output must be human or json, not '{}'",
-                a.output
-            )),
-        ));
-    }
     let storage = FileStorage::open(Path::new(&a.file)).map_err(fail(1))?;
     let format = match a.format {
         Some(f) => f,

@@ -25,7 +25,7 @@ pub struct Args {
     #[arg(long = "size")]
     size: Option<String>,
     /// Output format: human or json.
-    #[arg(long = "output", default_value = "human")]
+    #[arg(long = "output", default_value = "human", value_parser = ["human", "json"])]
     output: String,
     /// Refuse references to other files in the source.
     #[arg(long)]
@@ -39,15 +39,6 @@ pub struct Args {
 /// Runs `imgconv measure`.
 pub fn run(a: Args) -> CmdResult {
     let _ = a.force_share;
-    if !matches!(a.output.as_str(), "human" | "json") {
-        return Err((
-            1,
-            imgconv::Error::invalid(format!(
-                "--output must be human or json, not '{}'",
-                a.output
-            )),
-        ));
-    }
     let mut wo = WriteOptions::default();
     for o in &a.options {
         wo.parse_o(o).map_err(fail(1))?;

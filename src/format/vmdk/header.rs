@@ -4,6 +4,7 @@
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::error::{Error, Result};
+use crate::limits::MAX_DESCRIPTOR_BYTES;
 
 /// Format name used in errors.
 pub const FMT: &str = "vmdk";
@@ -161,6 +162,24 @@ impl SparseHeader {
     /// Number of grain-directory entries (grain tables).
     pub fn gd_entries(&self) -> u64 {
         self.grains().div_ceil(self.num_gtes_per_gt.max(1) as u64)
+    }
+
+    /// Where the embedded descriptor is and how long, in bytes: `None` when there is
+    /// none; an error when it is longer than [`MAX_DESCRIPTOR_BYTES`].
+    pub fn embedded_descriptor(&self) -> Result<Option<(u64, u64)>> {
+        if self.descriptor_offset == 0 || self.descriptor_size == 0 {
+            return Ok(None);
+        }
+        let bytes = self.descriptor_size.saturating_mul(SECTOR);
+        if bytes > MAX_DESCRIPTOR_BYTES {
+            return Err(Error::TooLarge {
+                format: FMT,
+                structure: "embedded descriptor",
+                size: bytes,
+                limit: MAX_DESCRIPTOR_BYTES,
+            });
+        }
+        Ok(Some((self.descriptor_offset.saturating_mul(SECTOR), bytes)))
     }
 
     /// Checks the fields that do not depend on the file: version, flags, sizes.

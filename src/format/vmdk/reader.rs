@@ -227,19 +227,9 @@ fn is_sesparse(b: &[u8; 512]) -> bool {
 
 /// Reads and parses an embedded descriptor.
 fn embedded_descriptor(storage: &dyn Storage, h: &SparseHeader) -> Result<Option<Descriptor>> {
-    if h.descriptor_offset == 0 || h.descriptor_size == 0 {
+    let Some((pos, bytes)) = h.embedded_descriptor()? else {
         return Ok(None);
-    }
-    let bytes = h.descriptor_size.saturating_mul(SECTOR);
-    if bytes > MAX_DESCRIPTOR_BYTES {
-        return Err(Error::TooLarge {
-            format: FMT,
-            structure: "embedded descriptor",
-            size: bytes,
-            limit: MAX_DESCRIPTOR_BYTES,
-        });
-    }
-    let pos = h.descriptor_offset.saturating_mul(SECTOR);
+    };
     let mut b = vec![0u8; bytes as usize];
     read_struct(storage, &mut b, pos, FMT, "embedded descriptor")?;
     Descriptor::parse(&decode_text(&b), pos).map(Some)
@@ -339,16 +329,7 @@ fn open_monolithic(
     if ext.header.compressed() {
         extent_info[0]["compressed"] = json!(true);
     }
-    let parts = vec![Part {
-        start: 0,
-        len: size,
-        source: Source::Sparse(ext.clone()),
-    }];
-    let mut info = ImageInfo::new(ctx.filename.clone(), Format::Vmdk, size);
-    info.actual_size = Some(storage.allocated_bytes());
-    info.cluster_size = Some(ext.grain_bytes());
-    info.dirty_flag = Some(false);
-    finish(desc, parts, size, extent_info, info, ctx)
+    finish_single(desc, ext, extent_info, storage.as_ref(), ctx)
 }
 
 /// A seSparse or COWD extent opened by itself (ESX keeps their descriptor apart).
@@ -373,15 +354,27 @@ fn open_extent_alone(
         "virtual-size": size,
         "cluster-size": ext.grain_bytes(),
     })];
-    let parts = vec![Part {
-        start: 0,
-        len: size,
-        source: Source::Sparse(ext.clone()),
-    }];
+    finish_single(desc, ext, extent_info, storage.as_ref(), ctx)
+}
+
+/// Finishes opening an image made of one grain extent covering the whole disk.
+fn finish_single(
+    desc: Descriptor,
+    ext: Arc<dyn GrainSource>,
+    extent_info: Vec<serde_json::Value>,
+    storage: &dyn Storage,
+    ctx: &OpenContext,
+) -> Result<Opened> {
+    let size = ext.capacity_bytes();
     let mut info = ImageInfo::new(ctx.filename.clone(), Format::Vmdk, size);
     info.actual_size = Some(storage.allocated_bytes());
     info.cluster_size = Some(ext.grain_bytes());
     info.dirty_flag = Some(false);
+    let parts = vec![Part {
+        start: 0,
+        len: size,
+        source: Source::Sparse(ext),
+    }];
     finish(desc, parts, size, extent_info, info, ctx)
 }
 

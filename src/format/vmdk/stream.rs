@@ -11,7 +11,6 @@ use crate::detect::Format;
 use crate::device::{clamp_map_request, BlockDevice, Extent, ExtentKind};
 use crate::error::{Error, Result};
 use crate::image::{ImageInfo, OpenContext, Opened};
-use crate::limits::MAX_DESCRIPTOR_BYTES;
 
 use super::descriptor::{decode_text, Descriptor, NO_PARENT_CID};
 use super::header::{Marker, SparseHeader, FMT, MARKER_EOS, SECTOR};
@@ -308,17 +307,7 @@ pub fn open_stream(mut reader: Box<dyn Read + Send>, ctx: &OpenContext) -> Resul
         last_end: 0,
     };
     let mut desc = None;
-    if h.descriptor_offset != 0 && h.descriptor_size != 0 {
-        let bytes = h.descriptor_size.saturating_mul(SECTOR);
-        if bytes > MAX_DESCRIPTOR_BYTES {
-            return Err(Error::TooLarge {
-                format: FMT,
-                structure: "embedded descriptor",
-                size: bytes,
-                limit: MAX_DESCRIPTOR_BYTES,
-            });
-        }
-        let at = h.descriptor_offset.saturating_mul(SECTOR);
+    if let Some((at, bytes)) = h.embedded_descriptor()? {
         let gap = at.saturating_sub(st.pos);
         skip(&mut st, gap, "header area")?;
         let mut b = vec![0u8; bytes as usize];
