@@ -172,7 +172,11 @@ pub fn convert_to(
     mut out: OutputSet,
     opts: &ConvertOptions,
 ) -> Result<()> {
-    let writer = crate::format::create_writer(opts.format, dst, src.size(), &opts.write, &mut out)?;
+    let writer = if src.length_known() {
+        crate::format::create_writer(opts.format, dst, src.size(), &opts.write, &mut out)?
+    } else {
+        crate::format::create_writer_unsized(opts.format, dst, &opts.write, &mut out)?
+    };
     run(src, writer, &opts.engine)?;
     out.commit()
 }
@@ -282,7 +286,6 @@ pub fn run(
     mut writer: Box<dyn ImageWriter>,
     opts: &EngineOptions,
 ) -> Result<()> {
-    let size = src.size();
     let grain = writer.grain_size().max(1);
     let zero_gran = if opts.min_sparse == 0 {
         0
@@ -296,6 +299,7 @@ pub fn run(
         opts.threads
     }
     .clamp(1, 64);
+    let length_known = src.length_known();
     let encoder = writer.encoder();
     // Units in flight (read, being encoded, or waiting for their turn): enough to keep
     // every worker busy while the writer catches up, few enough to bound memory.
@@ -326,7 +330,7 @@ pub fn run(
             let done_tx = done_tx.clone();
             let ctx = &ctx;
             s.spawn(move || {
-                let r = dispatch(ctx, size, chunk, &job_tx, &token_rx);
+                let r = dispatch(ctx, chunk, &job_tx, &token_rx);
                 if let Err(e) = r {
                     let _ = done_tx.send(Err(e));
                 }
@@ -339,7 +343,7 @@ pub fn run(
             s.spawn(move || worker(ctx, &job_rx, &done_tx));
         }
         drop(done_tx);
-        let r = collect(&mut *writer, size, &done_rx, &token_tx, opts, &pool);
+        let r = collect(&mut *writer, src, &done_rx, &token_tx, opts, &pool);
         if r.is_err() {
             cancel.store(true, Ordering::SeqCst);
         }
@@ -348,19 +352,31 @@ pub fn run(
         r
     });
     result?;
+    if !length_known {
+        // The source has ended (the collector saw all of it): its size is final now.
+        if !src.length_known() {
+            return Err(Error::Format(
+                "internal error: the source's length is still unknown at its end".into(),
+            ));
+        }
+        writer.set_size(src.size())?;
+    }
     writer.finish()
 }
 
 /// Walks the map and sends jobs in ascending order.
+///
+/// The disk's size is read again after every `map`: a source of unknown length (see
+/// [`BlockDevice::length_known`]) learns where it ends while it is mapped.
 fn dispatch(
     ctx: &WorkerCtx<'_>,
-    size: u64,
     chunk: u64,
     jobs: &SyncSender<Job>,
     tokens: &Receiver<()>,
 ) -> Result<()> {
     let (src, grain, cancel) = (ctx.src, ctx.grain, ctx.cancel);
     let sequential = src.sequential_only();
+    let mut size = src.size();
     let mut pos = 0u64;
     let mut seq = 0u64;
     while pos < size {
@@ -370,14 +386,12 @@ fn dispatch(
         if INTERRUPTED.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
         }
-        let ext = src.map(pos, size - pos)?;
-        check_extent(&ext, pos, size)?;
+        let ext = map_upto(src, pos, u64::MAX, &mut size)?;
         let job = if ext.kind.reads_as_zero() {
             // Coalesce following zero extents, then keep whole grains only.
             let mut zend = ext.end();
             while zend < size {
-                let e = src.map(zend, size - zend)?;
-                check_extent(&e, zend, size)?;
+                let e = map_upto(src, zend, u64::MAX, &mut size)?;
                 if !e.kind.reads_as_zero() {
                     break;
                 }
@@ -405,7 +419,7 @@ fn dispatch(
         let job = match job {
             Some(j) => j,
             None => {
-                let (end, parts) = data_unit(src, pos, size, grain, chunk)?;
+                let (end, parts) = data_unit(src, pos, &mut size, grain, chunk)?;
                 let buf = if sequential {
                     Some(read_parts(src, ctx.pool, pos, end - pos, &parts)?)
                 } else {
@@ -430,14 +444,19 @@ fn dispatch(
     Ok(())
 }
 
-fn check_extent(e: &Extent, pos: u64, size: u64) -> Result<()> {
-    if e.offset != pos || e.len == 0 || e.end() > size {
+/// Maps the source at `pos` up to `stop` (or its end), then refreshes `*size` and
+/// checks the extent against both. `pos` must be below both.
+fn map_upto(src: &dyn BlockDevice, pos: u64, stop: u64, size: &mut u64) -> Result<Extent> {
+    let e = src.map(pos, stop.min(*size) - pos)?;
+    *size = src.size();
+    let limit = stop.min(*size);
+    if e.offset != pos || e.len == 0 || e.end() > limit {
         return Err(Error::Format(format!(
-            "internal error: map({pos:#x}) returned {}+{} on a {size}-byte disk",
+            "internal error: map({pos:#x}) returned {}+{} beyond {limit:#x}",
             e.offset, e.len
         )));
     }
-    Ok(())
+    Ok(e)
 }
 
 /// Cuts a data unit starting at `pos` (grain-aligned): up to `chunk` bytes, ending early
@@ -445,42 +464,35 @@ fn check_extent(e: &Extent, pos: u64, size: u64) -> Result<()> {
 fn data_unit(
     src: &dyn BlockDevice,
     pos: u64,
-    size: u64,
+    size: &mut u64,
     grain: u64,
     chunk: u64,
 ) -> Result<(u64, Vec<Extent>)> {
-    let limit = (pos + chunk).min(size);
     let mut parts = Vec::new();
     let mut cur = pos;
-    while cur < limit {
-        let mut e = src.map(cur, limit - cur)?;
-        check_extent(&e, cur, size)?;
+    while cur < (pos + chunk).min(*size) {
+        let mut e = map_upto(src, cur, pos + chunk, size)?;
         if e.kind.reads_as_zero() && cur > pos {
             let cut = align_up(cur, grain);
-            if cut + grain <= e.end() || (e.end() == size && cut < size) {
+            if cut + grain <= e.end() || (e.end() == *size && cut < *size) {
                 if cut > cur {
                     e.len = cut - cur;
                     parts.push(e);
                 }
-                return Ok((cut.min(size), parts));
+                return Ok((cut.min(*size), parts));
             }
         }
         cur = e.end();
         parts.push(e);
     }
-    let end = if limit == size {
-        size
-    } else {
-        // A data extent ending mid-grain: extend the unit to the grain's end.
-        let end = align_up(limit, grain).min(size);
-        while cur < end {
-            let e = src.map(cur, end - cur)?;
-            check_extent(&e, cur, size)?;
-            cur = e.end();
-            parts.push(e);
-        }
-        end
-    };
+    // A data extent ending mid-grain: extend the unit to the grain's end.
+    let end = align_up(cur, grain).min(*size);
+    while cur < end.min(*size) {
+        let e = map_upto(src, cur, end, size)?;
+        cur = e.end();
+        parts.push(e);
+    }
+    let end = end.min(*size);
     Ok((end, parts))
 }
 
@@ -697,10 +709,11 @@ fn data_pieces(ctx: &WorkerCtx<'_>, offset: u64, buf: &[u8]) -> Result<Vec<Piece
     Ok(pieces)
 }
 
-/// Receives results, restores their order and feeds the writer.
+/// Receives results, restores their order and feeds the writer, until the dispatcher
+/// and the workers are done; then checks that the whole disk was written.
 fn collect(
     writer: &mut dyn ImageWriter,
-    size: u64,
+    src: &dyn BlockDevice,
     done: &Receiver<Result<Done>>,
     tokens: &SyncSender<()>,
     opts: &EngineOptions,
@@ -713,18 +726,14 @@ fn collect(
     if opts.target_is_zero {
         zero_to_write = opts.target_backing.is_some();
     }
+    // Progress totals are 0 while the source's length is unknown.
+    let total = || if src.length_known() { src.size() } else { 0 };
     if let Some(p) = &opts.progress {
-        p(0, size);
+        p(0, total());
     }
-    while written < size {
-        let d = match done.recv() {
-            Ok(d) => d?,
-            Err(_) => {
-                return Err(Error::Format(
-                    "internal error: conversion workers stopped early".into(),
-                ))
-            }
-        };
+    // Until every sender is gone: the dispatcher and the workers have finished.
+    while let Ok(d) = done.recv() {
+        let d = d?;
         pending.insert(d.seq, d);
         while let Some(d) = pending.remove(&next) {
             for p in d.pieces {
@@ -751,9 +760,15 @@ fn collect(
             pool.put(d.buf);
             let _ = tokens.send(());
             if let Some(p) = &opts.progress {
-                p(written, size);
+                p(written, total());
             }
         }
+    }
+    if !pending.is_empty() || written != src.size() {
+        return Err(Error::Format(format!(
+            "internal error: conversion stopped at byte {written} of {}",
+            src.size()
+        )));
     }
     Ok(())
 }

@@ -81,6 +81,13 @@ pub trait BlockDevice: Send + Sync {
     fn sequential_only(&self) -> bool {
         false
     }
+
+    /// False for a disk read from a stream that records its length nowhere, until the
+    /// stream has ended: [`size`](Self::size) is then only an upper bound. Only the
+    /// conversion engine reads such a device (into a writer made for an unknown size).
+    fn length_known(&self) -> bool {
+        true
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
@@ -96,6 +103,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn sequential_only(&self) -> bool {
         (**self).sequential_only()
     }
+    fn length_known(&self) -> bool {
+        (**self).length_known()
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
@@ -110,6 +120,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
     fn sequential_only(&self) -> bool {
         (**self).sequential_only()
+    }
+    fn length_known(&self) -> bool {
+        (**self).length_known()
     }
 }
 

@@ -304,6 +304,14 @@ pub fn compressed(data: &[u8]) {
         let _ = serde_json::to_string(img.info());
         walk_in_order(img.device().as_ref());
     }
+    // Read in one pass instead (a raw disk of unrecorded length, found at the end of
+    // the stream), through the conversion engine into a raw stream.
+    let reader = Box::new(std::io::Cursor::new(data.to_vec()));
+    let opts = OpenOptions::untrusted().stream_unknown_length();
+    if let Ok(img) = crate::io::source::open_stream_input(reader, "fuzz-input", &opts) {
+        let to_raw = crate::convert::ConvertOptions::new(Format::Raw);
+        let _ = crate::convert::convert_to_writer(&img, Box::new(std::io::sink()), &to_raw);
+    }
 }
 
 /// Replays one saved fuzz input through the target its file name names:

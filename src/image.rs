@@ -29,6 +29,13 @@ pub struct OpenOptions {
     pub metadata_only: bool,
     /// Folder for spooling compressed inputs that need random access (`$TMPDIR` if unset).
     pub tmpdir: Option<PathBuf>,
+    /// Reads a raw disk on a stream that records its length nowhere (gzip, bzip2, a zstd
+    /// frame without content size, a pipe) in one pass instead of spooling it: the disk
+    /// ends where the stream ends. Such an image is only good for [`crate::convert()`]
+    /// into a format that [`crate::format::writes_unsized`] (raw, qcow2): until it has
+    /// been read, its size is unknown ([`BlockDevice::length_known`] is false and
+    /// [`Image::size`] an upper bound).
+    pub stream_unknown_length: bool,
     /// The tar member to open, when the input is a tar archive holding several images.
     pub member: Option<String>,
     /// The internal snapshot to read instead of the current state of the top image, as
@@ -50,6 +57,12 @@ impl OpenOptions {
             untrusted: true,
             ..OpenOptions::default()
         }
+    }
+
+    /// Reads a raw stream of unrecorded length in one pass (see the field).
+    pub fn stream_unknown_length(mut self) -> Self {
+        self.stream_unknown_length = true;
+        self
     }
 
     /// Sets the format instead of probing it.
@@ -402,9 +415,11 @@ pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
 }
 
 /// Opens an image from any byte stream: compressed or not, a tar archive or not. A raw
-/// disk in a tar member is read straight from the stream; raw disks of unknown length
-/// and formats that need random access are spooled to a sparse temporary file in
-/// `options.tmpdir` (else `$TMPDIR`), removed when the image is dropped.
+/// disk in a tar member is read straight from the stream, and so is a raw disk of
+/// unknown length with [`OpenOptions::stream_unknown_length`]; otherwise raw disks of
+/// unknown length, and formats that need random access, are spooled to a sparse
+/// temporary file in `options.tmpdir` (else `$TMPDIR`), removed when the image is
+/// dropped.
 pub fn open_reader(
     reader: impl std::io::Read + Send + 'static,
     options: &OpenOptions,

@@ -28,6 +28,22 @@
 //! Images from strangers are opened with [`OpenOptions::untrusted`], which refuses every
 //! reference to another file (backing files, extents) before reading through it.
 //!
+//! Compressed downloads and pipes are read as they come. A raw disk in a gzip stream (whose
+//! length is recorded nowhere) goes straight into a qcow2 image in one pass, its size
+//! found where the stream ends, with no temporary file:
+//!
+//! ```no_run
+//! use imgconv::{ConvertOptions, Format, OpenOptions};
+//!
+//! # fn main() -> imgconv::Result<()> {
+//! let body = std::fs::File::open("disk.raw.gz")?; // or an HTTP response body
+//! let opts = OpenOptions::untrusted().stream_unknown_length();
+//! let img = imgconv::open_reader(body, &opts)?;
+//! imgconv::convert(&img, "disk.qcow2", &ConvertOptions::new(Format::Qcow2))?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Layout
 //! - [`device`]: the [`BlockDevice`] trait every format reader implements;
 //! - [`format`](mod@format): one module per format, each with a reader and a writer;

@@ -42,6 +42,15 @@ pub trait ImageWriter: Send {
     /// backing file this usually costs nothing.
     fn write_zeros(&mut self, offset: u64, len: u64) -> Result<()>;
 
+    /// Sets the virtual size of an image made by [`crate::format::create_writer_unsized`]
+    /// (its source's length was unknown until the end); called once, after the last run
+    /// and before `finish`. Writers that need the size up front refuse to be made so.
+    fn set_size(&mut self, size: u64) -> Result<()> {
+        Err(Error::Format(format!(
+            "internal error: this writer was given its size ({size}) at creation"
+        )))
+    }
+
     /// Writes the remaining metadata and flushes. The engine then commits the output.
     fn finish(self: Box<Self>) -> Result<()>;
 }

@@ -711,8 +711,10 @@ fn named_pipe_is_read_as_a_stream() {
     assert_same_fmt(&raw, "raw", &out, "raw");
 }
 
-/// A raw disk in a gzip or bzip2 file is decoded once into a sparse spool file that is
-/// unlinked at once: conversions and `info` are right and leave nothing in `$TMPDIR`.
+/// A raw disk in a gzip or bzip2 file is decoded once: straight into raw and qcow2
+/// targets, and into a sparse spool file, unlinked at once, for VDI and VMDK targets
+/// and `info` (which need the size first). Everything is right and nothing is left in
+/// `$TMPDIR`.
 #[test]
 fn raw_gz_and_bz2_files_convert_through_an_unlinked_spool() {
     let dir = scratch();
@@ -746,7 +748,8 @@ fn raw_gz_and_bz2_files_convert_through_an_unlinked_spool() {
     }
 }
 
-/// Ctrl-C while a bzip2 raw file is being spooled leaves no spool and no output.
+/// Ctrl-C while a bzip2 raw file is being spooled (for a VDI target, which needs the
+/// size up front) leaves no spool and no output.
 #[test]
 fn ctrl_c_while_spooling_a_bz2_file_leaves_nothing() {
     let dir = scratch();
@@ -764,10 +767,10 @@ fn ctrl_c_while_spooling_a_bz2_file_leaves_nothing() {
     let outdir = dir.path().join("out");
     std::fs::create_dir(&tmp).unwrap();
     std::fs::create_dir(&outdir).unwrap();
-    let out = outdir.join("x.qcow2");
+    let out = outdir.join("x.vdi");
     let mut child = Command::new(imgconv_bin())
         .env("TMPDIR", &tmp)
-        .args(["convert", "-O", "qcow2", s(&bz), s(&out)])
+        .args(["convert", "-O", "vdi", s(&bz), s(&out)])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -835,4 +838,235 @@ fn multi_stream_bz2_file_converts() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("bzip2"));
     assert!(!out.exists());
     assert_empty(&tmp);
+}
+
+/// Compresses `src` into `dst` through a pipe, so that the compressor records no size
+/// (zstd then writes frames without a content size).
+fn compress_piped(cmd: &[&str], src: &Path, dst: &Path) {
+    let o = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(std::fs::File::open(src).unwrap())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cmd[0]));
+    assert!(o.status.success(), "{cmd:?} failed");
+    std::fs::write(dst, o.stdout).unwrap();
+}
+
+/// The compressions that record no length when fed through a pipe.
+const UNSIZED: [(&str, &[&str]); 3] = [
+    ("gz", &["gzip", "-c"]),
+    ("bz2", &["bzip2", "-c"]),
+    ("zst", &["zstd", "-q", "-c"]),
+];
+
+/// Judges a conversion of the raw disk `raw` (`size` bytes) into `out` (raw or qcow2).
+fn assert_converted_whole(raw: &Path, size: u64, out: &Path, fmt: &str) {
+    if fmt == "raw" {
+        assert_eq!(std::fs::read(out).unwrap(), std::fs::read(raw).unwrap());
+        return;
+    }
+    assert_qemu_check_clean(out);
+    assert_eq!(qemu_info(out)["virtual-size"], size.next_multiple_of(512));
+    if size > 0 {
+        assert_same_fmt(raw, "raw", out, fmt);
+    }
+}
+
+/// A raw disk in a stream that records its length nowhere (gzip, bzip2, zstd without
+/// content size, plain stdin) converts into raw and qcow2 in one pass: nothing is
+/// spooled (the spooling folder does not even exist) and the size is found at the end,
+/// whether the stream ends on a buffer boundary, mid-sector, after zeros, or at once.
+#[test]
+fn unknown_length_raw_streams_convert_in_one_pass() {
+    let dir = scratch();
+    let nowhere = dir.path().join("no-such-folder");
+    // (size, pieces of data as make_raw takes them)
+    type Case = (u64, &'static [(u64, usize, u8)]);
+    let cases: [Case; 4] = [
+        (
+            8 << 20,
+            &[(0, 4096, 0x11), ((8 << 20) - 65536, 65536, 0x44)],
+        ),
+        (
+            (5 << 20) + 1000,
+            &[(1 << 20, 700_000, 0x22), ((5 << 20) + 1, 999, 0x55)],
+        ),
+        ((6 << 20) + 1536, &[(4096, 4096, 0x66)]),
+        (0, &[]),
+    ];
+    for (i, (size, pieces)) in cases.iter().enumerate() {
+        let raw = dir.path().join(format!("d{i}.raw"));
+        make_raw(&raw, *size, pieces);
+        let bytes = std::fs::read(&raw).unwrap();
+        for (suffix, cmd) in UNSIZED {
+            let c = dir.path().join(format!("d{i}.raw.{suffix}"));
+            compress_piped(cmd, &raw, &c);
+            for fmt in ["raw", "qcow2"] {
+                let out = dir.path().join(format!("o{i}-{suffix}.{fmt}"));
+                let args = [
+                    "convert",
+                    "--tmpdir",
+                    s(&nowhere),
+                    "-O",
+                    fmt,
+                    s(&c),
+                    s(&out),
+                ];
+                imgconv(&args);
+                assert_converted_whole(&raw, *size, &out, fmt);
+            }
+        }
+        // Plain raw and raw.gz on stdin, to a file and to stdout.
+        let out = dir.path().join(format!("o{i}-stdin.qcow2"));
+        let args = [
+            "convert",
+            "--tmpdir",
+            s(&nowhere),
+            "-O",
+            "qcow2",
+            "-",
+            s(&out),
+        ];
+        let o = pipe_through(dir.path(), &bytes, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_converted_whole(&raw, *size, &out, "qcow2");
+        let gz = std::fs::read(dir.path().join(format!("d{i}.raw.gz"))).unwrap();
+        let args = ["convert", "--tmpdir", s(&nowhere), "-O", "raw", "-", "-"];
+        let o = pipe_through(dir.path(), &gz, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.stdout, bytes);
+    }
+}
+
+/// Every qcow2 layout option works when the size is only known at the end (the L1
+/// table then goes after the data): 512-byte clusters need an L1 table of many clusters
+/// and many refcount blocks; preallocation, extended L2, v2, narrow refcounts,
+/// compression and a backing file are all judged by `qemu-img check` and `compare`.
+#[test]
+fn qcow2_options_with_a_size_known_at_the_end() {
+    let dir = scratch();
+    let size = (40 << 20) + 3584;
+    let raw = dir.path().join("d.raw");
+    make_raw(
+        &raw,
+        size,
+        &[
+            (0, 70_000, 0x11),
+            (9 << 20, 4096, 0x22),
+            ((20 << 20) + 512, 300_000, 0x33),
+            (size - 2048, 2048, 0x44),
+        ],
+    );
+    let zst = dir.path().join("d.raw.zst");
+    compress_piped(&["zstd", "-q", "-c"], &raw, &zst);
+    let nowhere = dir.path().join("no-such-folder");
+    for opts in [
+        "cluster_size=512",
+        "cluster_size=2M",
+        "extended_l2=on",
+        "extended_l2=on,preallocation=metadata",
+        "compat=0.10",
+        "refcount_bits=1",
+        "refcount_bits=64,lazy_refcounts=on",
+        "preallocation=metadata",
+        "preallocation=falloc",
+        "preallocation=full",
+        "compression_type=zstd",
+    ] {
+        for compress in [false, true] {
+            if compress && opts.contains("prealloc") {
+                continue;
+            }
+            let out = dir.path().join("o.qcow2");
+            let mut args = vec![
+                "convert",
+                "--tmpdir",
+                s(&nowhere),
+                "-O",
+                "qcow2",
+                "-o",
+                opts,
+            ];
+            if compress {
+                args.push("-c");
+            }
+            args.extend([s(&zst), s(&out)]);
+            imgconv(&args);
+            assert_converted_whole(&raw, size, &out, "qcow2");
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+    // Over a backing file: only what differs is stored, and it reads the same.
+    let base_raw = dir.path().join("base.raw");
+    make_raw(
+        &base_raw,
+        size,
+        &[(0, 70_000, 0x11), (30 << 20, 65536, 0x77)],
+    );
+    let base = qemu_make(&base_raw, "qcow2", None, dir.path(), "base.qcow2");
+    let out = dir.path().join("overlay.qcow2");
+    let args = [
+        "convert",
+        "--tmpdir",
+        s(&nowhere),
+        "-O",
+        "qcow2",
+        "-B",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&zst),
+        s(&out),
+    ];
+    imgconv(&args);
+    assert_qemu_check_clean(&out);
+    assert_same_fmt(&raw, "raw", &out, "qcow2");
+    let map = qemu_img(&["map", "--output=json", s(&out)]);
+    assert!(
+        map.contains("\"depth\": 1"),
+        "nothing taken from the backing file: {map}"
+    );
+    drop(base);
+}
+
+/// A one-pass conversion interrupted by Ctrl-C, or fed a damaged stream, leaves
+/// no output.
+#[test]
+fn one_pass_conversion_interrupted_or_damaged_leaves_nothing() {
+    let dir = scratch();
+    let raw = make_source(dir.path());
+    let gz = dir.path().join("d.raw.gz");
+    compress_piped(&["gzip", "-c"], &raw, &gz);
+    let gz = std::fs::read(&gz).unwrap();
+    let outdir = dir.path().join("out");
+    std::fs::create_dir(&outdir).unwrap();
+    let out = outdir.join("x.qcow2");
+    let (mut child, stdin) = imgconv_fed_partly(
+        &["convert", "-O", "qcow2", "-", s(&out)],
+        &[],
+        &gz[..gz.len() / 2],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: signalling a child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    drop(stdin);
+    assert!(!status.success());
+    assert_empty(&outdir);
+    // Cut short on stdin: the disk must not silently end early.
+    for fmt in ["raw", "qcow2"] {
+        let o = pipe_through(
+            dir.path(),
+            &gz[..gz.len() - 9],
+            &["convert", "-O", fmt, "-", s(&out)],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(String::from_utf8_lossy(&o.stderr).contains("gzip"));
+        assert_empty(&outdir);
+    }
 }

@@ -2,7 +2,9 @@
 //!
 //! Each format module provides
 //! - `open(storage, ctx) -> Result<Opened>`: parse and validate, expose a `BlockDevice`;
-//! - `create_writer(target, size, opts, out) -> Result<Box<dyn ImageWriter>>`.
+//! - `create_writer(target, size, opts, out) -> Result<Box<dyn ImageWriter>>`;
+//! - raw and qcow2 also `create_writer_unsized(target, opts, out)`, for a source whose
+//!   length is only known at its end.
 
 pub mod qcow2;
 pub mod raw;
@@ -39,9 +41,10 @@ pub fn open_storage(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Imag
 /// Opens an image of `format` from a byte stream (decompressor, pipe, tar member).
 ///
 /// A raw disk of known length `len` is read straight from the stream, in one pass (a
-/// sequential-only device), and so is a streamOptimized VMDK. Everything else — a raw
-/// disk of unknown length, and formats that need random access to their metadata — is
-/// spooled first to a sparse, already unlinked temporary file in `ctx.options.tmpdir`
+/// sequential-only device), and so is a streamOptimized VMDK; so is a raw disk of
+/// unknown length when `ctx.options.stream_unknown_length` asks for it. Everything else
+/// — a raw disk of unknown length otherwise, and formats that need random access to
+/// their metadata — is spooled first to a sparse, already unlinked temporary file in `ctx.options.tmpdir`
 /// (else `$TMPDIR`).
 pub fn open_stream(
     format: Format,
@@ -77,6 +80,14 @@ pub fn open_stream(
         return Ok(Opened {
             device: Arc::new(device),
             info: ImageInfo::new(ctx.filename.clone(), Format::Raw, len),
+        });
+    }
+    if format == Format::Raw && ctx.options.stream_unknown_length {
+        let device = crate::io::stream::StreamDevice::unknown_length(reader, ctx.filename.clone())?;
+        return Ok(Opened {
+            device: Arc::new(device),
+            // The size is unknown until the stream has been read.
+            info: ImageInfo::new(ctx.filename.clone(), Format::Raw, 0),
         });
     }
     let mut reader = reader;
@@ -152,4 +163,37 @@ pub fn create_writer(
         Format::Vmdk => vmdk::create_writer(target, size, opts, out),
         Format::Vdi => vdi::create_writer(target, size, opts, out),
     }
+}
+
+/// Creates the writer for `format` for a source whose length is only known when it ends
+/// (a raw disk on a stream that records its length nowhere): the engine tells the writer
+/// the size with [`ImageWriter::set_size`] after the last run. Raw (file or stream) and
+/// qcow2 can be written so; VMDK and VDI place size-dependent tables before the data and
+/// refuse, as does writing into an existing image (`-n`).
+pub fn create_writer_unsized(
+    format: Format,
+    target: &Path,
+    opts: &WriteOptions,
+    out: &mut OutputSet,
+) -> Result<Box<dyn ImageWriter>> {
+    if out.is_in_place() {
+        return Err(crate::error::Error::unsupported(
+            format.name(),
+            "writing into an existing image (-n) from a source of unknown length",
+        ));
+    }
+    match format {
+        Format::Raw => raw::create_writer_unsized(target, opts, out),
+        Format::Qcow2 => qcow2::writer::create_writer_unsized(target, opts, out),
+        Format::Vmdk | Format::Vdi => Err(crate::error::Error::unsupported(
+            format.name(),
+            "writing from a source of unknown length (spool it first: open it without OpenOptions::stream_unknown_length)",
+        )),
+    }
+}
+
+/// True when [`create_writer_unsized`] can make a writer for `format` (raw, qcow2), so
+/// that a raw stream of unrecorded length need not be spooled before converting to it.
+pub fn writes_unsized(format: Format) -> bool {
+    matches!(format, Format::Raw | Format::Qcow2)
 }

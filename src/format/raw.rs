@@ -84,6 +84,8 @@ enum Sink {
 pub struct RawWriter {
     sink: Sink,
     size: u64,
+    /// Made for a source of unknown length: `set_size` sets the file's length.
+    size_pending: bool,
     in_place: bool,
     prealloc: Prealloc,
 }
@@ -95,6 +97,26 @@ pub fn create_writer(
     opts: &WriteOptions,
     out: &mut OutputSet,
 ) -> Result<Box<dyn ImageWriter>> {
+    Ok(Box::new(new_writer(target, size, opts, out)?))
+}
+
+/// Creates a raw writer whose size is set at the end ([`ImageWriter::set_size`]).
+pub fn create_writer_unsized(
+    target: &Path,
+    opts: &WriteOptions,
+    out: &mut OutputSet,
+) -> Result<Box<dyn ImageWriter>> {
+    let mut w = new_writer(target, 0, opts, out)?;
+    w.size_pending = true;
+    Ok(Box::new(w))
+}
+
+fn new_writer(
+    target: &Path,
+    size: u64,
+    opts: &WriteOptions,
+    out: &mut OutputSet,
+) -> Result<RawWriter> {
     let mut opts = opts.clone();
     let prealloc = match opts.take("preallocation").as_deref() {
         None | Some("off") => Prealloc::Off,
@@ -137,12 +159,13 @@ pub fn create_writer(
             Sink::File { file, path }
         }
     };
-    Ok(Box::new(RawWriter {
+    Ok(RawWriter {
         sink,
         size,
+        size_pending: false,
         in_place,
         prealloc,
-    }))
+    })
 }
 
 fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
@@ -229,7 +252,29 @@ impl ImageWriter for RawWriter {
         }
     }
 
+    fn set_size(&mut self, size: u64) -> Result<()> {
+        if !self.size_pending {
+            return Err(Error::Format(
+                "internal error: raw writer given its size twice".into(),
+            ));
+        }
+        self.size_pending = false;
+        self.size = size;
+        if let Sink::File { file, path } = &self.sink {
+            file.set_len(size).map_err(|e| Error::io(path, e))?;
+            if self.prealloc != Prealloc::Off && size > 0 {
+                fallocate(file, 0, 0, size).map_err(|e| Error::io(path, e))?;
+            }
+        }
+        Ok(())
+    }
+
     fn finish(mut self: Box<Self>) -> Result<()> {
+        if self.size_pending {
+            return Err(Error::Format(
+                "internal error: raw writer finished without its size".into(),
+            ));
+        }
         let size = self.size;
         self.stream_to(size)?;
         match &mut self.sink {

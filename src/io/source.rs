@@ -5,12 +5,15 @@
 //! zstd) on the first bytes of the file, then a tar header on the first (decompressed)
 //! bytes, then the disk format. A raw disk inside a compressed stream or a tar member is
 //! read straight from the stream ([`StreamDevice`]) when its size is known: from the tar
-//! header, or from the xz index or the zstd frame headers of a file. Every other case is
-//! spooled to a sparse temporary file by [`crate::format::open_stream`]: random-access
-//! formats, a raw disk on a pipe, and a raw disk in a gzip or bzip2 file (whose length
-//! is recorded nowhere: gzip's ISIZE trailer only gives the length modulo 4 GiB of the
-//! last member). Either way the compressed data is decoded exactly once; a spooled raw
-//! disk is then converted from the temporary file by all worker threads.
+//! header, or from the xz index or the zstd frame headers of a file. A raw disk whose
+//! length is recorded nowhere — on a pipe, in a gzip or bzip2 file (gzip's ISIZE trailer
+//! only gives the length modulo 4 GiB of the last member), in zstd frames without a
+//! content size — is read straight from the stream too when
+//! [`OpenOptions::stream_unknown_length`] asks for it (`convert` into raw or qcow2 does);
+//! its size is then found at its end. Every other case is spooled to a sparse temporary
+//! file by [`crate::format::open_stream`]: random-access formats, and a raw disk of
+//! unrecorded length otherwise. Either way the compressed data is decoded exactly once;
+//! a spooled disk is then converted from the temporary file by all worker threads.
 //!
 //! `info` on a raw disk in a gzip or bzip2 file therefore decodes the whole file (and
 //! spools its data) to report the virtual size; for xz and zstd files it reads only the

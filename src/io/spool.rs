@@ -66,7 +66,7 @@ pub fn anonymous_file(dir: &Path) -> Result<File> {
 ///
 /// The reader (typically a decompressor) runs on a thread of its own while this thread
 /// finds the zero blocks and writes the rest, so spooling costs little more wall time
-/// than decoding. Buffers go back and forth between the two: at most [`BUFFERS`] MiB.
+/// than decoding. Buffers go back and forth between the two: at most `BUFFERS` MiB.
 pub fn spool(reader: &mut (dyn Read + Send), dir: &Path, name: &Path) -> Result<FileStorage> {
     use std::sync::mpsc::sync_channel;
     let file = anonymous_file(dir)?;

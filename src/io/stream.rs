@@ -2,64 +2,104 @@
 //! one pass and without a temporary file.
 //!
 //! [`StreamDevice`] is sequential-only: the conversion engine reads it on one thread at
-//! ascending offsets. It decodes as it is asked, sorts what it decodes into zero and data
-//! stretches of 4 KiB (so that `map` reports zero runs and the engine skips them without
-//! copying), keeps at most [`STREAM_RETAIN_BYTES`] behind the latest position asked for,
-//! and forgets what lies before the latest read. When the last byte of the disk has been
-//! decoded it checks that the stream ends there (which also makes the decoders verify
-//! their final checksums): a stream longer or shorter than its declared size is an error.
+//! ascending offsets. A thread of its own runs the (decompressing) reader a few MiB
+//! ahead. The device sorts what arrives into zero and data stretches of 4 KiB (so that
+//! `map` reports zero runs and the engine skips them without copying), keeps the decoded
+//! buffers that hold data — at most [`STREAM_RETAIN_BYTES`] behind the latest position
+//! asked for — and hands those it no longer needs back to the decoding thread. Each
+//! data byte is copied once, into the reader's buffer. When the last byte of the disk
+//! has been decoded it checks that the stream ends there (which also makes the decoders
+//! verify their final checksums): a stream longer or shorter than its declared size is
+//! an error.
+//!
+//! A stream whose length is recorded nowhere (gzip, bzip2, a zstd frame without content
+//! size, a pipe) can be read the same way by the conversion engine alone
+//! ([`StreamDevice::unknown_length`]): the disk ends where the stream ends. Until then
+//! `size()` is an upper bound ([`MAX_VIRTUAL_SIZE`]) and [`BlockDevice::length_known`] is
+//! false. The device always decodes past every extent it reports, so the end of the
+//! stream is found — and `size()` becomes exact — before the engine could ask about an
+//! offset beyond it.
 
 use std::collections::VecDeque;
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::Mutex;
 
 use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
 use crate::error::{Error, Result};
 use crate::io::compressed::from_io;
-use crate::limits::STREAM_RETAIN_BYTES;
+use crate::limits::{MAX_VIRTUAL_SIZE, STREAM_RETAIN_BYTES};
 
 /// Zero detection granularity.
-const BLOCK: u64 = 4096;
-/// Bytes decoded per step.
-const STEP: u64 = 256 << 10;
+const BLOCK: usize = 4096;
 /// How far `map` decodes ahead to find the end of the stretch it reports.
 const LOOKAHEAD: u64 = 1 << 20;
+/// Bytes of one decoded buffer (a multiple of [`BLOCK`]).
+const FEED_BUF: usize = 1 << 20;
+/// Decoded buffers queued ahead of the device.
+const FEED_DEPTH: usize = 4;
 
-enum Seg {
-    Zero { start: u64, len: u64 },
-    Data { start: u64, bytes: Vec<u8> },
+/// A stretch of the disk: all zeros, or data held in the decoded buffers.
+#[derive(Clone, Copy)]
+struct Seg {
+    start: u64,
+    len: u64,
+    zero: bool,
 }
 
 impl Seg {
-    fn start(&self) -> u64 {
-        match self {
-            Seg::Zero { start, .. } | Seg::Data { start, .. } => *start,
-        }
-    }
     fn end(&self) -> u64 {
-        match self {
-            Seg::Zero { start, len } => start + len,
-            Seg::Data { start, bytes } => start + bytes.len() as u64,
-        }
+        self.start + self.len
+    }
+}
+
+/// Decoded bytes `[start, start + len)` of the disk.
+struct Chunk {
+    start: u64,
+    len: usize,
+    bytes: Vec<u8>,
+}
+
+impl Chunk {
+    fn end(&self) -> u64 {
+        self.start + self.len as u64
     }
 }
 
 struct State {
-    reader: Box<dyn Read + Send>,
-    /// Bytes taken from the reader so far.
+    feed: Feed,
+    /// Bytes taken from the feed so far.
     decoded: u64,
     /// Lowest offset still readable.
     base: u64,
     /// Decoded stretches covering `[base, decoded)`.
     segs: VecDeque<Seg>,
+    /// The decoded buffers that hold the data stretches, ascending.
+    chunks: VecDeque<Chunk>,
     /// A failure is final: later calls repeat its message.
     failed: Option<String>,
-    buf: Vec<u8>,
+    /// The stream has ended.
+    ended: bool,
 }
 
-/// A raw disk of known size decoded from a stream, read at ascending offsets only.
+impl State {
+    fn drop_chunks_below(&mut self, below: u64) {
+        while self.chunks.front().is_some_and(|c| c.end() <= below) {
+            if let Some(c) = self.chunks.pop_front() {
+                self.feed.recycle(c.bytes);
+            }
+        }
+    }
+}
+
+/// A raw disk decoded from a stream, read at ascending offsets only.
 pub struct StreamDevice {
-    size: u64,
+    /// The disk's size; for an unknown length, [`MAX_VIRTUAL_SIZE`] until the end of the
+    /// stream has been decoded.
+    size: AtomicU64,
+    /// The size was declared by the container (else it is found at the end).
+    declared: bool,
     name: String,
     state: Mutex<State>,
 }
@@ -68,18 +108,40 @@ impl StreamDevice {
     /// A device of `size` bytes read from `reader`, which must end exactly there.
     /// `name` is used in errors.
     pub fn new(reader: Box<dyn Read + Send>, size: u64, name: impl Into<String>) -> Self {
+        Self::with_size(reader, Some(size), name.into())
+    }
+
+    /// A device as long as `reader` turns out to be (at most [`MAX_VIRTUAL_SIZE`]), for
+    /// the conversion engine. Decodes the first bytes at once, so that an empty stream
+    /// is known to be empty before anyone asks.
+    pub fn unknown_length(reader: Box<dyn Read + Send>, name: impl Into<String>) -> Result<Self> {
+        let dev = Self::with_size(reader, None, name.into());
+        {
+            let mut st = dev.lock()?;
+            dev.ensure(&mut st, 0, 0)?;
+        }
+        Ok(dev)
+    }
+
+    fn with_size(reader: Box<dyn Read + Send>, size: Option<u64>, name: String) -> Self {
         StreamDevice {
-            size,
-            name: name.into(),
+            size: AtomicU64::new(size.unwrap_or(MAX_VIRTUAL_SIZE)),
+            declared: size.is_some(),
+            name,
             state: Mutex::new(State {
-                reader: Box::new(ReadAhead::start(reader)),
+                feed: Feed::start(reader),
                 decoded: 0,
                 base: 0,
                 segs: VecDeque::new(),
+                chunks: VecDeque::new(),
                 failed: None,
-                buf: Vec::new(),
+                ended: false,
             }),
         }
+    }
+
+    fn current_size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
@@ -93,77 +155,105 @@ impl StreamDevice {
         Ok(st)
     }
 
-    /// Decodes until `upto` (≤ size) is covered; bytes below `keep_from` that were not
-    /// decoded before are dropped at once (nobody asked for them).
+    /// Decodes until `upto` is covered; bytes below `keep_from` that were not decoded
+    /// before are dropped at once (nobody asked for them).
     fn ensure(&self, st: &mut State, upto: u64, keep_from: u64) -> Result<()> {
         let r = self.ensure_inner(st, upto, keep_from);
         if let Err(e) = &r {
             st.failed = Some(e.to_string());
             st.segs.clear();
+            st.chunks.clear();
         }
         r
     }
 
+    /// With an unknown length, decodes until the stream ends or lies strictly beyond
+    /// `upto`: every extent reported stays below what was decoded, so that the end of
+    /// the stream is found before the engine gets there.
     fn ensure_inner(&self, st: &mut State, upto: u64, keep_from: u64) -> Result<()> {
-        while st.decoded < upto {
+        let more = |st: &State| {
+            if self.declared {
+                st.decoded < upto
+            } else {
+                !st.ended && st.decoded <= upto
+            }
+        };
+        while more(st) {
             if keep_from > st.decoded {
                 // The caller went past everything decoded so far: none of it is needed.
                 st.segs.clear();
+                st.drop_chunks_below(u64::MAX);
             }
-            let n = STEP.min(self.size - st.decoded) as usize;
-            let mut buf = std::mem::take(&mut st.buf);
-            buf.resize(n, 0);
-            let mut got = 0;
-            while got < n {
-                match st.reader.read(&mut buf[got..]) {
-                    Ok(0) => {
-                        return Err(Error::Format(format!(
-                            "{}: the data ends at byte {} but the image should hold {} bytes",
-                            self.name,
-                            st.decoded + got as u64,
-                            self.size
-                        )))
-                    }
-                    Ok(k) => got += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(from_io(e)),
+            let Some((buf, got)) = st.feed.next().map_err(from_io)? else {
+                if self.declared {
+                    return Err(Error::Format(format!(
+                        "{}: the data ends at byte {} but the image should hold {} bytes",
+                        self.name,
+                        st.decoded,
+                        self.current_size()
+                    )));
                 }
-            }
+                // The disk ends with the stream.
+                st.ended = true;
+                self.size.store(st.decoded, Ordering::Release);
+                break;
+            };
             let start = st.decoded;
-            st.decoded += n as u64;
+            let limit = self.current_size();
+            if got as u64 > limit - start {
+                return Err(self.too_long(limit));
+            }
+            st.decoded += got as u64;
+            let mut holds_data = false;
             if st.decoded > keep_from {
                 let mut off = keep_from.saturating_sub(start) as usize;
-                while off < n {
-                    // Blocks are aligned to absolute offsets, as STEP is a multiple.
-                    let e = ((off / BLOCK as usize + 1) * BLOCK as usize).min(n);
-                    push(&mut st.segs, start + off as u64, &buf[off..e]);
+                while off < got {
+                    // Blocks are aligned to absolute offsets: buffers start at multiples.
+                    let e = ((off / BLOCK + 1) * BLOCK).min(got);
+                    let zero = crate::convert::is_zero(&buf[off..e]);
+                    push(&mut st.segs, start + off as u64, (e - off) as u64, zero);
+                    holds_data |= !zero;
                     off = e;
                 }
+            }
+            if holds_data {
+                st.chunks.push_back(Chunk {
+                    start,
+                    len: got,
+                    bytes: buf,
+                });
+            } else {
+                st.feed.recycle(buf);
             }
             if st.segs.is_empty() {
                 st.base = st.base.max(keep_from.min(st.decoded));
             }
-            st.buf = buf;
-            if st.decoded == self.size {
+            if self.declared && st.decoded == limit {
                 // The stream must end here: this also lets the decoders check their
                 // trailing checksums, and catches data past the declared size.
-                let mut one = [0u8; 1];
-                loop {
-                    match st.reader.read(&mut one) {
-                        Ok(0) => break,
-                        Ok(_) => {
-                            return Err(Error::Format(format!(
-                                "{}: the data goes on past the {} bytes the image should hold",
-                                self.name, self.size
-                            )))
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(from_io(e)),
-                    }
+                if st.feed.next().map_err(from_io)?.is_some() {
+                    return Err(self.too_long(limit));
                 }
+                st.ended = true;
             }
         }
         Ok(())
+    }
+
+    fn too_long(&self, limit: u64) -> Error {
+        if self.declared {
+            Error::Format(format!(
+                "{}: the data goes on past the {limit} bytes the image should hold",
+                self.name
+            ))
+        } else {
+            Error::TooLarge {
+                format: "raw",
+                structure: "disk read from a stream",
+                size: limit.saturating_add(1),
+                limit,
+            }
+        }
     }
 
     /// Forgets every stretch that ends at or before `below`; offsets below it are
@@ -172,6 +262,7 @@ impl StreamDevice {
         while st.segs.front().is_some_and(|s| s.end() <= below) {
             st.segs.pop_front();
         }
+        st.drop_chunks_below(below);
         st.base = st.base.max(below.min(st.decoded));
     }
 
@@ -183,129 +274,122 @@ impl StreamDevice {
     }
 }
 
-/// Bytes of one read-ahead buffer.
-const READ_AHEAD_BUF: usize = 1 << 20;
-/// Read-ahead buffers in flight (bounds memory to this many MiB).
-const READ_AHEAD_DEPTH: usize = 4;
+/// Copies the decoded bytes at `from` into `dst`; false when some are not held.
+fn copy_out(chunks: &VecDeque<Chunk>, from: u64, dst: &mut [u8]) -> bool {
+    let end = from + dst.len() as u64;
+    let mut pos = from;
+    for c in chunks {
+        if c.end() <= pos {
+            continue;
+        }
+        if c.start > pos {
+            return false;
+        }
+        let n = (c.end().min(end) - pos) as usize;
+        let at = (pos - c.start) as usize;
+        let to = (pos - from) as usize;
+        dst[to..to + n].copy_from_slice(&c.bytes[at..at + n]);
+        pos += n as u64;
+        if pos == end {
+            return true;
+        }
+    }
+    pos == end
+}
+
+/// One message from the decoding thread: a buffer and its length, the end of the
+/// stream (`None`), or the reader's error.
+type FeedMsg = std::io::Result<Option<(Vec<u8>, usize)>>;
 
 /// Runs a (decompressing) reader on a thread of its own, a few buffers ahead, so that
 /// decoding overlaps the zero scan, the engine and the writes instead of taking turns
-/// with them on the engine's dispatcher thread.
-struct ReadAhead {
-    rx: std::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>,
-    cur: Vec<u8>,
-    pos: usize,
+/// with them on the engine's dispatcher thread. Buffers come back for reuse.
+struct Feed {
+    rx: Receiver<FeedMsg>,
+    free: Sender<Vec<u8>>,
     done: bool,
 }
 
-impl ReadAhead {
+impl Feed {
     fn start(mut inner: Box<dyn Read + Send>) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_DEPTH);
+        let (tx, rx) = sync_channel::<FeedMsg>(FEED_DEPTH);
+        let (free, free_rx) = channel::<Vec<u8>>();
         std::thread::spawn(move || loop {
-            let mut buf = vec![0u8; READ_AHEAD_BUF];
-            let mut got = 0;
-            let r = loop {
+            let mut buf = free_rx.try_recv().unwrap_or_else(|_| vec![0u8; FEED_BUF]);
+            let (mut got, mut end, mut err) = (0, false, None);
+            while got < buf.len() {
                 match inner.read(&mut buf[got..]) {
-                    Ok(0) => break Ok(()),
-                    Ok(k) => {
-                        got += k;
-                        if got == buf.len() {
-                            break Ok(());
-                        }
+                    Ok(0) => {
+                        end = true;
+                        break;
                     }
+                    Ok(k) => got += k,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => break Err(e),
-                }
-            };
-            buf.truncate(got);
-            let last = got == 0 || r.is_err();
-            let msg = match r {
-                Ok(()) => Ok(buf),
-                Err(e) if got == 0 => Err(e),
-                // Hand over what was read; the error comes with the next message.
-                Err(e) => {
-                    if tx.send(Ok(buf)).is_err() {
-                        return;
+                    Err(e) => {
+                        err = Some(e);
+                        break;
                     }
-                    Err(e)
                 }
-            };
-            // A closed channel means the device was dropped: stop decoding.
-            if tx.send(msg).is_err() || last {
+            }
+            // A closed channel means the device was dropped: stop decoding. What was
+            // read before an error is handed over first.
+            if got > 0 && tx.send(Ok(Some((buf, got)))).is_err() {
+                return;
+            }
+            if let Some(e) = err {
+                let _ = tx.send(Err(e));
+                return;
+            }
+            if end {
+                let _ = tx.send(Ok(None));
                 return;
             }
         });
-        ReadAhead {
+        Feed {
             rx,
-            cur: Vec::new(),
-            pos: 0,
+            free,
             done: false,
         }
     }
-}
 
-impl Read for ReadAhead {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.cur.len() {
-            if self.done {
-                return Ok(0);
-            }
-            match self.rx.recv() {
-                Ok(Ok(b)) if b.is_empty() => self.done = true,
-                Ok(Ok(b)) => {
-                    self.cur = b;
-                    self.pos = 0;
-                }
-                Ok(Err(e)) => {
-                    self.done = true;
-                    return Err(e);
-                }
-                Err(_) => self.done = true,
-            }
+    /// The next decoded buffer (full except at the end), or `None` at the end.
+    fn next(&mut self) -> FeedMsg {
+        if self.done {
+            return Ok(None);
         }
-        let n = out.len().min(self.cur.len() - self.pos);
-        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
+        let msg = self.rx.recv().unwrap_or_else(|_| {
+            // Gone without saying how the stream ended (a panic): never a short disk.
+            Err(std::io::Error::other("the decoding thread stopped"))
+        });
+        if !matches!(msg, Ok(Some(_))) {
+            self.done = true;
+        }
+        msg
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        let _ = self.free.send(buf);
     }
 }
 
 /// Appends a decoded 4 KiB block (or a part of one) to the stretches.
-fn push(segs: &mut VecDeque<Seg>, start: u64, chunk: &[u8]) {
-    let zero = crate::convert::is_zero(chunk);
-    match segs.back_mut() {
-        Some(Seg::Zero { start: s, len }) if zero && *s + *len == start => {
-            *len += chunk.len() as u64;
+fn push(segs: &mut VecDeque<Seg>, start: u64, len: u64, zero: bool) {
+    if let Some(last) = segs.back_mut() {
+        if last.zero == zero && last.end() == start {
+            last.len += len;
             return;
         }
-        Some(Seg::Data { start: s, bytes })
-            if !zero && *s + bytes.len() as u64 == start && bytes.len() < (1 << 20) =>
-        {
-            bytes.extend_from_slice(chunk);
-            return;
-        }
-        _ => {}
     }
-    segs.push_back(if zero {
-        Seg::Zero {
-            start,
-            len: chunk.len() as u64,
-        }
-    } else {
-        Seg::Data {
-            start,
-            bytes: chunk.to_vec(),
-        }
-    });
+    segs.push_back(Seg { start, len, zero });
 }
 
 impl BlockDevice for StreamDevice {
     fn size(&self) -> u64 {
-        self.size
+        self.current_size()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_bounds(offset, buf.len() as u64, self.size)?;
+        check_bounds(offset, buf.len() as u64, self.current_size())?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -316,11 +400,13 @@ impl BlockDevice for StreamDevice {
         Self::trim(&mut st, offset);
         let end = offset + buf.len() as u64;
         self.ensure(&mut st, end, offset)?;
+        // With an unknown length the stream may have ended before `end`.
+        check_bounds(offset, buf.len() as u64, self.current_size())?;
         let mut covered = offset;
         for seg in st.segs.iter() {
-            let (s, e) = (seg.start().max(offset), seg.end().min(end));
+            let (s, e) = (seg.start.max(offset), seg.end().min(end));
             if s >= e {
-                if seg.start() >= end {
+                if seg.start >= end {
                     break;
                 }
                 continue;
@@ -328,14 +414,13 @@ impl BlockDevice for StreamDevice {
             if s != covered {
                 break;
             }
-            covered = e;
             let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
-            match seg {
-                Seg::Zero { .. } => dst.fill(0),
-                Seg::Data { start, bytes } => {
-                    dst.copy_from_slice(&bytes[(s - start) as usize..(e - start) as usize])
-                }
+            if seg.zero {
+                dst.fill(0);
+            } else if !copy_out(&st.chunks, s, dst) {
+                break;
             }
+            covered = e;
         }
         if covered != end {
             return Err(self.passed(covered, st.base));
@@ -344,30 +429,50 @@ impl BlockDevice for StreamDevice {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Extent> {
-        let len = clamp_map_request(offset, len, self.size)?;
+        let len = clamp_map_request(offset, len, self.current_size())?;
         let mut st = self.lock()?;
         if offset < st.base {
             return Err(self.passed(offset, st.base));
         }
         Self::trim(&mut st, offset.saturating_sub(STREAM_RETAIN_BYTES));
         let want = offset + len.min(LOOKAHEAD);
-        self.ensure(&mut st, want.min(self.size), offset)?;
+        if self.declared {
+            self.ensure(&mut st, want.min(self.current_size()), offset)?;
+        } else {
+            // Decodes past `want` (or to the end), and reports no further than `want`.
+            self.ensure(&mut st, want, offset)?;
+        }
+        let size = self.current_size();
+        if offset >= size {
+            return Err(Error::invalid(format!(
+                "{}: offset {offset:#x} is past the end of the stream ({size} bytes)",
+                self.name
+            )));
+        }
         let seg = st.segs.iter().find(|s| s.end() > offset).ok_or_else(|| {
             Error::Format(format!(
                 "{}: internal error: nothing decoded at {offset:#x}",
                 self.name
             ))
         })?;
-        let end = seg.end().min(offset + len);
-        let kind = match seg {
-            Seg::Zero { .. } => ExtentKind::Zero,
-            Seg::Data { .. } => ExtentKind::Data,
+        let mut end = seg.end().min(offset + len);
+        if !self.declared {
+            end = end.min(want);
+        }
+        let kind = if seg.zero {
+            ExtentKind::Zero
+        } else {
+            ExtentKind::Data
         };
         Ok(Extent::new(offset, end - offset, kind))
     }
 
     fn sequential_only(&self) -> bool {
         true
+    }
+
+    fn length_known(&self) -> bool {
+        self.declared || self.lock().map(|st| st.ended).unwrap_or(false)
     }
 }
 
@@ -427,5 +532,78 @@ mod tests {
         let dev = StreamDevice::new(Box::new(Cursor::new(data.clone())), 4 << 20, "t");
         assert!(dev.read_at(&mut b, (3 << 20) + 5).is_err());
         assert!(dev.map((3 << 20) + 100, 10).is_err());
+    }
+
+    /// Walks a device the way the engine does: map, then read each data extent.
+    fn walk(dev: &StreamDevice) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        while pos < dev.size() {
+            let e = dev.map(pos, dev.size() - pos).unwrap();
+            assert_eq!(e.offset, pos);
+            assert!(e.end() <= dev.size());
+            let mut b = vec![0u8; e.len as usize];
+            if e.kind == ExtentKind::Data {
+                dev.read_at(&mut b, pos).unwrap();
+            }
+            out.extend_from_slice(&b);
+            pos = e.end();
+        }
+        out
+    }
+
+    #[test]
+    fn unknown_length_is_found_at_the_end() {
+        let mut data = image();
+        data.resize(5 << 20, 0);
+        data[(4 << 20) + 3] = 1;
+        // Ends at a buffer boundary, one byte after it, mid-block, with zeros, at once.
+        for len in [
+            0,
+            1,
+            4096,
+            FEED_BUF,
+            FEED_BUF + 1,
+            (3 << 20) - 100,
+            4 << 20,
+            5 << 20,
+        ] {
+            let d = data[..len].to_vec();
+            let dev = StreamDevice::unknown_length(Box::new(Cursor::new(d.clone())), "t").unwrap();
+            assert_eq!(dev.length_known(), len == 0, "{len}");
+            assert_eq!(walk(&dev), d, "{len}");
+            assert!(dev.length_known());
+            assert_eq!(dev.size(), len as u64);
+            // Past the end is an error, not zeros.
+            assert!(dev.read_at(&mut [0u8; 1], len as u64).is_err());
+        }
+    }
+
+    #[test]
+    fn a_failing_stream_of_unknown_length_is_an_error() {
+        struct Failing(u64);
+        impl Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("broken"));
+                }
+                let n = (buf.len() as u64).min(self.0).min(70_000) as usize;
+                buf[..n].fill(3);
+                self.0 -= n as u64;
+                Ok(n)
+            }
+        }
+        let dev = StreamDevice::unknown_length(Box::new(Failing(3 << 20)), "t").unwrap();
+        let mut pos = 0;
+        let err = loop {
+            match dev.map(pos, dev.size() - pos) {
+                Ok(e) => pos = e.end(),
+                Err(e) => break e,
+            }
+        };
+        assert!(err.to_string().contains("broken"), "{err}");
+        assert!(!dev.length_known());
+        // Broken at once.
+        assert!(StreamDevice::unknown_length(Box::new(Failing(0)), "t").is_err());
     }
 }

@@ -86,6 +86,15 @@ pub fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
     Some(pb)
 }
 
+/// The progress bar's look when the total is not known yet (a stream of unrecorded
+/// length): bytes done and speed.
+pub fn progress_style_unknown_total() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(
+        "    {spinner} {bytes} {bytes_per_sec} (size known at the end)",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
+}
+
 /// Formats a byte count as qemu-img does ("1 GiB", "196 KiB", "1.5 MiB").
 pub fn human_size(n: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];

@@ -8,7 +8,8 @@ use imgconv::writer::parse_size;
 use imgconv::{ConvertOptions, Format, OpenOptions};
 
 use crate::common::{
-    fail, open_image, open_input, parse_format, progress_bar, CmdResult, InputArgs,
+    fail, open_image, parse_format, progress_bar, progress_style_unknown_total, CmdResult,
+    InputArgs,
 };
 
 /// Arguments of `imgconv convert`.
@@ -88,24 +89,21 @@ pub fn run(a: Args) -> CmdResult {
     if a.target_is_zero && !a.no_create {
         return Err((1, imgconv::Error::invalid("--target-is-zero requires -n")));
     }
-    let src = match a.snapshot.as_ref().or(a.snapshot_old.as_ref()) {
-        None => open_input(&a.src, a.format, a.untrusted, &a.input),
-        Some(snap) => {
-            if a.snapshot.is_some() && a.snapshot_old.is_some() {
-                return Err((1, imgconv::Error::invalid("-l and -s are exclusive")));
-            }
-            let mut o = if a.untrusted {
-                OpenOptions::untrusted()
-            } else {
-                OpenOptions::trusted()
-            };
-            o.format = a.format;
-            a.input.apply(&mut o);
-            o.snapshot = Some(snap.clone());
-            imgconv::open(std::path::Path::new(&a.src), &o)
-        }
+    if a.snapshot.is_some() && a.snapshot_old.is_some() {
+        return Err((1, imgconv::Error::invalid("-l and -s are exclusive")));
     }
-    .map_err(fail(1))?;
+    let mut o = if a.untrusted {
+        OpenOptions::untrusted()
+    } else {
+        OpenOptions::trusted()
+    };
+    o.format = a.format;
+    a.input.apply(&mut o);
+    o.snapshot = a.snapshot.clone().or(a.snapshot_old.clone());
+    // A raw stream of unrecorded length (gzip, bzip2, a pipe) goes straight into a
+    // format that can learn its size at the end; other targets get it spooled.
+    o.stream_unknown_length = imgconv::format::writes_unsized(a.out_format) && !a.no_create;
+    let src = imgconv::open(std::path::Path::new(&a.src), &o).map_err(fail(1))?;
     let mut opts = ConvertOptions::new(a.out_format);
     for o in &a.options {
         opts.write.parse_o(o).map_err(fail(1))?;
@@ -142,8 +140,18 @@ pub fn run(a: Args) -> CmdResult {
     let pb = progress_bar(a.progress);
     if let Some(pb) = &pb {
         let pb = pb.clone();
-        pb.set_length(src.size());
-        opts.engine.progress = Some(Arc::new(move |done, _total| pb.set_position(done)));
+        if src.device().length_known() {
+            pb.set_length(src.size());
+        } else {
+            // The size shows up when the stream ends; until then, bytes and speed.
+            pb.set_style(progress_style_unknown_total());
+        }
+        opts.engine.progress = Some(Arc::new(move |done, total| {
+            if total > 0 && pb.length() != Some(total) {
+                pb.set_length(total);
+            }
+            pb.set_position(done)
+        }));
     }
     let r = if a.dst == "-" {
         imgconv::convert_to_writer(

@@ -8,6 +8,10 @@
 //! move past it. `finish` appends any further refcount blocks, writes the refcount
 //! blocks, the refcount table, the L1 table and — last — the header.
 //!
+//! For a source whose length is only known at its end ([`create_writer_unsized`]), the
+//! L1 table cannot be sized in advance: it grows in memory and goes at the end of the
+//! file, after the data (qcow2 allows any cluster-aligned place).
+//!
 //! Every cluster below the end of the file is in use; its refcount is 1 except for host
 //! clusters shared by byte-packed compressed clusters, which are tracked one by one.
 
@@ -364,6 +368,8 @@ struct Layout {
     rt_clusters: u64,
     rb0_offset: u64,
     first_free: u64,
+    /// The L1 table is placed by `finish` at the end of the file (size unknown ahead).
+    l1_at_end: bool,
 }
 
 impl Layout {
@@ -391,7 +397,17 @@ impl Layout {
             rt_clusters,
             rb0_offset,
             first_free: (l1_offset / cs) + l1_clusters,
+            l1_at_end: false,
         })
+    }
+
+    /// The layout for an unknown size: no L1 reserved; data starts after the first
+    /// refcount block.
+    fn size_unknown(o: &Qcow2Options) -> Result<Layout> {
+        let mut l = Layout::new(o, 0)?;
+        (l.l1_size, l.l1_clusters, l.l1_offset, l.l1_at_end) = (0, 0, 0, true);
+        l.first_free = l.rb0_offset / o.cluster_size() + 1;
+        Ok(l)
     }
 }
 
@@ -423,8 +439,10 @@ pub struct Qcow2Writer {
     /// Guest offset up to which runs have been seen (for preallocating gaps).
     seen_to: u64,
     encoder: Option<Arc<ClusterEncoder>>,
-    /// Host offset of the preallocated cluster holding the end of the disk.
-    last_prealloc: Option<u64>,
+    /// The last guest cluster preallocated so far, and its host offset.
+    last_prealloc: Option<(u64, u64)>,
+    /// Made for a source of unknown length: `size` is a bound until `set_size`.
+    size_pending: bool,
 }
 
 /// Creates a qcow2 writer for `target`.
@@ -434,7 +452,28 @@ pub fn create_writer(
     opts: &WriteOptions,
     out: &mut OutputSet,
 ) -> Result<Box<dyn ImageWriter>> {
+    Ok(Box::new(new_writer(target, Some(size), opts, out)?))
+}
+
+/// Creates a qcow2 writer whose virtual size is set at the end
+/// ([`ImageWriter::set_size`]); the L1 table then goes at the end of the file.
+pub fn create_writer_unsized(
+    target: &Path,
+    opts: &WriteOptions,
+    out: &mut OutputSet,
+) -> Result<Box<dyn ImageWriter>> {
+    Ok(Box::new(new_writer(target, None, opts, out)?))
+}
+
+fn new_writer(
+    target: &Path,
+    size: Option<u64>,
+    opts: &WriteOptions,
+    out: &mut OutputSet,
+) -> Result<Qcow2Writer> {
     let o = Qcow2Options::parse(opts)?;
+    let size_pending = size.is_none();
+    let size = size.unwrap_or(MAX_VIRTUAL_SIZE);
     if out.is_stream() {
         return Err(Error::invalid(
             "qcow2 cannot be written to a stream (it needs to seek)",
@@ -455,7 +494,11 @@ pub fn create_writer(
     // as zeros.
     let size = size.next_multiple_of(512);
     o.header_template(size)?;
-    let layout = Layout::new(&o, size)?;
+    let layout = if size_pending {
+        Layout::size_unknown(&o)?
+    } else {
+        Layout::new(&o, size)?
+    };
     let file = out.create(target)?;
     let encoder = o.compressed.then(|| {
         Arc::new(ClusterEncoder::new(
@@ -463,7 +506,7 @@ pub fn create_writer(
             o.compression,
         ))
     });
-    Ok(Box::new(Qcow2Writer {
+    Ok(Qcow2Writer {
         file,
         path: target.to_path_buf(),
         size,
@@ -475,15 +518,16 @@ pub fn create_writer(
         end_bytes: if layout.l1_size > 0 {
             layout.l1_offset + layout.l1_size * 8
         } else {
-            layout.l1_offset
+            layout.first_free * o.cluster_size()
         },
         refs: RefMap::new(),
         seen_to: 0,
         encoder,
         last_prealloc: None,
+        size_pending,
         layout,
         o,
-    }))
+    })
 }
 
 const ALL_ALLOC: u64 = 0xffff_ffff;
@@ -513,6 +557,15 @@ impl Qcow2Writer {
             return Ok(());
         }
         self.flush_l2()?;
+        if index as usize >= self.l1.len() {
+            // Only with the L1 table at the end (size unknown): it grows as data arrives.
+            if !self.layout.l1_at_end || (index + 1) * 8 > MAX_QCOW2_L1_BYTES {
+                return Err(Error::invalid(format!(
+                    "qcow2: guest cluster {gc} needs L1 entry {index}, beyond the L1 table (at most {MAX_QCOW2_L1_BYTES} bytes); use larger clusters"
+                )));
+            }
+            self.l1.resize(index as usize + 1, 0);
+        }
         let host = self.alloc_clusters(1);
         self.l1[index as usize] = host | OFLAG_COPIED;
         let per = if self.o.extended_l2 { 2 } else { 1 };
@@ -588,9 +641,7 @@ impl Qcow2Writer {
                 self.set_entry(gc + i, (host + i * cs) | OFLAG_COPIED, bitmap)?;
             }
             self.reserve_space(host, n * cs)?;
-            if (gc..gc + n).contains(&(self.size.saturating_sub(1) / cs)) {
-                self.last_prealloc = Some(host + (self.size.saturating_sub(1) / cs - gc) * cs);
-            }
+            self.last_prealloc = Some((gc + n - 1, host + (n - 1) * cs));
             gc += n;
         }
         Ok(())
@@ -756,12 +807,47 @@ impl ImageWriter for Qcow2Writer {
         self.seen_to = self.seen_to.max(offset + len);
         Ok(())
     }
+    fn set_size(&mut self, size: u64) -> Result<()> {
+        if !self.size_pending {
+            return Err(Error::Format(
+                "internal error: qcow2 writer given its size twice".into(),
+            ));
+        }
+        let size = size.next_multiple_of(512);
+        if size > MAX_VIRTUAL_SIZE || size < self.seen_to {
+            return Err(Error::invalid(format!(
+                "qcow2: virtual size {size} is too large or below the data written"
+            )));
+        }
+        let l1_size = self.o.l1_size(size);
+        if l1_size * 8 > MAX_QCOW2_L1_BYTES || (self.l1.len() as u64) > l1_size {
+            return Err(Error::invalid(format!(
+                "qcow2: a {size}-byte disk needs an L1 table of {} bytes (limit {MAX_QCOW2_L1_BYTES}); use larger clusters",
+                l1_size * 8
+            )));
+        }
+        self.l1.resize(l1_size as usize, 0);
+        self.layout.l1_size = l1_size;
+        self.layout.l1_clusters = (l1_size * 8).div_ceil(self.cs());
+        self.size = size;
+        self.size_pending = false;
+        Ok(())
+    }
+
     fn finish(mut self: Box<Self>) -> Result<()> {
+        if self.size_pending {
+            return Err(Error::Format(
+                "internal error: qcow2 writer finished without its size".into(),
+            ));
+        }
         let cs = self.cs();
         let cb = self.o.cluster_bits;
         let order = self.o.refcount_order;
         self.fill_gap(self.size)?;
         self.flush_l2()?;
+        if self.layout.l1_at_end && self.layout.l1_clusters > 0 {
+            self.layout.l1_offset = self.alloc_clusters(self.layout.l1_clusters);
+        }
         let l = self.layout;
         // The reserved refcount table cluster holds the table when it is big enough;
         // otherwise the table goes at the end of the file and the reserved cluster
@@ -840,8 +926,9 @@ impl ImageWriter for Qcow2Writer {
         // With subclusters, QEMU ends the file after the last subcluster of a
         // preallocated, partly used final cluster.
         let tail = self.size % cs;
-        if let Some(h) = self.last_prealloc {
-            if self.o.extended_l2 && tail != 0 && h + cs == file_len {
+        if let Some((gc, h)) = self.last_prealloc {
+            let last = gc == self.size.saturating_sub(1) / cs;
+            if self.o.extended_l2 && tail != 0 && last && h + cs == file_len {
                 file_len = h + tail.next_multiple_of(cs / 32);
             }
         }
