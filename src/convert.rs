@@ -342,6 +342,10 @@ pub fn run(
             let ctx = &ctx;
             s.spawn(move || worker(ctx, &job_rx, &done_tx));
         }
+        // Only the workers hold the job queue: when the last one has left (after an
+        // error), a dispatcher blocked on a full queue is woken with an error instead
+        // of waiting forever.
+        drop(job_rx);
         drop(done_tx);
         let r = collect(&mut *writer, src, &done_rx, &token_tx, opts, &pool);
         if r.is_err() {
@@ -391,6 +395,13 @@ fn dispatch(
             // Coalesce following zero extents, then keep whole grains only.
             let mut zend = ext.end();
             while zend < size {
+                // A long run of small zero extents: still answer a stop at once.
+                if cancel.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                if INTERRUPTED.load(Ordering::Relaxed) {
+                    return Err(Error::Interrupted);
+                }
                 let e = map_upto(src, zend, u64::MAX, &mut size)?;
                 if !e.kind.reads_as_zero() {
                     break;
@@ -1005,5 +1016,54 @@ mod tests {
             v[i] = 0;
         }
         assert!(is_zero(&[]));
+    }
+
+    /// A writer error while workers are still reading must stop the whole pipeline: the
+    /// dispatcher may be blocked on a full job queue when the last worker leaves.
+    #[test]
+    fn a_failing_writer_never_leaves_the_pipeline_hanging() {
+        struct Slow;
+        impl BlockDevice for Slow {
+            fn size(&self) -> u64 {
+                64 << 20
+            }
+            fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+                std::thread::sleep(std::time::Duration::from_millis(30));
+                buf.fill(1);
+                Ok(())
+            }
+            fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+                Ok(Extent::new(offset, len, ExtentKind::Data))
+            }
+        }
+        struct Failing;
+        impl ImageWriter for Failing {
+            fn grain_size(&self) -> u64 {
+                512
+            }
+            fn write_data(&mut self, _run: DataRun<'_>) -> Result<()> {
+                Err(Error::invalid("disk full"))
+            }
+            fn write_zeros(&mut self, _offset: u64, _len: u64) -> Result<()> {
+                Ok(())
+            }
+            fn finish(self: Box<Self>) -> Result<()> {
+                Ok(())
+            }
+        }
+        for _ in 0..5 {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let opts = EngineOptions {
+                    threads: 2,
+                    ..EngineOptions::default()
+                };
+                let _ = tx.send(run(&Slow, Box::new(Failing), &opts));
+            });
+            let r = rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("the conversion hangs after a writer error");
+            assert!(r.unwrap_err().to_string().contains("disk full"));
+        }
     }
 }

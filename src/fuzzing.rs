@@ -16,17 +16,29 @@ const READ_BUDGET: u64 = 4 << 20;
 const MAP_BUDGET: usize = 4096;
 
 /// Opens `data` as an image (untrusted, in memory), then walks its map and reads some of
-/// its data. Errors are fine; panics, hangs and huge allocations are the bugs.
+/// its data, and runs `check` on VMDK and VDI images (qcow2's has a target of its own).
+/// Errors are fine; panics, hangs and huge allocations are the bugs.
 pub fn open_and_walk(data: &[u8], format: Option<Format>) {
     let storage = Arc::new(MemStorage::new(data.to_vec()));
     let mut opts = OpenOptions::untrusted();
     opts.format = format;
     let ctx = OpenContext::detached("fuzz-input", &opts);
-    let Ok(img) = crate::format::open_storage(storage, &ctx) else {
+    let Ok(img) = crate::format::open_storage(storage.clone(), &ctx) else {
         return;
     };
     let _ = serde_json::to_string(img.info());
     walk(img.device().as_ref());
+    match img.format() {
+        Format::Vmdk => {
+            let _ = crate::format::vmdk::check::check(&img).exit_code();
+        }
+        Format::Vdi => {
+            if let Ok(report) = crate::format::vdi::check::check(storage.as_ref()) {
+                let _ = report.exit_code();
+            }
+        }
+        Format::Raw | Format::Qcow2 => {}
+    }
 }
 
 /// Walks the map of `dev` and reads data extents, within fixed budgets.

@@ -1,4 +1,4 @@
-//! The vdi reader (header, tables, data paths) on arbitrary bytes.
+//! The VDI reader (header, tables, data paths) and `check` on arbitrary bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

@@ -1,5 +1,6 @@
 //! The VMDK reader on arbitrary bytes: sparse (KDMV, COWD, seSparse) extents with their
-//! grain directories and tables, and descriptor files (extents are refused: untrusted).
+//! grain directories and tables, and descriptor files (extents are refused: untrusted);
+//! then `check` on what opened.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
