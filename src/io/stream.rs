@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Mutex;
 
 use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
@@ -301,6 +301,10 @@ fn copy_out(chunks: &VecDeque<Chunk>, from: u64, dst: &mut [u8]) -> bool {
 /// stream (`None`), or the reader's error.
 type FeedMsg = std::io::Result<Option<(Vec<u8>, usize)>>;
 
+/// How long dropping a device mid-stream waits for its decoding thread to stop. A
+/// thread blocked reading a silent pipe is left behind; it stops at its next read.
+const FEED_STOP_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Runs a (decompressing) reader on a thread of its own, a few buffers ahead, so that
 /// decoding overlaps the zero scan, the engine and the writes instead of taking turns
 /// with them on the engine's dispatcher thread. Buffers come back for reuse.
@@ -308,13 +312,33 @@ struct Feed {
     rx: Receiver<FeedMsg>,
     free: Sender<Vec<u8>>,
     done: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Disconnected when the thread has finished.
+    stopped: Receiver<()>,
 }
 
 impl Feed {
     fn start(mut inner: Box<dyn Read + Send>) -> Self {
         let (tx, rx) = sync_channel::<FeedMsg>(FEED_DEPTH);
         let (free, free_rx) = channel::<Vec<u8>>();
-        std::thread::spawn(move || loop {
+        let (stop_tx, stopped) = channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let _stopping = stop_tx; // dropped when the thread returns
+            Self::run(inner.as_mut(), &tx, &free_rx)
+        });
+        Feed {
+            rx,
+            free,
+            done: false,
+            thread: Some(thread),
+            stopped,
+        }
+    }
+
+    /// The decoding thread: fills buffers and sends them until the end, an error, or
+    /// the device is gone.
+    fn run(inner: &mut dyn Read, tx: &SyncSender<FeedMsg>, free_rx: &Receiver<Vec<u8>>) {
+        loop {
             let mut buf = free_rx.try_recv().unwrap_or_else(|_| vec![0u8; FEED_BUF]);
             let (mut got, mut end, mut err) = (0, false, None);
             while got < buf.len() {
@@ -344,11 +368,6 @@ impl Feed {
                 let _ = tx.send(Ok(None));
                 return;
             }
-        });
-        Feed {
-            rx,
-            free,
-            done: false,
         }
     }
 
@@ -369,6 +388,22 @@ impl Feed {
 
     fn recycle(&self, buf: Vec<u8>) {
         let _ = self.free.send(buf);
+    }
+}
+
+impl Drop for Feed {
+    /// Stops the decoding thread (closing the queue makes its next send fail) and waits
+    /// for it briefly, so that it does not outlive the device.
+    fn drop(&mut self) {
+        let (_, closed) = sync_channel(0);
+        drop(std::mem::replace(&mut self.rx, closed));
+        let finished = matches!(
+            self.stopped.recv_timeout(FEED_STOP_WAIT),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+        );
+        if let (true, Some(t)) = (finished, self.thread.take()) {
+            let _ = t.join();
+        }
     }
 }
 
