@@ -562,6 +562,35 @@ fn library_opens_any_reader() {
     )
     .unwrap();
     assert_same_fmt(&raw, "raw", &out, "raw");
+
+    // A gzip body read in one pass: into qcow2 it works; VMDK (which needs the size
+    // first) is refused with an error naming the feature, and leaves no file.
+    let gz = dir.path().join("body.raw.gz");
+    compress_piped(&["gzip", "-c"], &raw, &gz);
+    let one_pass = imgconv::OpenOptions::untrusted().stream_unknown_length();
+    let img = imgconv::open_reader(std::fs::File::open(&gz).unwrap(), &one_pass).unwrap();
+    assert!(!img.device().length_known());
+    let q = dir.path().join("lib.qcow2");
+    imgconv::convert(
+        &img,
+        &q,
+        &imgconv::ConvertOptions::new(imgconv::Format::Qcow2),
+    )
+    .unwrap();
+    assert!(img.device().length_known());
+    assert_eq!(img.size(), 8 << 20);
+    assert_converted_whole(&raw, 8 << 20, &q, "qcow2");
+    let img = imgconv::open_reader(std::fs::File::open(&gz).unwrap(), &one_pass).unwrap();
+    let v = dir.path().join("lib.vmdk");
+    let e = imgconv::convert(
+        &img,
+        &v,
+        &imgconv::ConvertOptions::new(imgconv::Format::Vmdk),
+    )
+    .unwrap_err();
+    assert!(matches!(e, imgconv::Error::Unsupported { .. }), "{e}");
+    assert!(e.to_string().contains("unknown length"), "{e}");
+    assert!(!v.exists());
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) {

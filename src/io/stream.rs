@@ -22,7 +22,7 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Mutex;
 
@@ -100,6 +100,9 @@ pub struct StreamDevice {
     size: AtomicU64,
     /// The size was declared by the container (else it is found at the end).
     declared: bool,
+    /// `size` is exact: declared, or the stream has ended. Read without the lock, which
+    /// the reader holds while it waits for the decoder.
+    length_known: AtomicBool,
     name: String,
     state: Mutex<State>,
 }
@@ -127,6 +130,7 @@ impl StreamDevice {
         StreamDevice {
             size: AtomicU64::new(size.unwrap_or(MAX_VIRTUAL_SIZE)),
             declared: size.is_some(),
+            length_known: AtomicBool::new(size.is_some()),
             name,
             state: Mutex::new(State {
                 feed: Feed::start(reader),
@@ -196,6 +200,7 @@ impl StreamDevice {
                 // The disk ends with the stream.
                 st.ended = true;
                 self.size.store(st.decoded, Ordering::Release);
+                self.length_known.store(true, Ordering::Release);
                 break;
             };
             let start = st.decoded;
@@ -507,7 +512,7 @@ impl BlockDevice for StreamDevice {
     }
 
     fn length_known(&self) -> bool {
-        self.declared || self.lock().map(|st| st.ended).unwrap_or(false)
+        self.length_known.load(Ordering::Acquire)
     }
 }
 
