@@ -326,21 +326,22 @@ pub fn run(
     };
 
     let result = std::thread::scope(|s| -> Result<()> {
+        let mut threads_running = Vec::with_capacity(threads + 1);
         {
             let done_tx = done_tx.clone();
             let ctx = &ctx;
-            s.spawn(move || {
+            threads_running.push(s.spawn(move || {
                 let r = dispatch(ctx, chunk, &job_tx, &token_rx);
                 if let Err(e) = r {
                     let _ = done_tx.send(Err(e));
                 }
-            });
+            }));
         }
         for _ in 0..threads {
             let job_rx = job_rx.clone();
             let done_tx = done_tx.clone();
             let ctx = &ctx;
-            s.spawn(move || worker(ctx, &job_rx, &done_tx));
+            threads_running.push(s.spawn(move || worker(ctx, &job_rx, &done_tx)));
         }
         // Only the workers hold the job queue: when the last one has left (after an
         // error), a dispatcher blocked on a full queue is woken with an error instead
@@ -353,6 +354,17 @@ pub fn run(
         }
         drop(done_rx);
         drop(token_tx);
+        // Joined one by one (the scope alone does not wait for their thread-local
+        // destructors), and a panic becomes an error rather than a panic of the caller.
+        let mut panicked = false;
+        for t in threads_running {
+            panicked |= t.join().is_err();
+        }
+        if panicked && r.is_ok() {
+            return Err(Error::Format(
+                "internal error: a conversion thread panicked".into(),
+            ));
+        }
         r
     });
     result?;

@@ -313,6 +313,18 @@ struct ParallelBz {
     chunk: Vec<u8>,
     at: usize,
     consumed: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ParallelBz {
+    /// Closes every queue (the workers stop at their next piece) and waits for them.
+    fn drop(&mut self) {
+        self.pieces = Vec::new().into_iter();
+        self.current = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 impl ParallelBz {
@@ -328,9 +340,10 @@ impl ParallelBz {
         }
         // Workers take pieces in order, so the piece being read is always being decoded.
         let jobs = Arc::new(Mutex::new(jobs.into_iter()));
+        let mut handles = Vec::new();
         for _ in 0..threads.min(receivers.len()) {
             let (jobs, file) = (jobs.clone(), file.clone());
-            std::thread::spawn(move || loop {
+            handles.push(std::thread::spawn(move || loop {
                 let job = match jobs.lock() {
                     Ok(mut j) => j.next(),
                     Err(_) => None,
@@ -339,7 +352,7 @@ impl ParallelBz {
                 if !decode_bz_piece(&file, from, to, &tx) {
                     return; // the reader is gone
                 }
-            });
+            }));
         }
         ParallelBz {
             pieces: receivers.into_iter(),
@@ -347,6 +360,7 @@ impl ParallelBz {
             chunk: Vec::new(),
             at: 0,
             consumed,
+            threads: handles,
         }
     }
 }

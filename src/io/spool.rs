@@ -80,7 +80,7 @@ pub fn spool(reader: &mut (dyn Read + Send), dir: &Path, name: &Path) -> Result<
         // Owned here, so that returning (also on an error) closes both channels and
         // stops the reader thread before the scope waits for it.
         let (full_rx, empty_tx) = (full_rx, empty_tx);
-        scope.spawn(move || {
+        let decoding = scope.spawn(move || {
             while let Ok(mut buf) = empty_rx.recv() {
                 let r = fill(reader, &mut buf);
                 let last = !matches!(r, Ok(n) if n == BUF);
@@ -89,20 +89,26 @@ pub fn spool(reader: &mut (dyn Read + Send), dir: &Path, name: &Path) -> Result<
                 }
             }
         });
-        let mut pos = 0u64;
-        loop {
-            // The reader thread always sends before it stops: a closed channel means it
-            // is gone without a word (a panic), which is an error too.
-            let (buf, got) = full_rx.recv().map_err(|_| {
-                Error::Format(format!("{}: the decoding thread failed", name.display()))
-            })??;
-            write_sparse(&file, &buf[..got], pos, dir)?;
-            pos += got as u64;
-            if got < BUF {
-                return Ok(pos);
+        let copied = (|| -> Result<u64> {
+            let mut pos = 0u64;
+            loop {
+                // The reader thread always sends before it stops: a closed channel means
+                // it is gone without a word (a panic), which is an error too.
+                let (buf, got) = full_rx.recv().map_err(|_| {
+                    Error::Format(format!("{}: the decoding thread failed", name.display()))
+                })??;
+                write_sparse(&file, &buf[..got], pos, dir)?;
+                pos += got as u64;
+                if got < BUF {
+                    return Ok(pos);
+                }
+                let _ = empty_tx.send(buf);
             }
-            let _ = empty_tx.send(buf);
-        }
+        })();
+        drop((full_rx, empty_tx));
+        // Joined explicitly: the scope alone does not wait for thread-local destructors.
+        let _ = decoding.join();
+        copied
     })?;
     file.set_len(pos).map_err(|e| Error::io(dir, e))?;
     FileStorage::from_file(file, name.to_path_buf())
