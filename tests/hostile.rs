@@ -273,7 +273,7 @@ fn corpus_malicious_images_are_handled_quickly() {
             );
             w.assert_no_panic(&args);
             w.assert_faster_than(&args, Duration::from_secs(5));
-            w.assert_small(&args);
+            w.assert_small(args);
         }
         let out = d.path().join("out.raw");
         let w = watched(&["convert", "--untrusted", "-O", "raw", s(&p), s(&out)]);
@@ -475,5 +475,56 @@ fn sigterm_or_sigint_mid_conversion_leaves_no_file() {
             "left behind: {:?}",
             only_files(&outdir)
         );
+    }
+}
+
+/// A compression bomb — 2 GiB of zeros around a little data, in a zstd stream of a few
+/// hundred KiB that records no size — converts in one pass with bounded memory into a
+/// sparse qcow2 of the right size, and into raw, without a temporary file.
+#[test]
+fn a_zero_bomb_of_unrecorded_length_converts_in_bounded_memory() {
+    let dir = scratch();
+    let raw = dir.path().join("bomb.raw");
+    make_raw(
+        &raw,
+        2 << 30,
+        &[(1 << 20, 4096, 0x5a), ((2 << 30) - 512, 512, 0xa5)],
+    );
+    let zst = dir.path().join("bomb.raw.zst");
+    let o = Command::new("zstd")
+        .args(["-q", "-c", "-1"])
+        .stdin(std::fs::File::open(&raw).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(o.stdout.len() < 1 << 20, "{} bytes", o.stdout.len());
+    std::fs::write(&zst, &o.stdout).unwrap();
+    let nowhere = dir.path().join("no-such-folder");
+    for fmt in ["qcow2", "raw"] {
+        let out = dir.path().join(format!("out.{fmt}"));
+        let args = [
+            "convert",
+            "--untrusted",
+            "--tmpdir",
+            s(&nowhere),
+            "-O",
+            fmt,
+            s(&zst),
+            s(&out),
+        ];
+        let w = watched(&args);
+        assert_eq!(w.code, Some(0), "{}", w.stderr);
+        w.assert_small(args);
+        w.assert_faster_than(args, Duration::from_secs(60));
+        assert_eq!(qemu_info(&out)["virtual-size"], 2u64 << 30);
+        let allocated = std::fs::metadata(&out).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        });
+        assert!(allocated.unwrap() < 4 << 20, "{fmt} output is not sparse");
+        assert_same_fmt(&raw, "raw", &out, fmt);
+        if fmt == "qcow2" {
+            assert_qemu_check_clean(&out);
+        }
     }
 }
