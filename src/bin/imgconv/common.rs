@@ -25,7 +25,8 @@ pub fn parse_format(s: &str) -> Result<Format, String> {
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct InputArgs {
     /// Folder for the temporary copy of a compressed or piped input that needs random
-    /// access (qcow2, VDI, sparse VMDK); default $TMPDIR.
+    /// access (qcow2, VDI, sparse VMDK; raw of unrecorded length, except when `convert`
+    /// writes raw or qcow2); default $TMPDIR.
     #[arg(long = "tmpdir", value_name = "DIR")]
     pub tmpdir: Option<std::path::PathBuf>,
     /// The member to open when the input is a tar archive holding several images.
