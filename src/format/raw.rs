@@ -13,7 +13,7 @@ use crate::detect::Format;
 use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
 use crate::error::{Error, Result};
 use crate::image::{ImageInfo, OpenContext, Opened};
-use crate::io::{write_all_at, OutputSet, Storage};
+use crate::io::{allocate_for_write, fallocate, write_all_at, OutputSet, Storage};
 use crate::writer::{DataRun, ImageWriter, WriteOptions};
 
 /// A raw image as a block device.
@@ -87,6 +87,10 @@ pub struct RawWriter {
     /// Made for a source of unknown length: `set_size` sets the file's length.
     size_pending: bool,
     in_place: bool,
+    /// Data ranges are allocated just before they are written
+    /// ([`allocate_for_write`]): a fresh file without preallocation, until the file
+    /// system says it cannot.
+    allocate_ahead: bool,
     prealloc: Prealloc,
 }
 
@@ -159,31 +163,16 @@ fn new_writer(
             Sink::File { file, path }
         }
     };
+    let allocate_ahead =
+        matches!(sink, Sink::File { .. }) && !in_place && prealloc == Prealloc::Off;
     Ok(RawWriter {
         sink,
         size,
         size_pending: false,
         in_place,
         prealloc,
+        allocate_ahead,
     })
-}
-
-fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: fallocate on a descriptor we own; no memory is passed.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -222,7 +211,13 @@ impl ImageWriter for RawWriter {
 
     fn write_data(&mut self, run: DataRun<'_>) -> Result<()> {
         match &mut self.sink {
-            Sink::File { file, path } => write_all_at(file, run.data, run.offset, path),
+            Sink::File { file, path } => {
+                let len = run.data.len() as u64;
+                if self.allocate_ahead && !allocate_for_write(file, run.offset, len) {
+                    self.allocate_ahead = false;
+                }
+                write_all_at(file, run.data, run.offset, path)
+            }
             Sink::Stream { .. } => {
                 self.stream_to(run.offset)?;
                 if let Sink::Stream { w, pos } = &mut self.sink {

@@ -28,7 +28,7 @@ use super::header::{
 use super::refcount::{BlockBuilder, RefMap};
 use crate::detect::Format;
 use crate::error::{Error, Result};
-use crate::io::{write_all_at, OutputSet};
+use crate::io::{allocate_for_write, fallocate, write_all_at, OutputSet};
 use crate::limits::{MAX_QCOW2_L1_BYTES, MAX_QCOW2_REFTABLE_BYTES, MAX_VIRTUAL_SIZE};
 use crate::writer::{parse_bool, parse_size, DataRun, GrainEncoder, ImageWriter, WriteOptions};
 
@@ -443,6 +443,9 @@ pub struct Qcow2Writer {
     last_prealloc: Option<(u64, u64)>,
     /// Made for a source of unknown length: `size` is a bound until `set_size`.
     size_pending: bool,
+    /// New data clusters are allocated just before they are written
+    /// ([`allocate_for_write`]), until the file system says it cannot.
+    allocate_ahead: bool,
 }
 
 /// Creates a qcow2 writer for `target`.
@@ -525,6 +528,8 @@ fn new_writer(
         encoder,
         last_prealloc: None,
         size_pending,
+        // Clusters preallocated with falloc/full already have their blocks.
+        allocate_ahead: matches!(o.prealloc, Prealloc::Off | Prealloc::Metadata),
         layout,
         o,
     })
@@ -650,7 +655,7 @@ impl Qcow2Writer {
     fn reserve_space(&self, host: u64, len: u64) -> Result<()> {
         match self.o.prealloc {
             Prealloc::Falloc => {
-                fallocate(&self.file, host, len).map_err(|e| Error::io(&self.path, e))
+                fallocate(&self.file, 0, host, len).map_err(|e| Error::io(&self.path, e))
             }
             Prealloc::Full => {
                 let zeros = vec![0u8; len.min(1 << 20) as usize];
@@ -716,6 +721,9 @@ impl Qcow2Writer {
             let bytes = (n * cs).min(left) as usize;
             self.open_l2(gc)?;
             let host = self.alloc_clusters(n);
+            if self.allocate_ahead && !allocate_for_write(&self.file, host, bytes as u64) {
+                self.allocate_ahead = false;
+            }
             self.write_at(&data[pos..pos + bytes], host)?;
             for i in 0..n {
                 self.set_entry(gc + i, (host + i * cs) | OFLAG_COPIED, ALL_ALLOC)?;
@@ -723,24 +731,6 @@ impl Qcow2Writer {
             pos += bytes;
         }
         Ok(())
-    }
-}
-
-fn fallocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: fallocate on a descriptor we own; no memory is passed.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            0,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
