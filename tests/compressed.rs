@@ -511,6 +511,18 @@ fn stdin_stream_optimized_vmdk_both_ways() {
     assert_empty(&tmp);
 }
 
+/// Feeds `input` to `imgconv ARGS` on stdin and then nothing, interrupts it with SIGINT
+/// half a second later, and checks that it failed.
+fn ctrl_c_half_fed(args: &[&str], env: &[(&str, &Path)], input: &[u8]) {
+    let (mut child, stdin) = imgconv_fed_partly(args, env, input);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: signalling a child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    drop(stdin);
+    assert!(!status.success(), "{args:?} was not interrupted");
+}
+
 #[test]
 fn interrupted_spool_leaves_nothing() {
     let dir = scratch();
@@ -523,17 +535,11 @@ fn interrupted_spool_leaves_nothing() {
     std::fs::create_dir(&outdir).unwrap();
     let out = outdir.join("x.raw");
     // Half of the stream, then silence: imgconv is in the middle of spooling.
-    let (mut child, stdin) = imgconv_fed_partly(
+    ctrl_c_half_fed(
         &["convert", "-O", "raw", "-", s(&out)],
         &[("TMPDIR", &tmp)],
         &qgz[..qgz.len() / 2],
     );
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    // SAFETY: signalling a child we spawned.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = child.wait().unwrap();
-    drop(stdin);
-    assert!(!status.success());
     assert_empty(&tmp);
     assert_empty(&outdir);
 }
@@ -888,6 +894,12 @@ const UNSIZED: [(&str, &[&str]); 3] = [
     ("zst", &["zstd", "-q", "-c"]),
 ];
 
+/// `convert -O FMT SRC DST` with a spooling folder `nowhere` that does not exist, so
+/// that any spooling fails.
+fn one_pass<'a>(nowhere: &'a str, fmt: &'a str, src: &'a str, dst: &'a str) -> [&'a str; 7] {
+    ["convert", "--tmpdir", nowhere, "-O", fmt, src, dst]
+}
+
 /// Judges a conversion of the raw disk `raw` (`size` bytes) into `out` (raw or qcow2).
 fn assert_converted_whole(raw: &Path, size: u64, out: &Path, fmt: &str) {
     if fmt == "raw" {
@@ -923,6 +935,7 @@ fn unknown_length_raw_streams_convert_in_one_pass() {
         ((6 << 20) + 1536, &[(4096, 4096, 0x66)]),
         (0, &[]),
     ];
+    let nowhere = s(&nowhere);
     for (i, (size, pieces)) in cases.iter().enumerate() {
         let raw = dir.path().join(format!("d{i}.raw"));
         make_raw(&raw, *size, pieces);
@@ -932,36 +945,18 @@ fn unknown_length_raw_streams_convert_in_one_pass() {
             compress_piped(cmd, &raw, &c);
             for fmt in ["raw", "qcow2"] {
                 let out = dir.path().join(format!("o{i}-{suffix}.{fmt}"));
-                let args = [
-                    "convert",
-                    "--tmpdir",
-                    s(&nowhere),
-                    "-O",
-                    fmt,
-                    s(&c),
-                    s(&out),
-                ];
-                imgconv(&args);
+                imgconv(&one_pass(nowhere, fmt, s(&c), s(&out)));
                 assert_converted_whole(&raw, *size, &out, fmt);
             }
         }
         // Plain raw and raw.gz on stdin, to a file and to stdout.
         let out = dir.path().join(format!("o{i}-stdin.qcow2"));
-        let args = [
-            "convert",
-            "--tmpdir",
-            s(&nowhere),
-            "-O",
-            "qcow2",
-            "-",
-            s(&out),
-        ];
+        let args = one_pass(nowhere, "qcow2", "-", s(&out));
         let o = pipe_through(dir.path(), &bytes, &args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_converted_whole(&raw, *size, &out, "qcow2");
         let gz = std::fs::read(dir.path().join(format!("d{i}.raw.gz"))).unwrap();
-        let args = ["convert", "--tmpdir", s(&nowhere), "-O", "raw", "-", "-"];
-        let o = pipe_through(dir.path(), &gz, &args);
+        let o = pipe_through(dir.path(), &gz, &one_pass(nowhere, "raw", "-", "-"));
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert_eq!(o.stdout, bytes);
     }
@@ -1070,17 +1065,11 @@ fn one_pass_conversion_interrupted_or_damaged_leaves_nothing() {
     let outdir = dir.path().join("out");
     std::fs::create_dir(&outdir).unwrap();
     let out = outdir.join("x.qcow2");
-    let (mut child, stdin) = imgconv_fed_partly(
+    ctrl_c_half_fed(
         &["convert", "-O", "qcow2", "-", s(&out)],
         &[],
         &gz[..gz.len() / 2],
     );
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    // SAFETY: signalling a child we spawned.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = child.wait().unwrap();
-    drop(stdin);
-    assert!(!status.success());
     assert_empty(&outdir);
     // Cut short on stdin: the disk must not silently end early.
     for fmt in ["raw", "qcow2"] {

@@ -91,3 +91,27 @@ pub fn allocate_for_write(file: &std::fs::File, offset: u64, len: u64) -> bool {
     )
     .is_ok()
 }
+
+/// Readers for the unit tests of the stream layers.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::io::Read;
+
+    /// Yields `left` bytes of 3s, at most `piece` per read, then fails with "broken".
+    pub struct FailingAfter {
+        pub left: u64,
+        pub piece: usize,
+    }
+
+    impl Read for FailingAfter {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.left == 0 {
+                return Err(std::io::Error::other("broken"));
+            }
+            let n = (buf.len() as u64).min(self.left).min(self.piece as u64) as usize;
+            buf[..n].fill(3);
+            self.left -= n as u64;
+            Ok(n)
+        }
+    }
+}

@@ -175,21 +175,14 @@ mod tests {
     /// A reader that fails after a few MiB: the error comes back, nothing is left.
     #[test]
     fn reader_errors_are_returned_and_leave_nothing() {
-        struct Failing(u64);
-        impl Read for Failing {
-            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                if self.0 == 0 {
-                    return Err(std::io::Error::other("broken"));
-                }
-                let n = (buf.len() as u64).min(self.0).min(100_000) as usize;
-                buf[..n].fill(3);
-                self.0 -= n as u64;
-                Ok(n)
-            }
-        }
+        use crate::io::testing::FailingAfter;
         let dir = tempfile::tempdir().unwrap();
         for len in [0, 10, 5 << 20] {
-            let r = spool(&mut Failing(len), dir.path(), Path::new("x"));
+            let mut failing = FailingAfter {
+                left: len,
+                piece: 100_000,
+            };
+            let r = spool(&mut failing, dir.path(), Path::new("x"));
             assert!(r.is_err(), "{len}");
             assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         }

@@ -621,19 +621,14 @@ mod tests {
 
     #[test]
     fn a_failing_stream_of_unknown_length_is_an_error() {
-        struct Failing(u64);
-        impl Read for Failing {
-            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-                if self.0 == 0 {
-                    return Err(std::io::Error::other("broken"));
-                }
-                let n = (buf.len() as u64).min(self.0).min(70_000) as usize;
-                buf[..n].fill(3);
-                self.0 -= n as u64;
-                Ok(n)
-            }
-        }
-        let dev = StreamDevice::unknown_length(Box::new(Failing(3 << 20)), "t").unwrap();
+        use crate::io::testing::FailingAfter;
+        let failing = |left| {
+            Box::new(FailingAfter {
+                left,
+                piece: 70_000,
+            })
+        };
+        let dev = StreamDevice::unknown_length(failing(3 << 20), "t").unwrap();
         let mut pos = 0;
         let err = loop {
             match dev.map(pos, dev.size() - pos) {
@@ -644,6 +639,6 @@ mod tests {
         assert!(err.to_string().contains("broken"), "{err}");
         assert!(!dev.length_known());
         // Broken at once.
-        assert!(StreamDevice::unknown_length(Box::new(Failing(0)), "t").is_err());
+        assert!(StreamDevice::unknown_length(failing(0), "t").is_err());
     }
 }
