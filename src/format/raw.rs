@@ -13,7 +13,7 @@ use crate::detect::Format;
 use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
 use crate::error::{Error, Result};
 use crate::image::{ImageInfo, OpenContext, Opened};
-use crate::io::{allocate_for_write, fallocate, write_all_at, OutputSet, Storage};
+use crate::io::{fallocate, write_all_at, AllocateAhead, OutputSet, Storage};
 use crate::writer::{DataRun, ImageWriter, WriteOptions};
 
 /// A raw image as a block device.
@@ -87,10 +87,9 @@ pub struct RawWriter {
     /// Made for a source of unknown length: `set_size` sets the file's length.
     size_pending: bool,
     in_place: bool,
-    /// Data ranges are allocated just before they are written
-    /// ([`allocate_for_write`]): a fresh file without preallocation, until the file
-    /// system says it cannot.
-    allocate_ahead: bool,
+    /// Data ranges are allocated just before they are written (a fresh file without
+    /// preallocation).
+    allocate_ahead: AllocateAhead,
     prealloc: Prealloc,
 }
 
@@ -163,8 +162,9 @@ fn new_writer(
             Sink::File { file, path }
         }
     };
-    let allocate_ahead =
-        matches!(sink, Sink::File { .. }) && !in_place && prealloc == Prealloc::Off;
+    let allocate_ahead = AllocateAhead::new(
+        matches!(sink, Sink::File { .. }) && !in_place && prealloc == Prealloc::Off,
+    );
     Ok(RawWriter {
         sink,
         size,
@@ -213,9 +213,7 @@ impl ImageWriter for RawWriter {
         match &mut self.sink {
             Sink::File { file, path } => {
                 let len = run.data.len() as u64;
-                if self.allocate_ahead && !allocate_for_write(file, run.offset, len) {
-                    self.allocate_ahead = false;
-                }
+                self.allocate_ahead.before_write(file, run.offset, len);
                 write_all_at(file, run.data, run.offset, path)
             }
             Sink::Stream { .. } => {

@@ -75,21 +75,31 @@ pub fn fallocate(file: &std::fs::File, mode: i32, offset: u64, len: u64) -> std:
     }
 }
 
-/// Makes `[offset, offset + len)` of a new output file allocated-but-zero (unwritten
-/// extents, `FALLOC_FL_ZERO_RANGE`) just before data is written there, as QEMU's qcow2
-/// driver does: on ext4 and XFS the buffered writes that follow then skip per-page
+/// Makes each range of a new output file allocated-but-zero (unwritten extents,
+/// `FALLOC_FL_ZERO_RANGE`) just before data is written there, as QEMU's qcow2 driver
+/// does: on ext4 and XFS the buffered writes that follow then skip per-page
 /// delayed-allocation work (measured on ext4 with 400 MiB of data, median wall: raw→raw
-/// 0.13 → 0.11 s, raw→qcow2 0.13 → 0.10 s, raw→vdi 0.11 → 0.10 s, raw→vmdk 0.12 → 0.11 s). Only for fresh files, whose range holds nothing yet. Returns
-/// false where the file system cannot do it, so that the caller stops asking; the write
-/// goes ahead either way.
-pub fn allocate_for_write(file: &std::fs::File, offset: u64, len: u64) -> bool {
-    fallocate(
-        file,
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        len,
-    )
-    .is_ok()
+/// 0.13 → 0.11 s, raw→qcow2 0.13 → 0.10 s, raw→vdi 0.11 → 0.10 s, raw→vmdk 0.12 → 0.11 s).
+/// Only for fresh files, whose ranges hold nothing yet. Where the file system cannot do
+/// it, it stops asking; the writes go ahead either way.
+#[derive(Debug, Clone, Copy)]
+pub struct AllocateAhead {
+    enabled: bool,
+}
+
+impl AllocateAhead {
+    /// Allocates ahead when `enabled` (a fresh file whose blocks are not reserved yet).
+    pub fn new(enabled: bool) -> Self {
+        AllocateAhead { enabled }
+    }
+
+    /// Called right before `len` bytes are written at `offset` of `file`.
+    pub fn before_write(&mut self, file: &std::fs::File, offset: u64, len: u64) {
+        const MODE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        if self.enabled && fallocate(file, MODE, offset, len).is_err() {
+            self.enabled = false;
+        }
+    }
 }
 
 /// Readers for the unit tests of the stream layers.

@@ -28,7 +28,7 @@ use super::header::{
 use super::refcount::{BlockBuilder, RefMap};
 use crate::detect::Format;
 use crate::error::{Error, Result};
-use crate::io::{allocate_for_write, fallocate, write_all_at, OutputSet};
+use crate::io::{fallocate, write_all_at, AllocateAhead, OutputSet};
 use crate::limits::{MAX_QCOW2_L1_BYTES, MAX_QCOW2_REFTABLE_BYTES, MAX_VIRTUAL_SIZE};
 use crate::writer::{parse_bool, parse_size, DataRun, GrainEncoder, ImageWriter, WriteOptions};
 
@@ -443,9 +443,8 @@ pub struct Qcow2Writer {
     last_prealloc: Option<(u64, u64)>,
     /// Made for a source of unknown length: `size` is a bound until `set_size`.
     size_pending: bool,
-    /// New data clusters are allocated just before they are written
-    /// ([`allocate_for_write`]), until the file system says it cannot.
-    allocate_ahead: bool,
+    /// New data clusters are allocated just before they are written.
+    allocate_ahead: AllocateAhead,
 }
 
 /// Creates a qcow2 writer for `target`.
@@ -529,7 +528,10 @@ fn new_writer(
         last_prealloc: None,
         size_pending,
         // Clusters preallocated with falloc/full already have their blocks.
-        allocate_ahead: matches!(o.prealloc, Prealloc::Off | Prealloc::Metadata),
+        allocate_ahead: AllocateAhead::new(matches!(
+            o.prealloc,
+            Prealloc::Off | Prealloc::Metadata
+        )),
         layout,
         o,
     })
@@ -721,9 +723,8 @@ impl Qcow2Writer {
             let bytes = (n * cs).min(left) as usize;
             self.open_l2(gc)?;
             let host = self.alloc_clusters(n);
-            if self.allocate_ahead && !allocate_for_write(&self.file, host, bytes as u64) {
-                self.allocate_ahead = false;
-            }
+            self.allocate_ahead
+                .before_write(&self.file, host, bytes as u64);
             self.write_at(&data[pos..pos + bytes], host)?;
             for i in 0..n {
                 self.set_entry(gc + i, (host + i * cs) | OFLAG_COPIED, ALL_ALLOC)?;

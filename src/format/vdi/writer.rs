@@ -16,7 +16,7 @@ use super::header::{
 use crate::convert::is_zero;
 use crate::detect::Format;
 use crate::error::{Error, Result};
-use crate::io::{allocate_for_write, write_all_at, OutputSet};
+use crate::io::{write_all_at, AllocateAhead, OutputSet};
 use crate::limits::{MAX_VDI_BLOCKS, MAX_VIRTUAL_SIZE};
 use crate::writer::{parse_bool, parse_size, DataRun, ImageWriter, WriteOptions};
 
@@ -161,9 +161,8 @@ pub struct VdiWriter {
     allocated: u32,
     /// Guest size as the engine sees it (the header's size is rounded up to 512).
     size: u64,
-    /// Blocks are allocated just before they are written ([`allocate_for_write`]; the
-    /// file is new and sparse), until the file system says it cannot.
-    allocate_ahead: bool,
+    /// Blocks are allocated just before they are written (the file is new and sparse).
+    allocate_ahead: AllocateAhead,
 }
 
 /// Creates a VDI writer for `target`.
@@ -203,7 +202,7 @@ pub fn create_writer(
         fixed: o.fixed,
         allocated: 0,
         size,
-        allocate_ahead: true,
+        allocate_ahead: AllocateAhead::new(true),
     }))
 }
 
@@ -212,9 +211,8 @@ impl VdiWriter {
     /// blocks starting at `phys`.
     fn put(&mut self, phys: u64, data: &[u8]) -> Result<()> {
         let at = self.header.data_offset as u64 + phys * self.header.block_stride();
-        if self.allocate_ahead && !allocate_for_write(&self.file, at, data.len() as u64) {
-            self.allocate_ahead = false;
-        }
+        self.allocate_ahead
+            .before_write(&self.file, at, data.len() as u64);
         write_all_at(&self.file, data, at, &self.path)
     }
 }

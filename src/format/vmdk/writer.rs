@@ -13,7 +13,7 @@ use flate2::Compression;
 use crate::detect::Format;
 use crate::error::{Error, Result};
 use crate::image::OpenOptions;
-use crate::io::{allocate_for_write, write_all_at, OutputSet};
+use crate::io::{write_all_at, AllocateAhead, OutputSet};
 use crate::writer::{parse_bool, DataRun, GrainEncoder, ImageWriter, WriteOptions};
 
 use super::descriptor::{Access, Descriptor, ExtentLine, ExtentType, NO_PARENT_CID};
@@ -486,9 +486,8 @@ pub struct SparseWriter {
     next: u64,
     /// The grain table being filled and its index.
     cur: Option<(u64, Vec<u32>)>,
-    /// Grains are allocated just before they are written ([`allocate_for_write`]; the
-    /// file is new), until the file system says it cannot.
-    allocate_ahead: bool,
+    /// Grains are allocated just before they are written (the file is new).
+    allocate_ahead: AllocateAhead,
 }
 
 impl SparseWriter {
@@ -560,7 +559,7 @@ impl SparseWriter {
             gt_base,
             next: overhead,
             cur: None,
-            allocate_ahead: true,
+            allocate_ahead: AllocateAhead::new(true),
         })
     }
 
@@ -591,11 +590,8 @@ impl SparseWriter {
         let gb = GRAIN_SECTORS * SECTOR;
         let g0 = offset / gb;
         let n = (data.len() as u64).div_ceil(gb);
-        if self.allocate_ahead
-            && !allocate_for_write(&self.file, self.next * SECTOR, data.len() as u64)
-        {
-            self.allocate_ahead = false;
-        }
+        self.allocate_ahead
+            .before_write(&self.file, self.next * SECTOR, data.len() as u64);
         write_all_at(&self.file, data, self.next * SECTOR, &self.path)?;
         for k in 0..n {
             let s = self.next + k * GRAIN_SECTORS;
