@@ -143,6 +143,7 @@ pub fn human(i: &ImageInfo) -> String {
     }
     if let Some(fs) = &i.format_specific {
         s += "Format specific information:\n";
+        let fs = serde_json::to_value(fs).unwrap_or_default();
         if let Some(data) = fs.get("data") {
             human_value(&mut s, data, 1);
         }
