@@ -17,19 +17,28 @@ pub enum Format {
     Vmdk,
     /// VirtualBox disk image.
     Vdi,
+    /// VHD (Virtual PC, Hyper-V), qemu's `vpc`.
+    Vpc,
 }
 
 impl Format {
     /// Every format, in probing order (raw last: it matches anything).
-    pub const ALL: [Format; 4] = [Format::Qcow2, Format::Vmdk, Format::Vdi, Format::Raw];
+    pub const ALL: [Format; 5] = [
+        Format::Qcow2,
+        Format::Vmdk,
+        Format::Vdi,
+        Format::Vpc,
+        Format::Raw,
+    ];
 
-    /// The name qemu-img uses (`raw`, `qcow2`, `vmdk`, `vdi`).
+    /// The name qemu-img uses (`raw`, `qcow2`, `vmdk`, `vdi`, `vpc`).
     pub fn name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Vmdk => "vmdk",
             Format::Vdi => "vdi",
+            Format::Vpc => "vpc",
         }
     }
 }
@@ -54,8 +63,9 @@ impl FromStr for Format {
             "qcow2" => Ok(Format::Qcow2),
             "vmdk" => Ok(Format::Vmdk),
             "vdi" => Ok(Format::Vdi),
+            "vpc" => Ok(Format::Vpc),
             other => Err(Error::invalid(format!(
-                "unknown format '{other}' (known: raw, qcow2, vmdk, vdi)"
+                "unknown format '{other}' (known: raw, qcow2, vmdk, vdi, vpc)"
             ))),
         }
     }
@@ -63,15 +73,24 @@ impl FromStr for Format {
 
 /// How many leading bytes [`probe`] looks at.
 pub const PROBE_LEN: usize = 4096;
+/// How many trailing bytes [`probe`] looks at (a fixed VHD's footer).
+pub const TAIL_LEN: usize = 512;
 
 /// Recognises the format of the bytes in `head` (the first bytes of a file; shorter is
 /// fine). Raw is the fallback.
 pub fn probe_bytes(head: &[u8]) -> Format {
+    probe_head_tail(head, &[])
+}
+
+/// Recognises the format from the first bytes of a file and its last 512 bytes (`tail`;
+/// empty when unknown, as on a stream): a fixed VHD has its only footer at the end.
+pub fn probe_head_tail(head: &[u8], tail: &[u8]) -> Format {
     for f in Format::ALL {
         let hit = match f {
             Format::Qcow2 => head.starts_with(b"QFI\xfb"),
             Format::Vmdk => crate::format::vmdk::probe(head),
             Format::Vdi => head.len() >= 0x44 && head[0x40..0x44] == [0x7f, 0x10, 0xda, 0xbe],
+            Format::Vpc => crate::format::vpc::probe(head, tail),
             Format::Raw => true,
         };
         if hit {
@@ -83,15 +102,19 @@ pub fn probe_bytes(head: &[u8]) -> Format {
 
 /// Recognises the format of a storage's contents.
 pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let err = |e| match storage.path() {
+        Some(p) => Error::io(p, e),
+        None => Error::Stream(e),
+    };
     let n = (storage.len() as usize).min(PROBE_LEN);
     let mut head = vec![0u8; n];
+    storage.read_exact_at(&mut head, 0).map_err(err)?;
+    let t = (storage.len() as usize).min(TAIL_LEN);
+    let mut tail = vec![0u8; t];
     storage
-        .read_exact_at(&mut head, 0)
-        .map_err(|e| match storage.path() {
-            Some(p) => Error::io(p, e),
-            None => Error::Stream(e),
-        })?;
-    Ok(probe_bytes(&head))
+        .read_exact_at(&mut tail, storage.len() - t as u64)
+        .map_err(err)?;
+    Ok(probe_head_tail(&head, &tail))
 }
 
 /// A compression wrapped around an image file, found by magic bytes.
@@ -167,6 +190,14 @@ mod tests {
         assert_eq!(probe_bytes(&[0u8; 512]), Format::Raw);
         assert_eq!("QCOW2".parse::<Format>().unwrap(), Format::Qcow2);
         assert!("vhd".parse::<Format>().is_err());
+        assert_eq!("vpc".parse::<Format>().unwrap(), Format::Vpc);
+        assert_eq!(probe_bytes(b"conectix\0\0\0\x02"), Format::Vpc);
+        let mut tail = vec![0u8; 512];
+        assert_eq!(probe_head_tail(&[0u8; 512], &tail), Format::Raw);
+        tail[..8].copy_from_slice(b"conectix");
+        assert_eq!(probe_head_tail(&[0u8; 512], &tail), Format::Vpc);
+        tail.rotate_right(1);
+        assert_eq!(probe_head_tail(&[0u8; 512], &tail), Format::Vpc);
     }
 
     #[test]

@@ -37,6 +37,11 @@ pub fn open_and_walk(data: &[u8], format: Option<Format>) {
                 let _ = report.exit_code();
             }
         }
+        Format::Vpc => {
+            if let Ok(report) = crate::format::vpc::check(storage.as_ref()) {
+                let _ = report.exit_code();
+            }
+        }
         Format::Raw | Format::Qcow2 => {}
     }
 }
@@ -94,6 +99,10 @@ pub const WRITER_CONFIGS: &[(Format, &str, bool)] = &[
     (Format::Vmdk, "subformat=twoGbMaxExtentSparse", false),
     (Format::Vdi, "", false),
     (Format::Vdi, "static=on", false),
+    (Format::Vpc, "force_size=on", false),
+    (Format::Vpc, "subformat=fixed,force_size=on", false),
+    (Format::Vpc, "", false),
+    (Format::Vpc, "subformat=fixed", false),
 ];
 
 /// Builds a disk from `data` (a size, then pieces of content at offsets), writes it with
@@ -347,6 +356,7 @@ pub fn replay(name: &str, data: &[u8]) {
         "qcow2" => Some(Format::Qcow2),
         "vmdk" => Some(Format::Vmdk),
         "vdi" => Some(Format::Vdi),
+        "vpc" => Some(Format::Vpc),
         _ => None,
     };
     open_and_walk(data, format);

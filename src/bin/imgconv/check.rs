@@ -58,6 +58,7 @@ pub fn run(a: Args) -> CmdResult {
         }
         let r = match format {
             Format::Vdi => imgconv::format::vdi::check::check(&storage).map_err(could_not)?,
+            Format::Vpc => imgconv::format::vpc::check(&storage).map_err(could_not)?,
             _ => {
                 // Extents are opened, the parent of a delta disk is not: as qemu-img,
                 // the check covers this image only.
