@@ -781,12 +781,12 @@ fn open_parent(
             ),
         });
     }
+    if ctx.options.metadata_only {
+        return Ok(None);
+    }
     if ctx.options.untrusted {
         let (field, name, _) = &candidates[0];
         ctx.resolve_reference(FORMAT, field, name)?;
-    }
-    if ctx.options.metadata_only {
-        return Ok(None);
     }
     let mut tried = Vec::new();
     for (field, name, local) in &candidates {
