@@ -669,6 +669,20 @@ fn compressed_and_piped_vhds_are_read() {
         let j: serde_json::Value = serde_json::from_str(&imgconv(&args)).unwrap();
         assert_eq!(j["format"], "vpc");
         assert_eq!(j["compression"], "xz");
+        // From a pipe: spooled, then read.
+        let piped = std::process::Command::new(imgconv_bin())
+            .arg("convert")
+            .args(&flags)
+            .args(["-O", "raw", "-", s(&out)])
+            .stdin(std::fs::File::open(&v).unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            piped.status.success(),
+            "{}",
+            String::from_utf8_lossy(&piped.stderr)
+        );
+        assert_same_fmt(&v, "vpc", &out, "raw");
     }
 }
 
@@ -695,4 +709,25 @@ fn measure_and_map_of_vhd_sources() {
     assert_same_fmt(&v, "vpc", &q2, "qcow2");
     let m = imgconv(&["map", "--output=json", s(&v)]);
     assert!(m.contains("\"data\": false"), "{m}");
+}
+
+#[test]
+fn fixed_vhd_with_an_old_511_byte_footer_is_read() {
+    let d = scratch();
+    let raw = d.path().join("src.raw");
+    sample_raw(&raw, 6 * MIB);
+    let v = d.path().join("old.vhd");
+    imgconv_convert("vpc", "subformat=fixed,force_size=on", &raw, &v);
+    // Virtual PC before 2004 wrote the footer without its last (reserved, zero) byte.
+    let mut b = std::fs::read(&v).unwrap();
+    assert_eq!(b.pop(), Some(0));
+    std::fs::write(&v, &b).unwrap();
+    assert_eq!(info_json(&v)["format"], "vpc");
+    assert_eq!(info_json(&v)["virtual-size"], 6 * MIB);
+    let out = d.path().join("out.raw");
+    imgconv(&["convert", "-O", "raw", s(&v), s(&out)]);
+    assert_same_fmt(&raw, "raw", &out, "raw");
+    // qemu-img reads it too (its file layer rounds the length up to a sector, which puts
+    // the footer back in the last 512 bytes).
+    assert_reads_like_qemu(&v, d.path());
 }
