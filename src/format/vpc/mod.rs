@@ -18,9 +18,9 @@
 //!   without the checksum field), UUID, saved-state flag, 427 reserved bytes. A fixed
 //!   image is the disk's bytes then the footer; Virtual PC before 2004 wrote a 511-byte
 //!   footer, read here as by qemu (whose file layer rounds the file length up to a
-//!   sector, which puts such a footer back in the last 512 bytes). A dynamic or differencing image has a copy of
-//!   the footer at offset 0, which is the one read (as qemu does; dissect reads the one
-//!   at the end, so the writer writes both).
+//!   sector, which puts such a footer back in the last 512 bytes). A dynamic or
+//!   differencing image has a copy of the footer at offset 0, which is the one read (as
+//!   qemu does; dissect reads the one at the end, so the writer writes both).
 //! - **Virtual size** (qemu 8.2 and later, which `info` matches): cylinders × heads ×
 //!   sectors × 512 when the creator is Virtual PC (`vpc `) or qemu without `force_size`
 //!   (`qemu`) — compared on all four bytes — and the geometry is not the largest
