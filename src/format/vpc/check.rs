@@ -12,8 +12,8 @@ use super::header::{
     MAX_SECTORS, OLD_FOOTER_SIZE, SECTOR,
 };
 use super::reader::{metadata_regions, read_bat};
+use crate::driver::CheckReport;
 use crate::error::{Error, Result};
-use crate::format::qcow2::check::CheckReport;
 use crate::io::Storage;
 
 fn read(storage: &dyn Storage, buf: &mut [u8], at: u64) -> Result<()> {

@@ -78,16 +78,34 @@ pub mod writer;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::detect::Format;
+use crate::driver::{CheckReport, Driver};
 use crate::error::Result;
-use crate::format::qcow2::check::CheckReport;
 use crate::image::{OpenContext, Opened};
 use crate::io::{OutputSet, Storage};
 use crate::writer::{ImageWriter, WriteOptions};
 
 pub use reader::VpcDevice;
 
+/// The VHD driver.
+pub const DRIVER: Driver = Driver {
+    format: Format::Vpc,
+    probe,
+    open: Some(open),
+    open_stream: None,
+    create: Some(create_writer),
+    create_unsized: None,
+    check: Some(|req| check(req.storage.as_ref())),
+    repair: None,
+    resize: None,
+    internal_snapshots: false,
+    explicit_parent: false,
+};
+
 /// True when `head` (the first bytes of a file) or `tail` (its last 512 bytes, empty when
-/// unknown) holds a VHD footer.
+/// unknown) holds a VHD footer: `conectix` at 0 (the footer copy of dynamic and
+/// differencing images), or in the last 512 bytes (fixed images; or the last 511, as
+/// early Virtual PC wrote it).
 pub fn probe(head: &[u8], tail: &[u8]) -> bool {
     header::Footer::has_cookie(head)
         || header::Footer::has_cookie(tail)
