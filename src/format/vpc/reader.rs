@@ -527,13 +527,9 @@ impl VpcDevice {
     }
 
     fn parent<'a>(&self, s: &'a Sparse) -> Result<&'a Arc<dyn BlockDevice>> {
-        s.parent.as_ref().ok_or_else(|| Error::BackingChain {
-            path: self
-                .storage
-                .path()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
-            reason: format!("the parent image (UUID {}) was not opened", s.parent_uuid),
+        s.parent.as_ref().ok_or_else(|| Error::NotOpened {
+            format: FORMAT,
+            reference: format!("the parent image (UUID {})", s.parent_uuid),
         })
     }
 
