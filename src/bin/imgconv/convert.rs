@@ -20,10 +20,13 @@ pub struct Args {
     /// Source format (probed when omitted).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
-    /// Output format: raw, qcow2, vmdk or vdi.
+    /// Output format: raw, qcow2, vmdk, vdi or vpc (VHD).
     #[arg(short = 'O', value_parser = parse_format, default_value = "raw")]
     out_format: Format,
     /// Output options, qemu-img style: key=value[,key=value…] (may be repeated).
+    /// vpc (VHD): subformat=dynamic|fixed, force_size=on|off, and azure=on (a fixed VHD
+    /// of the exact size, as Azure takes it; a size that is not a whole MiB is refused) or
+    /// azure=round (the same, the size rounded up to the next MiB).
     #[arg(short = 'o')]
     options: Vec<String>,
     /// Compress the output (qcow2, streamOptimized VMDK).
