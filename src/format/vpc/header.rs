@@ -227,7 +227,7 @@ pub struct Uuid(pub [u8; 16]);
 impl Uuid {
     /// A random (version 4) identifier.
     pub fn random() -> Uuid {
-        let mut u: [u8; 16] = rand::random();
+        let mut u: [u8; 16] = crate::random::bytes();
         u[6] = (u[6] & 0x0F) | 0x40;
         u[8] = (u[8] & 0x3F) | 0x80;
         Uuid(u)
