@@ -17,19 +17,28 @@ pub enum Format {
     Vmdk,
     /// VirtualBox disk image.
     Vdi,
+    /// Hyper-V virtual hard disk v2.
+    Vhdx,
 }
 
 impl Format {
     /// Every format, in probing order (raw last: it matches anything).
-    pub const ALL: [Format; 4] = [Format::Qcow2, Format::Vmdk, Format::Vdi, Format::Raw];
+    pub const ALL: [Format; 5] = [
+        Format::Qcow2,
+        Format::Vmdk,
+        Format::Vdi,
+        Format::Vhdx,
+        Format::Raw,
+    ];
 
-    /// The name qemu-img uses (`raw`, `qcow2`, `vmdk`, `vdi`).
+    /// The name qemu-img uses (`raw`, `qcow2`, `vmdk`, `vdi`, `vhdx`).
     pub fn name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Vmdk => "vmdk",
             Format::Vdi => "vdi",
+            Format::Vhdx => "vhdx",
         }
     }
 }
@@ -54,8 +63,9 @@ impl FromStr for Format {
             "qcow2" => Ok(Format::Qcow2),
             "vmdk" => Ok(Format::Vmdk),
             "vdi" => Ok(Format::Vdi),
+            "vhdx" => Ok(Format::Vhdx),
             other => Err(Error::invalid(format!(
-                "unknown format '{other}' (known: raw, qcow2, vmdk, vdi)"
+                "unknown format '{other}' (known: raw, qcow2, vmdk, vdi, vhdx)"
             ))),
         }
     }
@@ -72,6 +82,7 @@ pub fn probe_bytes(head: &[u8]) -> Format {
             Format::Qcow2 => head.starts_with(b"QFI\xfb"),
             Format::Vmdk => crate::format::vmdk::probe(head),
             Format::Vdi => head.len() >= 0x44 && head[0x40..0x44] == [0x7f, 0x10, 0xda, 0xbe],
+            Format::Vhdx => crate::format::vhdx::probe(head, &[]),
             Format::Raw => true,
         };
         if hit {
@@ -163,6 +174,8 @@ mod tests {
         let mut vdi = vec![0u8; 0x48];
         vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
         assert_eq!(probe_bytes(&vdi), Format::Vdi);
+        assert_eq!(probe_bytes(b"vhdxfile\0\0"), Format::Vhdx);
+        assert_eq!("VHDX".parse::<Format>().unwrap(), Format::Vhdx);
         assert_eq!(probe_bytes(b""), Format::Raw);
         assert_eq!(probe_bytes(&[0u8; 512]), Format::Raw);
         assert_eq!("QCOW2".parse::<Format>().unwrap(), Format::Qcow2);

@@ -37,6 +37,11 @@ pub fn open_and_walk(data: &[u8], format: Option<Format>) {
                 let _ = report.exit_code();
             }
         }
+        Format::Vhdx => {
+            if let Ok(report) = crate::format::vhdx::check(storage.clone()) {
+                let _ = report.exit_code();
+            }
+        }
         Format::Raw | Format::Qcow2 => {}
     }
 }

@@ -9,6 +9,7 @@
 pub mod qcow2;
 pub mod raw;
 pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
 
 use std::io::Read;
@@ -34,6 +35,7 @@ pub fn open_storage(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Imag
         Format::Qcow2 => qcow2::open(storage, ctx)?,
         Format::Vmdk => vmdk::open(storage, ctx)?,
         Format::Vdi => vdi::open(storage, ctx)?,
+        Format::Vhdx => vhdx::open(storage, ctx)?,
     };
     Ok(Image::from_opened(opened))
 }
@@ -146,6 +148,7 @@ fn spool_and_open(
         Format::Qcow2 => qcow2::open(storage, ctx),
         Format::Vmdk => vmdk::open(storage, ctx),
         Format::Vdi => vdi::open(storage, ctx),
+        Format::Vhdx => vhdx::open(storage, ctx),
     }
 }
 
@@ -162,6 +165,7 @@ pub fn create_writer(
         Format::Qcow2 => qcow2::create_writer(target, size, opts, out),
         Format::Vmdk => vmdk::create_writer(target, size, opts, out),
         Format::Vdi => vdi::create_writer(target, size, opts, out),
+        Format::Vhdx => vhdx::create(target, size, opts, out),
     }
 }
 
@@ -185,7 +189,7 @@ pub fn create_writer_unsized(
     match format {
         Format::Raw => raw::create_writer_unsized(target, opts, out),
         Format::Qcow2 => qcow2::writer::create_writer_unsized(target, opts, out),
-        Format::Vmdk | Format::Vdi => Err(crate::error::Error::unsupported(
+        Format::Vmdk | Format::Vdi | Format::Vhdx => Err(crate::error::Error::unsupported(
             format.name(),
             "writing from a source of unknown length (spool it first: open it without OpenOptions::stream_unknown_length)",
         )),

@@ -1,4 +1,4 @@
-//! `imgconv check`: verifies an image's metadata (qcow2, VMDK, VDI), as `qemu-img check`.
+//! `imgconv check`: verifies an image's metadata (qcow2, VMDK, VDI, VHDX), as `qemu-img check`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -50,6 +50,16 @@ pub fn run(a: Args) -> CmdResult {
             imgconv::Error::Format(format!("Could not check '{}': {e}", a.file)),
         )
     };
+    if format == Format::Vhdx && a.repair.is_some() {
+        // qemu-img replays the log with -r all; imgconv never writes to a source.
+        return Err((
+            1,
+            imgconv::Error::unsupported(
+                "vhdx",
+                "repairing (-r): imgconv replays the log in memory when it reads the image; use imgconv convert to write a clean copy",
+            ),
+        ));
+    }
     if format != Format::Qcow2 {
         if a.repair.is_some() {
             // As qemu-img: VMDK and VDI checks do not repair, which it words so.
@@ -58,6 +68,9 @@ pub fn run(a: Args) -> CmdResult {
         }
         let r = match format {
             Format::Vdi => imgconv::format::vdi::check::check(&storage).map_err(could_not)?,
+            Format::Vhdx => {
+                imgconv::format::vhdx::check(std::sync::Arc::new(storage)).map_err(could_not)?
+            }
             _ => {
                 // Extents are opened, the parent of a delta disk is not: as qemu-img,
                 // the check covers this image only.
