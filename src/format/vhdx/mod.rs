@@ -39,7 +39,8 @@
 //!   FULLY_PRESENT (6) is in the file; PARTIALLY_PRESENT (7, differencing only) is in
 //!   the file for the sectors whose bit is set in the chunk's 1 MiB sector bitmap
 //!   (bit 0 of byte 0 = the chunk's first sector), the parent for the others. State 4
-//!   is reserved. `map` reports NOT_PRESENT as unallocated and the zero states as zero.
+//!   is reserved. `map` reports NOT_PRESENT as unallocated, the zero states and holes
+//!   in the file inside present blocks (a fixed image's unwritten blocks) as zero.
 //!   A block present in the file must lie inside it (a short last block is allowed, as
 //!   QEMU allows it) and clear of the header section, the log and the regions.
 //! - **Log**: when the current header's log GUID is non-zero, the log's active sequence
@@ -58,10 +59,12 @@
 //!   parent is opened from `relative_path` (`\` → `/`), else the file name of the other
 //!   two in the image's folder; its data write GUID and logical sector size must match.
 //!   QEMU cannot read differencing VHDX ("Operation not supported").
-//! - **4 KiB logical sectors**: QEMU reads them wrongly (it counts the disk in 512-byte
-//!   sectors of the logical sector size: the virtual size comes out an eighth, the
-//!   blocks misplaced); libvhdi and dissect.hypervisor read them as the spec says, and
-//!   so does imgconv. qemu-img cannot create them; `-o logical_sector_size=4096` can.
+//! - **4 KiB logical sectors**: QEMU 10 refuses them ("Operation not supported"; the
+//!   QEMU of 2013–2017 accepted and misread them); libvhdi and dissect.hypervisor read
+//!   them as the spec says, and so does imgconv. qemu-img cannot create them;
+//!   `-o logical_sector_size=4096` can.
+//! - **ZERO and UNMAPPED blocks of a differencing image** read as zeros (the spec: ZERO
+//!   MUST read as zeros), as dissect.hypervisor reads them; libvhdi reads the parent.
 //! - **QEMU's writer**: log 1 MiB at 1 MiB, BAT next, metadata (1 MiB) next, data 5 MiB
 //!   after the BAT; block size 8 MiB up to 1 GiB, 16 MiB up to 100 GiB, 32 MiB up to
 //!   32 TiB, then 64 MiB; unwritten blocks ZERO by default (`block_state_zero=on`),

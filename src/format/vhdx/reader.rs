@@ -804,8 +804,24 @@ impl BlockDevice for VhdxDevice {
         let run = next.min(end) - offset;
         Ok(match first {
             Block::Data(host) => {
-                let mut e = Extent::new(offset, run, ExtentKind::Data);
-                e.host_offset = Some(host + within);
+                // A hole in the file (a fixed image's never-written blocks) reads as
+                // zeros: the conversion need not read it.
+                let at = host + within;
+                let (kind, run) = match self.storage.segment(at) {
+                    Some((is_data, end)) if end > at => {
+                        let kind = if is_data {
+                            ExtentKind::Data
+                        } else {
+                            ExtentKind::Zero
+                        };
+                        (kind, run.min(end - at))
+                    }
+                    _ => (ExtentKind::Data, run),
+                };
+                let mut e = Extent::new(offset, run, kind);
+                if kind == ExtentKind::Data {
+                    e.host_offset = Some(at);
+                }
                 e
             }
             Block::Zero => Extent::new(offset, run, ExtentKind::Zero),
