@@ -941,3 +941,135 @@ proptest! {
         }
     }
 }
+
+/// Encodes the image at `p` as the VHDX fuzz target's input (see
+/// `imgconv::fuzzing::vhdx`): the length in MiB, then non-zero 512-byte sectors as
+/// (sector number, length, bytes without the trailing zeros) records, those of the header
+/// section, the log, the metadata region and the BAT first, then data, until the input
+/// would outgrow `max` bytes.
+fn fuzz_records(p: &Path, max: usize) -> Vec<u8> {
+    use imgconv::format::vhdx::header::{BAT_REGION, METADATA_REGION};
+    let d = std::fs::read(p).unwrap();
+    let mib = d.len().div_ceil(1 << 20).clamp(1, 64);
+    let (md, bat) = (region(p, METADATA_REGION), region(p, BAT_REGION));
+    let log = current_header(p).1;
+    let ranges = [
+        (0, MIB),
+        (log.log_offset, log.log_length as u64),
+        (md.file_offset, md.length as u64),
+        (bat.file_offset, bat.length as u64),
+        (0, d.len() as u64),
+    ];
+    let mut out = vec![(mib - 1) as u8];
+    let mut chosen: Vec<u64> = Vec::new();
+    for (start, len) in ranges {
+        let end = (start + len).min(d.len() as u64);
+        for n in start / 512..end / 512 {
+            let sector = &d[(n * 512) as usize..(n * 512 + 512) as usize];
+            let used = sector.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+            if used == 0 || chosen.contains(&n) || out.len() + 6 + used > max {
+                continue;
+            }
+            chosen.push(n);
+            out.extend_from_slice(&(n as u32).to_le_bytes());
+            out.extend_from_slice(&(used as u16).to_le_bytes());
+            out.extend_from_slice(&sector[..used]);
+        }
+    }
+    out
+}
+
+/// Writes the seeds of the `vhdx` fuzz target into `$VHDX_SEED_DIR` (run by
+/// `fuzz/make-seeds.sh`): dynamic, fixed, 4 KiB-sector, dirty-log and differencing
+/// images, each as sparse sector records of at most 16 KiB.
+#[test]
+#[ignore]
+fn make_fuzz_seeds() {
+    let Ok(dir) = std::env::var("VHDX_SEED_DIR") else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = scratch();
+    let raw = d.path().join("src.raw");
+    make_raw(&raw, 3 * MIB, &[(0, 1000, 1), (MIB + 512, 600, 2)]);
+    let mut images: Vec<(String, PathBuf)> = Vec::new();
+    for (name, opts, ours) in [
+        ("qemu-dynamic", "block_size=1M", false),
+        (
+            "qemu-fixed",
+            "subformat=fixed,block_size=1M,block_state_zero=off",
+            false,
+        ),
+        ("ours-dynamic", "block_size=1M,block_state_zero=off", true),
+        ("ours-4k", "logical_sector_size=4096,block_size=2M", true),
+    ] {
+        let p = d.path().join(format!("{name}.vhdx"));
+        if ours {
+            imgconv_convert("vhdx", opts, &raw, &p);
+        } else {
+            qemu_convert("vhdx", opts, &raw, &p);
+        }
+        images.push((name.into(), p));
+    }
+    let (v, _, b0) = log_base(d.path());
+    let guid = Guid::random();
+    let e = |pos: u64, seq: u64, descs: Vec<(u64, LogWrite)>| LogEntrySpec {
+        pos,
+        seq,
+        tail: 0,
+        guid,
+        descs,
+        flushed: 0,
+        last: 0,
+        corrupt: false,
+    };
+    write_log(
+        &v,
+        guid,
+        &[
+            e(
+                0,
+                5,
+                vec![
+                    (b0, LogWrite::Data(vec![7; 4096])),
+                    (b0 + 8192, LogWrite::Zero(8192)),
+                ],
+            ),
+            e(8192, 6, vec![(b0 + 4096, LogWrite::Zero(4096))]),
+        ],
+    );
+    images.push(("dirty-log".into(), v));
+    let child = d.path().join("child.avhdx");
+    make_child(
+        &child,
+        &ChildSpec {
+            size: 3 * MIB,
+            block_size: MIB,
+            lss: 512,
+            linkage: Guid::random(),
+            relative_path: Some(".\\parent.vhdx"),
+            absolute_path: Some("C:\\vms\\parent.vhdx"),
+            blocks: vec![
+                (0, ChildBlock::Partial(3, vec![(1, 2)])),
+                (1, ChildBlock::Full(4)),
+                (2, ChildBlock::Zero),
+            ],
+        },
+        &mut vec![],
+    );
+    images.push(("differencing".into(), child));
+    if let Some(c) = corpus_dir() {
+        let p = corpus_file(
+            &c,
+            "qemu-iotests/iotest-dirtylog-10G-4M.vhdx.bz2",
+            d.path(),
+            "q.vhdx",
+        );
+        images.push(("qemu-dirty-log".into(), p));
+    }
+    for (name, p) in images {
+        let rec = fuzz_records(&p, 16 << 10);
+        std::fs::write(dir.join(format!("{name}.rec")), rec).unwrap();
+    }
+}
