@@ -43,6 +43,11 @@ pub struct OpenOptions {
     /// comma-separated), or a bare ID or name (ID first). Formats without internal
     /// snapshots refuse it.
     pub snapshot: Option<String>,
+    /// The parent of a differencing image, instead of the one the image finds itself: a
+    /// name resolved like the image's own references (against its folder) and refused in
+    /// untrusted mode. For VDI, whose parent is otherwise looked for by UUID. Applies to
+    /// the top image; formats that cannot take it refuse it at open.
+    pub parent: Option<String>,
 }
 
 impl OpenOptions {
@@ -86,6 +91,12 @@ impl OpenOptions {
     /// Reads the internal snapshot `id_or_name` of the top image (`convert -l`).
     pub fn snapshot(mut self, id_or_name: impl Into<String>) -> Self {
         self.snapshot = Some(id_or_name.into());
+        self
+    }
+
+    /// Opens a differencing image on the parent `name` (see [`OpenOptions::parent`]).
+    pub fn parent(mut self, name: impl Into<String>) -> Self {
+        self.parent = Some(name.into());
         self
     }
 
@@ -276,7 +287,15 @@ pub struct OpenContext {
     pub depth: u32,
     /// Canonical paths of the images above this one (loop detection).
     pub chain: Vec<PathBuf>,
+    /// Opens the images this one refers to (backing files, parents): the front door's
+    /// `open_storage`, handed down so that a format driver never calls the layer above
+    /// it. `None` in a context made outside the front door: references are then refused.
+    pub opener: Option<Opener>,
 }
+
+/// Opens an image from storage in a given context: probes (or takes) its format and runs
+/// that format's driver. The front door fills [`OpenContext::opener`] with it.
+pub type Opener = fn(Arc<dyn Storage>, &OpenContext) -> Result<Image>;
 
 impl OpenContext {
     /// Context for the top image at `path`.
@@ -295,6 +314,7 @@ impl OpenContext {
             filename: path.display().to_string(),
             depth: 0,
             chain: path.canonicalize().into_iter().collect(),
+            opener: None,
         }
     }
 
@@ -308,6 +328,7 @@ impl OpenContext {
             filename: name.to_string(),
             depth: 0,
             chain: Vec::new(),
+            opener: None,
         }
     }
 
@@ -395,34 +416,19 @@ impl OpenContext {
         ctx.depth = self.depth + 1;
         ctx.chain = self.chain.clone();
         ctx.chain.push(canon);
+        ctx.opener = self.opener;
+        let opener = self.opener.ok_or_else(|| {
+            Error::Format(format!(
+                "{format}: {field} {name:?} cannot be opened from this context (made outside imgconv::open)"
+            ))
+        })?;
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&path)?);
-        crate::format::open_storage(storage, &ctx).map(Some)
+        opener(storage, &ctx).map(Some)
     }
-}
 
-/// Opens the image at `path`: finds its format (unless `options` names it) and returns the
-/// virtual disk with its backing chain.
-///
-/// Compressed files (gzip, bzip2, xz, zstd) and tar archives are unwrapped first, found
-/// by magic bytes; `options.format` then names the inner format. The path `-` reads
-/// standard input (see [`open_reader`]).
-pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
-    let path = path.as_ref();
-    if path.as_os_str() == "-" {
-        return crate::io::source::open_stream_input(Box::new(std::io::stdin()), "-", options);
+    /// This context with `opener` to follow references.
+    pub fn with_opener(mut self, opener: Opener) -> Self {
+        self.opener = Some(opener);
+        self
     }
-    crate::io::source::open_path(path, options)
-}
-
-/// Opens an image from any byte stream: compressed or not, a tar archive or not. A raw
-/// disk in a tar member is read straight from the stream, and so is a raw disk of
-/// unknown length with [`OpenOptions::stream_unknown_length`]; otherwise raw disks of
-/// unknown length, and formats that need random access, are spooled to a sparse
-/// temporary file in `options.tmpdir` (else `$TMPDIR`), removed when the image is
-/// dropped.
-pub fn open_reader(
-    reader: impl std::io::Read + Send + 'static,
-    options: &OpenOptions,
-) -> Result<Image> {
-    crate::io::source::open_stream_input(Box::new(reader), "(stream)", options)
 }

@@ -13,8 +13,8 @@ use super::header::{
     MIB, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE,
 };
 use super::reader::{self, Parsed};
+use crate::driver::CheckReport;
 use crate::error::Result;
-use crate::format::qcow2::check::CheckReport;
 use crate::io::{read_struct, Storage};
 
 /// Checks the VHDX image in `storage`. Fails only when the image cannot be opened at

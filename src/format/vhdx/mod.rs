@@ -93,39 +93,46 @@ pub mod writer;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::detect::Format;
+use crate::driver::{CheckReport, Driver};
 use crate::error::Result;
-use crate::format::qcow2::check::CheckReport;
-use crate::image::{Image, OpenContext, OpenOptions, Opened};
-use crate::io::{FileStorage, OutputSet, Storage};
+use crate::image::{OpenContext, Opened};
+use crate::io::{OutputSet, Storage};
 use crate::writer::{ImageWriter, WriteOptions};
 
 pub use reader::{ParentSource, VhdxDevice};
+
+/// The VHDX driver.
+pub const DRIVER: Driver = Driver {
+    format: Format::Vhdx,
+    probe,
+    open: Some(open),
+    open_stream: None,
+    create: Some(create),
+    create_unsized: None,
+    check: Some(|req| check(req.storage.clone())),
+    repair: None,
+    resize: None,
+    internal_snapshots: false,
+    explicit_parent: true,
+};
 
 /// True when `head` (the first bytes of a file) starts with the VHDX signature.
 pub fn probe(head: &[u8], _tail: &[u8]) -> bool {
     head.starts_with(header::FILE_SIGNATURE)
 }
 
-/// Opens a VHDX image; a differencing image's parent is found through its parent
-/// locator (refused in untrusted mode, naming the locator entry).
+/// Opens a VHDX image. A differencing image's parent is the one the options name
+/// ([`OpenOptions::parent`](crate::image::OpenOptions::parent), top image only: a
+/// parent that moved away from where the locator says), else the one its parent
+/// locator names; either way its data write GUID must be the child's parent linkage.
+/// In untrusted mode the parent is refused, naming the locator entry.
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
-    reader::open_with(storage, ctx, ParentSource::Locator)
-}
-
-/// Opens the differencing VHDX at `path` on top of the parent image `parent` (relative
-/// names resolve against `path`'s folder), for a parent that moved away from where the
-/// locator says. The parent's data write GUID must still be the child's parent linkage.
-pub fn open_with_parent(
-    path: impl AsRef<Path>,
-    parent: &str,
-    options: &OpenOptions,
-) -> Result<Image> {
-    let path = path.as_ref();
-    let mut ctx = OpenContext::for_path(path, options);
-    ctx.options.format = Some(crate::detect::Format::Vhdx);
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path)?);
-    let opened = reader::open_with(storage, &ctx, ParentSource::Explicit(parent.to_string()))?;
-    Ok(Image::from_opened(opened))
+    let source = match (&ctx.options.parent, ctx.depth) {
+        (Some(parent), 0) => ParentSource::Explicit(parent.clone()),
+        _ => ParentSource::Locator,
+    };
+    reader::open_with(storage, ctx, source)
 }
 
 /// Creates a VHDX writer (`-o subformat=dynamic|fixed`, `block_size`, `log_size`,
