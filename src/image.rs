@@ -43,6 +43,9 @@ pub struct OpenOptions {
     /// comma-separated), or a bare ID or name (ID first). Formats without internal
     /// snapshots refuse it.
     pub snapshot: Option<String>,
+    /// How to reach an image that is a URL (`http(s)://`, `docker://`, `oci:`): headers,
+    /// TLS roots, credentials, timeouts, platform.
+    pub remote: crate::io::remote::RemoteOptions,
 }
 
 impl OpenOptions {
@@ -274,8 +277,11 @@ pub struct OpenContext {
     pub filename: String,
     /// 0 for the top image, 1 for its backing file, and so on.
     pub depth: u32,
-    /// Canonical paths of the images above this one (loop detection).
+    /// Canonical paths of the images above this one (loop detection); URLs as given.
     pub chain: Vec<PathBuf>,
+    /// The image's URL, when it was opened from a web server: references resolve
+    /// against it (same origin only) instead of a folder.
+    pub base_url: Option<String>,
 }
 
 impl OpenContext {
@@ -295,6 +301,7 @@ impl OpenContext {
             filename: path.display().to_string(),
             depth: 0,
             chain: path.canonicalize().into_iter().collect(),
+            base_url: None,
         }
     }
 
@@ -308,7 +315,17 @@ impl OpenContext {
             filename: name.to_string(),
             depth: 0,
             chain: Vec::new(),
+            base_url: None,
         }
+    }
+
+    /// Context for the top image at `url` (a web server): references resolve against
+    /// the URL, same origin only.
+    pub fn for_url(url: &str, shown: &str, options: &OpenOptions) -> Self {
+        let mut ctx = Self::detached(shown, options);
+        ctx.base_url = Some(url.to_string());
+        ctx.chain.push(PathBuf::from(url));
+        ctx
     }
 
     /// Resolves a reference to another file, or refuses it in untrusted mode.
@@ -330,6 +347,11 @@ impl OpenContext {
         if name.is_empty() {
             return Err(Error::corrupt(format, field, 0, "empty file name"));
         }
+        if let Some(base) = &self.base_url {
+            return crate::io::remote::resolve_url(base, name)
+                .map(PathBuf::from)
+                .map_err(|reason| Error::Format(format!("{format}: {field} {name:?}: {reason}")));
+        }
         let p = Path::new(name);
         if p.is_absolute() {
             return Ok(p.to_path_buf());
@@ -344,6 +366,9 @@ impl OpenContext {
 
     /// True when `path` is this image's own file (a monolithic VMDK names itself).
     pub fn is_self(&self, path: &Path) -> bool {
+        if let Some(base) = &self.base_url {
+            return path.to_str() == Some(base.as_str());
+        }
         match (&self.path, path.canonicalize()) {
             (Some(own), Ok(other)) => own.canonicalize().map(|o| o == other).unwrap_or(false),
             _ => false,
@@ -358,6 +383,9 @@ impl OpenContext {
         name: &str,
     ) -> Result<Arc<dyn Storage>> {
         let path = self.resolve_reference(format, field, name)?;
+        if self.base_url.is_some() {
+            return self.open_url_storage(&path);
+        }
         Ok(Arc::new(FileStorage::open(&path)?))
     }
 
@@ -382,21 +410,51 @@ impl OpenContext {
                 reason: format!("backing chain is deeper than {MAX_CHAIN_DEPTH} images"),
             });
         }
-        let canon = path.canonicalize().map_err(|e| Error::io(&path, e))?;
+        let canon = if self.base_url.is_some() {
+            path.clone()
+        } else {
+            path.canonicalize().map_err(|e| Error::io(&path, e))?
+        };
         if self.chain.contains(&canon) {
             return Err(Error::BackingChain {
                 path: here,
                 reason: format!("backing file {} loops back into the chain", path.display()),
             });
         }
-        let mut ctx = OpenContext::for_path(&path, &self.options);
+        let (mut ctx, storage): (_, Arc<dyn Storage>) = if self.base_url.is_some() {
+            let url = path.to_string_lossy().into_owned();
+            let shown = crate::io::remote::redact(&url);
+            (
+                OpenContext::for_url(&url, &shown, &self.options),
+                self.open_url_storage(&path)?,
+            )
+        } else {
+            let mut ctx = OpenContext::for_path(&path, &self.options);
+            ctx.filename = path.display().to_string();
+            (ctx, Arc::new(FileStorage::open(&path)?))
+        };
         ctx.options.format = fmt;
-        ctx.filename = path.display().to_string();
         ctx.depth = self.depth + 1;
         ctx.chain = self.chain.clone();
         ctx.chain.push(canon);
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&path)?);
         crate::format::open_storage(storage, &ctx).map(Some)
+    }
+}
+
+impl OpenContext {
+    /// Opens a file on the web server the image came from, with range requests.
+    #[cfg(feature = "http")]
+    fn open_url_storage(&self, url: &Path) -> Result<Arc<dyn Storage>> {
+        let url = url.to_string_lossy();
+        crate::io::http::open_storage(&url, &self.options.remote)
+    }
+
+    #[cfg(not(feature = "http"))]
+    fn open_url_storage(&self, _url: &Path) -> Result<Arc<dyn Storage>> {
+        Err(Error::unsupported(
+            "http",
+            "URLs (built without the `http` feature)",
+        ))
     }
 }
 
@@ -408,6 +466,9 @@ impl OpenContext {
 /// standard input (see [`open_reader`]).
 pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
     let path = path.as_ref();
+    if let Some(loc) = path.to_str().and_then(crate::io::remote::classify) {
+        return crate::remote::open(loc, options);
+    }
     if path.as_os_str() == "-" {
         return crate::io::source::open_stream_input(Box::new(std::io::stdin()), "-", options);
     }

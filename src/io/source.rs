@@ -150,7 +150,7 @@ fn open_decoded(
 }
 
 /// Opens the chosen member of an uncompressed tar file in place (a window, no copy).
-fn open_tar_storage(storage: Arc<FileStorage>, ctx: &OpenContext) -> Result<Image> {
+pub(crate) fn open_tar_storage(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Image> {
     let entries = tar::list(&mut StorageInput {
         storage: storage.as_ref(),
         pos: 0,

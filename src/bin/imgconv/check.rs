@@ -8,7 +8,7 @@ use imgconv::format::qcow2::check::{check, check_and_repair, CheckReport};
 use imgconv::io::FileStorage;
 use imgconv::Format;
 
-use crate::common::{fail, parse_format, CmdResult};
+use crate::common::{fail, is_remote, parse_format, CmdResult, RemoteArgs};
 
 /// Arguments of `imgconv check`.
 #[derive(ClapArgs)]
@@ -27,17 +27,31 @@ pub struct Args {
     quiet: bool,
     #[arg(short = 'U', long = "force-share", hide = true)]
     force_share: bool,
-    /// The image.
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// The image (a file or an http(s):// URL).
     file: String,
 }
 
 /// Runs `imgconv check`.
 pub fn run(a: Args) -> CmdResult {
     let _ = a.force_share;
-    let storage = FileStorage::open(Path::new(&a.file)).map_err(fail(1))?;
+    let remote = a.remote.options();
+    let storage: std::sync::Arc<dyn imgconv::io::Storage> = if is_remote(&a.file) {
+        if a.repair.is_some() {
+            return Err((
+                1,
+                imgconv::Error::invalid("check -r repairs local files only, not a URL"),
+            ));
+        }
+        imgconv::remote::open_storage(&a.file, &remote).map_err(fail(1))?
+    } else {
+        std::sync::Arc::new(FileStorage::open(Path::new(&a.file)).map_err(fail(1))?)
+    };
+    let storage = storage.as_ref();
     let format = match a.format {
         Some(f) => f,
-        None => imgconv::detect::probe(&storage).map_err(fail(1))?,
+        None => imgconv::detect::probe(storage).map_err(fail(1))?,
     };
     if format == Format::Raw {
         // qemu-img's wording and exit code for formats without a check.
@@ -57,13 +71,14 @@ pub fn run(a: Args) -> CmdResult {
             return Ok(ExitCode::from(63));
         }
         let r = match format {
-            Format::Vdi => imgconv::format::vdi::check::check(&storage).map_err(could_not)?,
+            Format::Vdi => imgconv::format::vdi::check::check(storage).map_err(could_not)?,
             _ => {
                 // Extents are opened, the parent of a delta disk is not: as qemu-img,
                 // the check covers this image only.
-                let o = imgconv::OpenOptions::trusted()
+                let mut o = imgconv::OpenOptions::trusted()
                     .format(format)
                     .metadata_only();
+                o.remote = remote.clone();
                 let img = imgconv::open(Path::new(&a.file), &o).map_err(|e| {
                     (
                         1,
@@ -94,9 +109,9 @@ pub fn run(a: Args) -> CmdResult {
             .write(true)
             .open(&a.file)
             .map_err(|e| (1, imgconv::Error::io(&a.file, e)))?;
-        check_and_repair(&storage, Some(&file)).map_err(could_not)?
+        check_and_repair(storage, Some(&file)).map_err(could_not)?
     } else {
-        check(&storage).map_err(could_not)?
+        check(storage).map_err(could_not)?
     };
     for m in &r.messages {
         eprintln!("{m}");
@@ -115,7 +130,7 @@ pub fn run(a: Args) -> CmdResult {
             );
         }
         let fixed = r.leaks_fixed;
-        r = check(&storage).map_err(could_not)?;
+        r = check(storage).map_err(could_not)?;
         r.leaks_fixed = fixed;
         for m in &r.messages {
             eprintln!("{m}");
