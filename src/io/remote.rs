@@ -27,10 +27,8 @@ pub fn classify(name: &str) -> Option<Location<'_>> {
         Some(Location::Http(name))
     } else if lower.starts_with("docker:/") {
         Some(Location::Docker(name[7..].trim_start_matches('/')))
-    } else if let Some(rest) = name.strip_prefix("oci:") {
-        Some(Location::Oci(rest))
     } else {
-        None
+        name.strip_prefix("oci:").map(Location::Oci)
     }
 }
 

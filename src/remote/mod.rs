@@ -10,6 +10,8 @@
 //! ([`registry`]).
 
 #[cfg(feature = "http")]
+pub mod container_disk;
+#[cfg(feature = "http")]
 pub mod registry;
 
 use std::path::Path;

@@ -30,6 +30,8 @@ const MAX_RESUMES: u32 = 100;
 pub struct ResumableBody {
     client: Arc<Client>,
     url: String,
+    /// Headers sent with every request (e.g. a registry token).
+    headers: Vec<(&'static str, String)>,
     reader: Option<ureq::BodyReader<'static>>,
     /// Bytes of the object delivered so far.
     pos: u64,
@@ -48,8 +50,19 @@ pub struct ResumableBody {
 impl ResumableBody {
     /// Starts reading `url` from its first byte.
     pub fn open(client: Arc<Client>, url: &str) -> Result<Self> {
-        let resp = client.get(url, &[])?;
-        Self::from_response(client, url, resp)
+        Self::open_with(client, url, Vec::new())
+    }
+
+    /// Starts reading `url` from its first byte, sending `headers` with every request.
+    pub fn open_with(
+        client: Arc<Client>,
+        url: &str,
+        headers: Vec<(&'static str, String)>,
+    ) -> Result<Self> {
+        let resp = client.get(url, &headers)?;
+        let mut body = Self::from_response(client, url, resp)?;
+        body.headers = headers;
+        Ok(body)
     }
 
     /// Continues the body of `resp` (a 200, or a 206 from byte 0), the first response
@@ -82,6 +95,7 @@ impl ResumableBody {
             resumable: ranges && validator.is_some(),
             client,
             url: url.to_string(),
+            headers: Vec::new(),
             reader: Some(resp.into_body().into_reader()),
             pos: 0,
             total,
@@ -110,7 +124,8 @@ impl ResumableBody {
 
     /// Asks for the rest from `pos`.
     fn reopen(&mut self) -> std::result::Result<(), Failure> {
-        let mut headers = vec![("Range", format!("bytes={}-", self.pos))];
+        let mut headers = self.headers.clone();
+        headers.push(("Range", format!("bytes={}-", self.pos)));
         headers.extend(self.validator.precondition());
         let url = self.url.as_str();
         let resp = self.client.send("GET", url, &headers)?;
