@@ -150,3 +150,71 @@ pub fn publish(nginx: &Nginx, src: &Path, name: &str) -> String {
     std::fs::copy(src, &dst).unwrap();
     nginx.url(name)
 }
+
+/// The CNCF distribution registry (`docker-registry`) on 127.0.0.1, storing in a
+/// temporary folder; with `htpasswd = Some((user, password))` it wants basic auth.
+pub struct Registry {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    child: Child,
+}
+
+impl Registry {
+    pub fn start(htpasswd: Option<(&str, &str)>) -> Registry {
+        let dir = tempfile::Builder::new()
+            .prefix("imgconv-registry-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        let port = free_port();
+        let mut conf = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}/data\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            d.display()
+        );
+        if let Some((user, pass)) = htpasswd {
+            let o = Command::new("htpasswd")
+                .args(["-Bbn", user, pass])
+                .output()
+                .expect("htpasswd is installed (apache2-utils)");
+            assert!(o.status.success());
+            std::fs::write(d.join("htpasswd"), &o.stdout).unwrap();
+            conf.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}/htpasswd\n",
+                d.display()
+            ));
+        }
+        std::fs::write(d.join("config.yml"), conf).unwrap();
+        let mut child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(d.join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed (.ci/run installs it)");
+        wait_for_port(port, &mut child, "docker-registry");
+        Registry { dir, port, child }
+    }
+
+    /// `docker://127.0.0.1:PORT/REPO`.
+    pub fn url(&self, repo: &str) -> String {
+        format!("docker://127.0.0.1:{}/{repo}", self.port)
+    }
+
+    /// Where the registry keeps the blob `sha256:HEX`.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
