@@ -212,6 +212,7 @@ fn upload_http(
     upload::put_file(&client, url, &tmp, sent)
 }
 
+#[cfg(feature = "http")]
 /// Refuses VMDK subformats whose extents are separate files: a URL holds one file.
 pub(crate) fn check_single_file(opts: &ConvertOptions) -> Result<()> {
     let sub = opts
@@ -232,6 +233,7 @@ pub(crate) fn check_single_file(opts: &ConvertOptions) -> Result<()> {
     }
 }
 
+#[cfg(feature = "http")]
 /// A fresh name for a temporary file in `dir` (else `$TMPDIR`).
 pub(crate) fn temp_file(dir: Option<&Path>, ext: &str) -> Result<std::path::PathBuf> {
     let dir = crate::io::spool::spool_dir(dir);
@@ -251,9 +253,11 @@ pub(crate) fn temp_file(dir: Option<&Path>, ext: &str) -> Result<std::path::Path
     )))
 }
 
+#[cfg(feature = "http")]
 /// Removes a temporary file when dropped.
 pub(crate) struct TempGuard(pub std::path::PathBuf);
 
+#[cfg(feature = "http")]
 impl Drop for TempGuard {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
