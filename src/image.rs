@@ -43,6 +43,11 @@ pub struct OpenOptions {
     /// comma-separated), or a bare ID or name (ID first). Formats without internal
     /// snapshots refuse it.
     pub snapshot: Option<String>,
+    /// The parent of a differencing image, instead of the one the image finds itself: a
+    /// name resolved like the image's own references (against its folder) and refused in
+    /// untrusted mode. For VDI, whose parent is otherwise looked for by UUID. Applies to
+    /// the top image; formats that cannot take it refuse it at open.
+    pub parent: Option<String>,
     /// How to reach an image that is a URL (`http(s)://`, `docker://`, `oci:`): headers,
     /// TLS roots, credentials, timeouts, platform.
     pub remote: crate::io::remote::RemoteOptions,
@@ -89,6 +94,12 @@ impl OpenOptions {
     /// Reads the internal snapshot `id_or_name` of the top image (`convert -l`).
     pub fn snapshot(mut self, id_or_name: impl Into<String>) -> Self {
         self.snapshot = Some(id_or_name.into());
+        self
+    }
+
+    /// Opens a differencing image on the parent `name` (see [`OpenOptions::parent`]).
+    pub fn parent(mut self, name: impl Into<String>) -> Self {
+        self.parent = Some(name.into());
         self
     }
 
@@ -282,7 +293,15 @@ pub struct OpenContext {
     /// The image's URL, when it was opened from a web server: references resolve
     /// against it (same origin only) instead of a folder.
     pub base_url: Option<String>,
+    /// Opens the images this one refers to (backing files, parents): the front door's
+    /// `open_storage`, handed down so that a format driver never calls the layer above
+    /// it. `None` in a context made outside the front door: references are then refused.
+    pub opener: Option<Opener>,
 }
+
+/// Opens an image from storage in a given context: probes (or takes) its format and runs
+/// that format's driver. The front door fills [`OpenContext::opener`] with it.
+pub type Opener = fn(Arc<dyn Storage>, &OpenContext) -> Result<Image>;
 
 impl OpenContext {
     /// Context for the top image at `path`.
@@ -301,6 +320,7 @@ impl OpenContext {
             filename: path.display().to_string(),
             depth: 0,
             chain: path.canonicalize().into_iter().collect(),
+            opener: None,
             base_url: None,
         }
     }
@@ -315,12 +335,13 @@ impl OpenContext {
             filename: name.to_string(),
             depth: 0,
             chain: Vec::new(),
+            opener: None,
             base_url: None,
         }
     }
 
-    /// Context for the top image at `url` (a web server): references resolve against
-    /// the URL, same origin only.
+    /// Context for the top image at `url` (a web server), `shown` without credentials:
+    /// references resolve against the URL, same origin only.
     pub fn for_url(url: &str, shown: &str, options: &OpenOptions) -> Self {
         let mut ctx = Self::detached(shown, options);
         ctx.base_url = Some(url.to_string());
@@ -421,32 +442,36 @@ impl OpenContext {
                 reason: format!("backing file {} loops back into the chain", path.display()),
             });
         }
-        let (mut ctx, storage): (_, Arc<dyn Storage>) = if self.base_url.is_some() {
-            let url = path.to_string_lossy().into_owned();
-            let shown = crate::io::remote::redact(&url);
-            (
-                OpenContext::for_url(&url, &shown, &self.options),
-                self.open_url_storage(&path)?,
-            )
+        let mut ctx = if self.base_url.is_some() {
+            let url = path.to_string_lossy();
+            OpenContext::for_url(&url, &crate::io::remote::redact(&url), &self.options)
         } else {
             let mut ctx = OpenContext::for_path(&path, &self.options);
             ctx.filename = path.display().to_string();
-            (ctx, Arc::new(FileStorage::open(&path)?))
+            ctx
         };
         ctx.options.format = fmt;
         ctx.depth = self.depth + 1;
         ctx.chain = self.chain.clone();
         ctx.chain.push(canon);
-        crate::format::open_storage(storage, &ctx).map(Some)
+        ctx.opener = self.opener;
+        let opener = self.opener.ok_or_else(|| {
+            Error::Format(format!(
+                "{format}: {field} {name:?} cannot be opened from this context (made outside imgconv::open)"
+            ))
+        })?;
+        let storage: Arc<dyn Storage> = if self.base_url.is_some() {
+            self.open_url_storage(&path)?
+        } else {
+            Arc::new(FileStorage::open(&path)?)
+        };
+        opener(storage, &ctx).map(Some)
     }
-}
 
-impl OpenContext {
     /// Opens a file on the web server the image came from, with range requests.
     #[cfg(feature = "http")]
     fn open_url_storage(&self, url: &Path) -> Result<Arc<dyn Storage>> {
-        let url = url.to_string_lossy();
-        crate::io::http::open_storage(&url, &self.options.remote)
+        crate::io::http::open_storage(&url.to_string_lossy(), &self.options.remote)
     }
 
     #[cfg(not(feature = "http"))]
@@ -456,34 +481,10 @@ impl OpenContext {
             "URLs (built without the `http` feature)",
         ))
     }
-}
 
-/// Opens the image at `path`: finds its format (unless `options` names it) and returns the
-/// virtual disk with its backing chain.
-///
-/// Compressed files (gzip, bzip2, xz, zstd) and tar archives are unwrapped first, found
-/// by magic bytes; `options.format` then names the inner format. The path `-` reads
-/// standard input (see [`open_reader`]).
-pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
-    let path = path.as_ref();
-    if let Some(loc) = path.to_str().and_then(crate::io::remote::classify) {
-        return crate::remote::open(loc, options);
+    /// This context with `opener` to follow references.
+    pub fn with_opener(mut self, opener: Opener) -> Self {
+        self.opener = Some(opener);
+        self
     }
-    if path.as_os_str() == "-" {
-        return crate::io::source::open_stream_input(Box::new(std::io::stdin()), "-", options);
-    }
-    crate::io::source::open_path(path, options)
-}
-
-/// Opens an image from any byte stream: compressed or not, a tar archive or not. A raw
-/// disk in a tar member is read straight from the stream, and so is a raw disk of
-/// unknown length with [`OpenOptions::stream_unknown_length`]; otherwise raw disks of
-/// unknown length, and formats that need random access, are spooled to a sparse
-/// temporary file in `options.tmpdir` (else `$TMPDIR`), removed when the image is
-/// dropped.
-pub fn open_reader(
-    reader: impl std::io::Read + Send + 'static,
-    options: &OpenOptions,
-) -> Result<Image> {
-    crate::io::source::open_stream_input(Box::new(reader), "(stream)", options)
 }

@@ -7,7 +7,6 @@ pub mod file;
 pub mod http;
 pub mod output;
 pub mod remote;
-pub mod source;
 pub mod spool;
 pub mod stream;
 pub mod tar;

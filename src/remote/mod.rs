@@ -86,7 +86,7 @@ fn open_http(url: &str, options: &OpenOptions) -> Result<Image> {
         Probe::Ranged(s) => Arc::new(s),
         Probe::Whole(body) => {
             // No ranges: read it as it comes, like a pipe.
-            return crate::io::source::open_stream_input(Box::new(body), &shown, options);
+            return crate::open::open_stream_input(Box::new(body), &shown, options);
         }
     };
     let mut head = vec![0u8; storage.len().min(PROBE_LEN as u64) as usize];
@@ -110,15 +110,15 @@ fn open_http(url: &str, options: &OpenOptions) -> Result<Image> {
                 ),
             });
         }
-        let mut img = crate::io::source::open_stream_input(Box::new(body), &shown, options)?;
+        let mut img = crate::open::open_stream_input(Box::new(body), &shown, options)?;
         img.info_mut().actual_size = Some(storage.len());
         return Ok(img);
     }
-    let ctx = OpenContext::for_url(url, &shown, options);
+    let ctx = OpenContext::for_url(url, &shown, options).with_opener(crate::open::open_storage);
     if probe_tar(&head) {
-        return crate::io::source::open_tar_storage(storage, &ctx);
+        return crate::open::open_tar_storage(storage, &ctx);
     }
-    crate::format::open_storage(storage, &ctx)
+    crate::open::open_storage(storage, &ctx)
 }
 
 /// Where a converted image goes when the target is not a local file.

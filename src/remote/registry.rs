@@ -528,7 +528,7 @@ fn open_layer_stream(
     shown: &str,
     options: &OpenOptions,
 ) -> Result<Image> {
-    let img = crate::io::source::open_stream_input(reader, shown, options)?;
+    let img = crate::open::open_stream_input(reader, shown, options)?;
     check_disk_member(&img, options)?;
     Ok(img)
 }
@@ -653,8 +653,9 @@ pub fn open_oci(layout: &str, options: &OpenOptions) -> Result<Image> {
             ));
         }
         let storage = Arc::new(crate::io::FileStorage::open(&path)?);
-        let ctx = crate::image::OpenContext::detached(&shown, options);
-        let img = crate::io::source::open_tar_storage(storage, &ctx)?;
+        let ctx = crate::image::OpenContext::detached(&shown, options)
+            .with_opener(crate::open::open_storage);
+        let img = crate::open::open_tar_storage(storage, &ctx)?;
         check_disk_member(&img, options)?;
         img
     } else {
