@@ -325,3 +325,42 @@ fn uploads_receive_what_convert_writes() {
     }
     assert!(!nginx.www().join("ro").exists());
 }
+
+#[test]
+fn https_with_a_private_ca_given_by_ca_cert() {
+    let dir = scratch();
+    let d = dir.path();
+    // A private CA and a server certificate for 127.0.0.1 signed by it.
+    sh(&format!(
+        "cd {d} && openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=imgconv-test-ca \
+           -keyout ca.key -out ca.pem 2>/dev/null && \
+         openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout srv.key -out srv.csr 2>/dev/null && \
+         printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\n' > ext && \
+         openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+           -extfile ext -out srv.pem 2>/dev/null",
+        d = s(d)
+    ));
+    let nginx = Nginx::start_with_tls(Some((&d.join("srv.pem"), &d.join("srv.key"))));
+    let raw = sample_raw(d);
+    let q = d.join("disk.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", s(&raw), s(&q)]);
+    publish(&nginx, &q, "disk.qcow2");
+    let url = format!("https://127.0.0.1:{}/disk.qcow2", nginx.tls_port.unwrap());
+    let out = d.join("out.raw");
+    // Not in the system's roots: refused, typed, nothing written.
+    let o = imgconv_out(&["convert", "-O", "raw", &url, s(&out)]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&url), "{err}");
+    assert!(!out.exists());
+    imgconv(&[
+        "convert",
+        "--ca-cert",
+        s(&d.join("ca.pem")),
+        "-O",
+        "raw",
+        &url,
+        s(&out),
+    ]);
+    common::assert_same(&out, &raw);
+}

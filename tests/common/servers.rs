@@ -33,11 +33,18 @@ pub fn wait_for_port(port: u16, child: &mut Child, what: &str) {
 pub struct Nginx {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The HTTPS port, when started with a certificate.
+    pub tls_port: Option<u16>,
     child: Child,
 }
 
 impl Nginx {
     pub fn start() -> Nginx {
+        Self::start_with_tls(None)
+    }
+
+    /// Also serves `www()` over HTTPS with the PEM `(certificate chain, key)`.
+    pub fn start_with_tls(tls: Option<(&Path, &Path)>) -> Nginx {
         let dir = tempfile::Builder::new()
             .prefix("imgconv-nginx-")
             .tempdir()
@@ -52,6 +59,16 @@ impl Nginx {
             std::fs::set_permissions(d.join(sub), std::fs::Permissions::from_mode(0o777)).unwrap();
         }
         let port = free_port();
+        let tls_port = tls.map(|_| free_port());
+        let tls_server = match (tls, tls_port) {
+            (Some((cert, key)), Some(p)) => format!(
+                "server {{ listen 127.0.0.1:{p} ssl; ssl_certificate {}; ssl_certificate_key {}; root {}/www; }}",
+                cert.display(),
+                key.display(),
+                d.display()
+            ),
+            _ => String::new(),
+        };
         let conf = format!(
             r#"
 worker_processes 1;
@@ -85,6 +102,7 @@ http {{
       rewrite ^/moved/(.*)$ /$1 redirect;
     }}
   }}
+  {tls_server}
 }}
 "#,
             d = d.display()
@@ -100,7 +118,12 @@ http {{
             .spawn()
             .expect("nginx is installed (.ci/run installs it)");
         wait_for_port(port, &mut child, "nginx");
-        Nginx { dir, port, child }
+        Nginx {
+            dir,
+            port,
+            tls_port,
+            child,
+        }
     }
 
     /// The folder served at `/`.
