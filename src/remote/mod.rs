@@ -14,6 +14,7 @@ pub mod container_disk;
 #[cfg(feature = "http")]
 pub mod registry;
 
+#[cfg(feature = "http")]
 use std::path::Path;
 #[cfg(feature = "http")]
 use std::sync::Arc;
