@@ -275,7 +275,8 @@ done
 # Over HTTP (issue 16): nginx on 127.0.0.1 serves the inputs folder. imgconv reads a
 # compressed download as a stream and a qcow2 with range requests; the baselines are
 # what a user does without it (curl | decompress | qemu-img) and qemu-img's own curl
-# driver.
+# driver (Debian: qemu-block-extra holds it; without it those rows report the baseline's
+# failure).
 if command -v nginx >/dev/null && command -v curl >/dev/null \
     && { [ -z "$ROWS_SKIP" ] || ! [[ "over HTTP" =~ $ROWS_SKIP ]]; }; then
     NG=$BENCH_DIR/nginx
