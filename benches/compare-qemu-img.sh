@@ -286,6 +286,51 @@ for c in "xz:xz -dc -T0" "gz:gzip -dc" "bz2:bzip2 -dc" "zst:zstd -dc -T0 -q"; do
         "$dec $IN/disk.raw.$ext | cp --sparse=always /dev/stdin $BO"
 done
 
+# Over HTTP (issue 16): nginx on 127.0.0.1 serves the inputs folder. imgconv reads a
+# compressed download as a stream and a qcow2 with range requests; the baselines are
+# what a user does without it (curl | decompress | qemu-img) and qemu-img's own curl
+# driver (Debian: qemu-block-extra holds it; without it those rows report the baseline's
+# failure).
+if command -v nginx >/dev/null && command -v curl >/dev/null \
+    && { [ -z "$ROWS_SKIP" ] || ! [[ "over HTTP" =~ $ROWS_SKIP ]]; }; then
+    NG=$BENCH_DIR/nginx
+    mkdir -p "$NG/logs" "$NG/tmp"
+    PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    cat >"$NG/nginx.conf" <<NGINX
+worker_processes 1;
+master_process off;
+daemon off;
+pid $NG/nginx.pid;
+error_log $NG/logs/error.log;
+events { worker_connections 256; }
+http {
+  access_log off;
+  client_body_temp_path $NG/tmp;
+  types { }
+  default_type application/octet-stream;
+  server { listen 127.0.0.1:$PORT; root $IN; }
+}
+NGINX
+    # nginx workers may run as nobody: the inputs must be readable.
+    chmod a+rx "$BENCH_DIR" "$IN"
+    nginx -c "$NG/nginx.conf" -p "$NG" &
+    NGINX_PID=$!
+    trap 'kill $NGINX_PID 2>/dev/null' EXIT
+    for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.05; done
+    U=http://127.0.0.1:$PORT
+    need disk.raw.xz disk.qcow2
+    chmod a+r "$IN"/*
+    row "raw.xz over HTTP→qcow2 (vs curl | xz -dc -T0 + qemu-img)" disk.raw.xz "$D" \
+        "$I convert -O qcow2 $U/disk.raw.xz $IO" \
+        "curl -s $U/disk.raw.xz | xz -dc -T0 | cp --sparse=always /dev/stdin $OUT/b.tmp && $Q -f raw -O qcow2 $OUT/b.tmp $BO; rc=\$?; rm -f $OUT/b.tmp; exit \$rc"
+    row "qcow2 over HTTP→raw (vs qemu-img's curl driver)" disk.qcow2 "$D" \
+        "$I convert -O raw $U/disk.qcow2 $IO" \
+        "$Q -f qcow2 -O raw $U/disk.qcow2 $BO"
+    row "qcow2 over HTTP→qcow2 (vs qemu-img's curl driver)" disk.qcow2 "$D" \
+        "$I convert -O qcow2 $U/disk.qcow2 $IO" \
+        "$Q -f qcow2 -O qcow2 $U/disk.qcow2 $BO"
+fi
+
 # ---------------------------------------------------------------- report
 cpu=$(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)
 echo

@@ -51,7 +51,7 @@ fn disk_like(len: usize, seed: u64) -> Vec<u8> {
             }
             1 => out.extend((0..n / 8).flat_map(|_| (next() % 1000).to_le_bytes())),
             2 => out.extend((0..n / 8).flat_map(|_| next().to_le_bytes())),
-            _ => out.extend(std::iter::repeat(0u8).take(n / 4)),
+            _ => out.extend(std::iter::repeat_n(0u8, n / 4)),
         }
     }
     out.truncate(len);

@@ -105,6 +105,19 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// A remote source or target (HTTP(S), a container registry) failed: a status the
+    /// server answered with, or a transfer that could not be completed. The URL is
+    /// printed without credentials or query string.
+    #[error("{url}: {}{reason}", status.map(|s| format!("HTTP {s}: ")).unwrap_or_default())]
+    Http {
+        /// The URL (user, password and query removed).
+        url: String,
+        /// The HTTP status, when the server answered with one.
+        status: Option<u16>,
+        /// What went wrong.
+        reason: String,
+    },
+
     /// The operation was interrupted (Ctrl-C / SIGTERM) or cancelled by the caller.
     #[error("interrupted")]
     Interrupted,
@@ -181,6 +194,11 @@ impl Error {
             Error::InvalidArgument(_) => io::ErrorKind::InvalidInput,
             Error::Interrupted => io::ErrorKind::Interrupted,
             Error::NotOpened { .. } => io::ErrorKind::NotFound,
+            Error::Http { status, .. } => match status {
+                Some(404 | 410) => io::ErrorKind::NotFound,
+                Some(401 | 403) => io::ErrorKind::PermissionDenied,
+                _ => io::ErrorKind::Other,
+            },
         }
     }
 

@@ -411,7 +411,7 @@ pub fn vhdx(data: &[u8]) {
         let storage: Arc<dyn crate::io::Storage> = Arc::new(file);
         let ctx = OpenContext::detached("fuzz-input", &OpenOptions::untrusted());
         if let Ok(opened) = crate::format::vhdx::open(storage.clone(), &ctx) {
-            let _ = serde_json::to_string(&opened.info);
+            let _ = format!("{:?}", opened.info);
             walk(opened.device.as_ref());
         }
         if let Ok(report) = crate::format::vhdx::check(storage) {

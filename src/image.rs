@@ -56,6 +56,9 @@ pub struct OpenOptions {
     /// untrusted mode. For VDI, whose parent is otherwise looked for by UUID. Applies to
     /// the top image; formats that cannot take it refuse it at open.
     pub parent: Option<String>,
+    /// How to reach an image that is a URL (`http(s)://`, `docker://`, `oci:`): headers,
+    /// TLS roots, credentials, timeouts, platform.
+    pub remote: crate::io::remote::RemoteOptions,
 }
 
 impl OpenOptions {
@@ -326,8 +329,11 @@ pub struct OpenContext {
     pub filename: String,
     /// 0 for the top image, 1 for its backing file, and so on.
     pub depth: u32,
-    /// Canonical paths of the images above this one (loop detection).
+    /// Canonical paths of the images above this one (loop detection); URLs as given.
     pub chain: Vec<PathBuf>,
+    /// The image's URL, when it was opened from a web server: references resolve
+    /// against it (same origin only) instead of a folder.
+    pub base_url: Option<String>,
     /// Opens the images this one refers to (backing files, parents): the front door's
     /// `open_storage`, handed down so that a format driver never calls the layer above
     /// it. `None` in a context made outside the front door: references are then refused.
@@ -356,6 +362,7 @@ impl OpenContext {
             depth: 0,
             chain: path.canonicalize().into_iter().collect(),
             opener: None,
+            base_url: None,
         }
     }
 
@@ -370,7 +377,17 @@ impl OpenContext {
             depth: 0,
             chain: Vec::new(),
             opener: None,
+            base_url: None,
         }
+    }
+
+    /// Context for the top image at `url` (a web server), `shown` without credentials:
+    /// references resolve against the URL, same origin only.
+    pub fn for_url(url: &str, shown: &str, options: &OpenOptions) -> Self {
+        let mut ctx = Self::detached(shown, options);
+        ctx.base_url = Some(url.to_string());
+        ctx.chain.push(PathBuf::from(url));
+        ctx
     }
 
     /// Resolves a reference to another file, or refuses it in untrusted mode.
@@ -392,6 +409,11 @@ impl OpenContext {
         if name.is_empty() {
             return Err(Error::corrupt(format, field, 0, "empty file name"));
         }
+        if let Some(base) = &self.base_url {
+            return crate::io::remote::resolve_url(base, name)
+                .map(PathBuf::from)
+                .map_err(|reason| Error::Format(format!("{format}: {field} {name:?}: {reason}")));
+        }
         let p = Path::new(name);
         if p.is_absolute() {
             return Ok(p.to_path_buf());
@@ -406,6 +428,9 @@ impl OpenContext {
 
     /// True when `path` is this image's own file (a monolithic VMDK names itself).
     pub fn is_self(&self, path: &Path) -> bool {
+        if let Some(base) = &self.base_url {
+            return path.to_str() == Some(base.as_str());
+        }
         match (&self.path, path.canonicalize()) {
             (Some(own), Ok(other)) => own.canonicalize().map(|o| o == other).unwrap_or(false),
             _ => false,
@@ -420,6 +445,9 @@ impl OpenContext {
         name: &str,
     ) -> Result<Arc<dyn Storage>> {
         let path = self.resolve_reference(format, field, name)?;
+        if self.base_url.is_some() {
+            return self.open_url_storage(&path);
+        }
         Ok(Arc::new(FileStorage::open(&path)?))
     }
 
@@ -444,16 +472,26 @@ impl OpenContext {
                 reason: format!("backing chain is deeper than {MAX_CHAIN_DEPTH} images"),
             });
         }
-        let canon = path.canonicalize().map_err(|e| Error::io(&path, e))?;
+        let canon = if self.base_url.is_some() {
+            path.clone()
+        } else {
+            path.canonicalize().map_err(|e| Error::io(&path, e))?
+        };
         if self.chain.contains(&canon) {
             return Err(Error::BackingChain {
                 path: here,
                 reason: format!("backing file {} loops back into the chain", path.display()),
             });
         }
-        let mut ctx = OpenContext::for_path(&path, &self.options);
+        let mut ctx = if self.base_url.is_some() {
+            let url = path.to_string_lossy();
+            OpenContext::for_url(&url, &crate::io::remote::redact(&url), &self.options)
+        } else {
+            let mut ctx = OpenContext::for_path(&path, &self.options);
+            ctx.filename = path.display().to_string();
+            ctx
+        };
         ctx.options.format = fmt;
-        ctx.filename = path.display().to_string();
         ctx.depth = self.depth + 1;
         ctx.chain = self.chain.clone();
         ctx.chain.push(canon);
@@ -463,8 +501,26 @@ impl OpenContext {
                 "{format}: {field} {name:?} cannot be opened from this context (made outside imgconv::open)"
             ))
         })?;
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&path)?);
+        let storage: Arc<dyn Storage> = if self.base_url.is_some() {
+            self.open_url_storage(&path)?
+        } else {
+            Arc::new(FileStorage::open(&path)?)
+        };
         opener(storage, &ctx).map(Some)
+    }
+
+    /// Opens a file on the web server the image came from, with range requests.
+    #[cfg(feature = "http")]
+    fn open_url_storage(&self, url: &Path) -> Result<Arc<dyn Storage>> {
+        crate::io::http::open_storage(&url.to_string_lossy(), &self.options.remote)
+    }
+
+    #[cfg(not(feature = "http"))]
+    fn open_url_storage(&self, _url: &Path) -> Result<Arc<dyn Storage>> {
+        Err(Error::unsupported(
+            "http",
+            "URLs (built without the `http` feature)",
+        ))
     }
 
     /// This context with `opener` to follow references.

@@ -65,6 +65,7 @@ pub mod io;
 pub mod limits;
 pub mod open;
 pub mod random;
+pub mod remote;
 pub mod writer;
 pub mod zero;
 

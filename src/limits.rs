@@ -47,6 +47,9 @@
 //! | [`MAX_TAR_SPARSE_ENTRIES`] | 2^20 | tar sparse member maps |
 //! | [`STREAM_RETAIN_BYTES`] | 32 MiB | a raw disk read from a stream keeps this much behind the reader |
 //! | format probing (`detect::PROBE_LEN`) | first 4 KiB | format and compression detection |
+//! | HTTP block cache (`io::http::storage`) | 32 blocks of 256 KiB; at most 8 requests at once per remote file | memory and connection bound of a remote reader |
+//! | HTTP tries (`RemoteOptions::retries`, `max_redirects`, `timeout`) | 5 tries after the first (pauses 0.25 s doubling, at most 8 s), 10 redirects, 30 s per connect and per read | every request; a body is resumed at most 5 times in a row without 1 MiB of progress and 100 times in all (`io::http::body`) |
+//! | registry manifests and indexes (`remote::registry`) | 4 MiB, 1024 layers | registry and OCI layout reads; token answers 1 MiB, error bodies 4 KiB |
 //!
 //! The fuzz targets in `fuzz/` check these bounds hold on arbitrary input: they run
 //! with a 512 MiB memory limit and a 10 s per-input timeout (see `fuzz/run-all.sh`).

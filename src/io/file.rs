@@ -98,7 +98,7 @@ impl Storage for FileStorage {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if offset
             .checked_add(buf.len() as u64)
-            .map_or(true, |e| e > self.len)
+            .is_none_or(|e| e > self.len)
         {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

@@ -3,7 +3,10 @@
 
 pub mod compressed;
 pub mod file;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod output;
+pub mod remote;
 pub mod spool;
 pub mod stream;
 pub mod tar;
@@ -37,7 +40,8 @@ pub fn read_struct(
         } else {
             match storage.path() {
                 Some(p) => Error::io(p, e),
-                None => Error::Stream(e),
+                // A typed error from the storage itself (e.g. HTTP) comes back as is.
+                None => crate::io::compressed::from_io(e),
             }
         }
     })

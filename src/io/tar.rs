@@ -682,7 +682,7 @@ pub struct Window {
 impl Window {
     /// The bytes `[start, start + len)` of `inner` (checked against its length).
     pub fn new(inner: Arc<dyn Storage>, start: u64, len: u64) -> Result<Self> {
-        if start.checked_add(len).map_or(true, |e| e > inner.len()) {
+        if start.checked_add(len).is_none_or(|e| e > inner.len()) {
             return Err(Error::corrupt(
                 F,
                 "member",
@@ -702,7 +702,7 @@ impl Storage for Window {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         if offset
             .checked_add(buf.len() as u64)
-            .map_or(true, |e| e > self.len)
+            .is_none_or(|e| e > self.len)
         {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -743,7 +743,7 @@ impl SparseWindow {
     pub fn new(inner: Arc<dyn Storage>, e: &Entry) -> Result<Self> {
         if e.data_offset
             .checked_add(e.size)
-            .map_or(true, |end| end > inner.len())
+            .is_none_or(|end| end > inner.len())
         {
             return Err(Error::corrupt(
                 F,
@@ -995,7 +995,7 @@ mod tests {
         h[483..495].copy_from_slice(format!("{real:011o}\0").as_bytes());
         fix_checksum(&mut h);
         out.extend_from_slice(&h);
-        out.extend(std::iter::repeat(fill).take(stored as usize));
+        out.extend(std::iter::repeat_n(fill, stored as usize));
         out.resize(out.len().div_ceil(512) * 512, 0);
     }
 

@@ -9,7 +9,7 @@ use imgconv::driver::{CheckReport, CheckRequest};
 use imgconv::io::FileStorage;
 use imgconv::{Format, OpenOptions};
 
-use crate::common::{fail, parse_format, CmdResult};
+use crate::common::{fail, is_remote, parse_format, CmdResult, RemoteArgs};
 
 /// Arguments of `imgconv check`.
 #[derive(ClapArgs)]
@@ -28,7 +28,9 @@ pub struct Args {
     quiet: bool,
     #[arg(short = 'U', long = "force-share", hide = true)]
     force_share: bool,
-    /// The image.
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// The image (a file, or an http(s):// URL read with range requests).
     file: String,
 }
 
@@ -36,11 +38,25 @@ pub struct Args {
 pub fn run(a: Args) -> CmdResult {
     let _ = a.force_share;
     let path = Path::new(&a.file);
-    let storage = FileStorage::open(path).map_err(fail(1))?;
+    let mut options = OpenOptions::trusted();
+    options.remote = a.remote.options();
+    let remote = is_remote(&a.file);
+    let storage: Arc<dyn imgconv::io::Storage> = if remote {
+        if a.repair.is_some() {
+            return Err((
+                1,
+                imgconv::Error::invalid("check -r repairs local files, not a URL"),
+            ));
+        }
+        imgconv::remote::open_storage(&a.file, &options.remote).map_err(fail(1))?
+    } else {
+        Arc::new(FileStorage::open(path).map_err(fail(1))?)
+    };
     let format = match a.format {
         Some(f) => f,
-        None => imgconv::format::probe_storage(&storage).map_err(fail(1))?,
+        None => imgconv::format::probe_storage(storage.as_ref()).map_err(fail(1))?,
     };
+    options.format = Some(format);
     let driver = imgconv::format::driver(format);
     let no_checks = || {
         // qemu-img's wording and exit code for formats without a check (or without
@@ -51,11 +67,14 @@ pub fn run(a: Args) -> CmdResult {
     let Some(check) = driver.check else {
         return no_checks();
     };
-    let ctx = imgconv::open::context_for_path(path, &OpenOptions::trusted().format(format));
-    let req = CheckRequest {
-        storage: Arc::new(storage),
-        ctx: &ctx,
+    let ctx = if remote {
+        let shown = imgconv::io::remote::redact(&a.file);
+        imgconv::image::OpenContext::for_url(&a.file, &shown, &options)
+            .with_opener(imgconv::open::open_storage)
+    } else {
+        imgconv::open::context_for_path(path, &options)
     };
+    let req = CheckRequest { storage, ctx: &ctx };
     let could_not = |e| {
         (
             1,

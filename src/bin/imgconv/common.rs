@@ -32,6 +32,8 @@ pub struct InputArgs {
     /// The member to open when the input is a tar archive holding several images.
     #[arg(long = "member", value_name = "NAME")]
     pub member: Option<String>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
 }
 
 impl InputArgs {
@@ -39,7 +41,52 @@ impl InputArgs {
     pub fn apply(&self, o: &mut OpenOptions) {
         o.tmpdir = self.tmpdir.clone();
         o.member = self.member.clone();
+        o.remote = self.remote.options();
     }
+}
+
+/// Options for images at a URL (`http(s)://`, `docker://`, `oci:`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RemoteArgs {
+    /// An HTTP header sent with every request, 'Name: value' (repeatable), e.g.
+    /// 'X-Auth-Token: …' for a Glance image export. Never printed.
+    #[arg(long = "header", value_name = "'NAME: VALUE'", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// PEM file of CA certificates to trust besides the system's.
+    #[arg(long = "ca-cert", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Registry credentials USER:PASSWORD (else the docker config.json, else anonymous).
+    #[arg(long = "creds", value_name = "USER:PASSWORD")]
+    pub creds: Option<String>,
+    /// Platform to pick from a registry image index, OS/ARCH[/VARIANT] (default linux/amd64).
+    #[arg(long = "platform", value_name = "OS/ARCH")]
+    pub platform: Option<String>,
+    /// Seconds to wait for a connection and for each read from a server (default 30).
+    #[arg(long = "timeout", value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+}
+
+impl RemoteArgs {
+    /// The library's options for these arguments.
+    pub fn options(&self) -> imgconv::io::remote::RemoteOptions {
+        let mut r = imgconv::io::remote::RemoteOptions {
+            headers: self.headers.clone(),
+            ca_cert: self.ca_cert.clone(),
+            creds: self.creds.clone(),
+            platform: self.platform.clone(),
+            ..Default::default()
+        };
+        if let Some(t) = self.timeout {
+            r.timeout = std::time::Duration::from_secs(t.max(1));
+        }
+        r
+    }
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let mut r = imgconv::io::remote::RemoteOptions::default();
+    r.header(s).map_err(|e| e.to_string())?;
+    Ok(r.headers.remove(0))
 }
 
 /// Opens a source image (`-` = standard input) with an optional format, trust mode,
@@ -58,6 +105,11 @@ pub fn open_input(
     o.format = format;
     input.apply(&mut o);
     imgconv::open(Path::new(path), &o)
+}
+
+/// True when `name` is a URL, a registry image or an OCI layout rather than a file.
+pub fn is_remote(name: &str) -> bool {
+    imgconv::io::remote::classify(name).is_some()
 }
 
 /// Opens `path` with an optional format and trust mode.
@@ -79,7 +131,7 @@ pub fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
     let pb = indicatif::ProgressBar::new(100);
     pb.set_style(
         indicatif::ProgressStyle::with_template(
-            "    ({percent:>3}.00/100%) [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            "    ({percent:>3}.00/100%) [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
@@ -91,7 +143,7 @@ pub fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
 /// length): bytes done and speed.
 pub fn progress_style_unknown_total() -> indicatif::ProgressStyle {
     indicatif::ProgressStyle::with_template(
-        "    {spinner} {bytes} {bytes_per_sec} (size known at the end)",
+        "    {spinner} {bytes} {bytes_per_sec} (size known at the end) {msg}",
     )
     .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
 }

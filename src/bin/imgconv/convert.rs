@@ -76,7 +76,11 @@ pub struct Args {
     quiet: bool,
     /// Source image.
     src: String,
-    /// Destination image ('-' = stdout, for raw and streamOptimized VMDK).
+    /// Destination image: a file; '-' = stdout (raw, streamOptimized VMDK); an
+    /// http(s):// URL, uploaded with PUT (raw and streamOptimized VMDK are sent while
+    /// they are written; other formats are written to a temporary file in --tmpdir
+    /// first, then uploaded); oci:DIR:TAG or docker://REGISTRY/REPO:TAG, a KubeVirt
+    /// containerDisk holding the image as /disk/disk.img.
     dst: String,
 }
 
@@ -122,6 +126,13 @@ pub fn run(a: Args) -> CmdResult {
     opts.engine.threads = a.threads.unwrap_or(0);
     opts.engine.target_is_zero = a.target_is_zero;
     opts.no_create = a.no_create;
+    let remote_dst = imgconv::io::remote::classify(&a.dst);
+    if remote_dst.is_some() && (opts.write.backing_file.is_some() || a.no_create) {
+        return Err((
+            1,
+            imgconv::Error::invalid("-B and -n cannot be used with a remote target"),
+        ));
+    }
     if let Some(b) = &opts.write.backing_file {
         // The output stores only what differs from its backing image.
         let path = std::path::Path::new(&a.dst)
@@ -156,7 +167,18 @@ pub fn run(a: Args) -> CmdResult {
             pb.set_position(done)
         }));
     }
-    let r = if a.dst == "-" {
+    let r = if let Some(loc) = remote_dst {
+        let target = imgconv::remote::RemoteTarget {
+            tmpdir: a.input.tmpdir.clone(),
+            remote: a.input.remote.options(),
+        };
+        // The bar's message shows what has reached the server.
+        let sent: Option<Arc<imgconv::remote::SentFn>> = pb.clone().map(|pb| {
+            Arc::new(move |n: u64| pb.set_message(format!("sent {}", crate::common::human_size(n))))
+                as Arc<imgconv::remote::SentFn>
+        });
+        imgconv::remote::convert_to_remote(&src, loc, &opts, &target, sent).map(drop)
+    } else if a.dst == "-" {
         // Straight to stdout: the writer owns it, no hand-over between threads.
         let stdout = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
         imgconv::convert::convert_to(

@@ -7,11 +7,13 @@ use imgconv::format::qcow2::measure::{measure, MeasureSource};
 use imgconv::writer::{parse_size, WriteOptions};
 use imgconv::Format;
 
-use crate::common::{fail, open_image, parse_format, CmdResult};
+use crate::common::{fail, open_input, parse_format, CmdResult, InputArgs};
 
 /// Arguments of `imgconv measure`.
 #[derive(ClapArgs)]
 pub struct Args {
+    #[command(flatten)]
+    input: InputArgs,
     /// Source format (probed when omitted).
     #[arg(short = 'f', value_parser = parse_format)]
     format: Option<Format>,
@@ -49,7 +51,7 @@ pub fn run(a: Args) -> CmdResult {
             measure(a.out_format, &wo, MeasureSource::Size(size)).map_err(fail(1))?
         }
         (None, Some(f)) => {
-            let img = open_image(f, a.format, a.untrusted).map_err(fail(1))?;
+            let img = open_input(f, a.format, a.untrusted, &a.input).map_err(fail(1))?;
             measure(
                 a.out_format,
                 &wo,

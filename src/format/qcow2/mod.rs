@@ -506,7 +506,7 @@ fn find_snapshot<'a>(
     }
     Ok(snapshots
         .iter()
-        .find(|s| id.map_or(true, |i| s.id == i) && name.map_or(true, |n| s.name == n)))
+        .find(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n)))
 }
 
 fn open_inner(

@@ -228,7 +228,7 @@ impl ImageWriter for VdiWriter {
     fn write_data(&mut self, run: DataRun<'_>) -> Result<()> {
         let bs = self.header.block_size as usize;
         let end = run.offset.checked_add(run.data.len() as u64);
-        if run.offset % bs as u64 != 0 || end.map_or(true, |e| e > self.size) {
+        if run.offset % bs as u64 != 0 || end.is_none_or(|e| e > self.size) {
             return Err(Error::invalid(format!(
                 "vdi: internal error: data run at {:#x}+{} is not block-aligned inside the disk",
                 run.offset,

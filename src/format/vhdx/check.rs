@@ -170,7 +170,7 @@ fn check_bat(p: &Parsed, r: &mut CheckReport) -> Result<()> {
                 r.corruptions += 1;
             }
         }
-        if reach.map_or(true, |(far, _)| end > far) {
+        if reach.is_none_or(|(far, _)| end > far) {
             reach = Some((end, i));
         }
     }

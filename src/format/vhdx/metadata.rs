@@ -290,7 +290,7 @@ impl ParentLocator {
         }
         let string = |o: u32, l: u16, what: &str| -> Result<String> {
             let (o, l) = (o as usize, l as usize);
-            if o == 0 || l == 0 || l % 2 != 0 || o.checked_add(l).map_or(true, |e| e > b.len()) {
+            if o == 0 || l == 0 || l % 2 != 0 || o.checked_add(l).is_none_or(|e| e > b.len()) {
                 return Err(corrupt(format!(
                     "{what} at {o:#x}+{l} is empty, odd or outside the {}-byte item",
                     b.len()

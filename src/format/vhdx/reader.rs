@@ -521,7 +521,7 @@ fn validate_bat(p: &Parsed, bat: &[BatEntry]) -> Result<()> {
     let at = |i: u64| p.bat_region.file_offset + i * 8;
     let corrupt = |i: u64, r: String| Error::corrupt(FORMAT, "BAT entry", at(i), r);
     let check_place = |i: u64, off: u64, len: u64, what: &str| -> Result<()> {
-        if off.checked_add(len).map_or(true, |e| e > file_len) {
+        if off.checked_add(len).is_none_or(|e| e > file_len) {
             return Err(corrupt(
                 i,
                 format!(
@@ -1016,7 +1016,7 @@ fn open_parent(
             _ => None,
         });
         let wanted: Vec<String> = linkage.iter().map(Guid::to_string).collect();
-        if got.map_or(true, |g| !linkage.contains(&g)) {
+        if got.is_none_or(|g| !linkage.contains(&g)) {
             return Err(Error::BackingChain {
                 path: ctx.path.clone().unwrap_or_default(),
                 reason: format!(

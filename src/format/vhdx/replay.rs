@@ -167,9 +167,9 @@ impl LogScan<'_> {
             let mut head = tail;
             let mut span = 0u64;
             while let Some(e) = self.entry_at(head) {
-                let follows = seq.last().map_or(true, |l| {
-                    e.header.sequence_number == l.header.sequence_number + 1
-                });
+                let follows = seq
+                    .last()
+                    .is_none_or(|l| e.header.sequence_number == l.header.sequence_number + 1);
                 let len = e.header.entry_length as u64;
                 if !follows || span + len > n {
                     break;
@@ -184,7 +184,7 @@ impl LogScan<'_> {
                 .last()
                 .and_then(|h| seq.iter().position(|e| e.pos == h.header.tail as u64));
             if let Some(start) = valid_from {
-                let newer = candidate.last().map_or(true, |c| {
+                let newer = candidate.last().is_none_or(|c| {
                     seq.last().expect("non-empty").header.sequence_number > c.header.sequence_number
                 });
                 if newer {
@@ -243,7 +243,7 @@ pub fn replay(
             limit: MAX_VHDX_LOG_BYTES,
         });
     }
-    if off.checked_add(len).map_or(true, |e| e > storage.len()) {
+    if off.checked_add(len).is_none_or(|e| e > storage.len()) {
         return Err(corrupt(format!(
             "the {len}-byte log runs past the end of the file ({:#x})",
             storage.len()

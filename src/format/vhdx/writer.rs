@@ -382,7 +382,7 @@ impl ImageWriter for VhdxWriter {
     fn write_data(&mut self, run: DataRun<'_>) -> Result<()> {
         let g = self.layout.geometry;
         let end = run.offset.checked_add(run.data.len() as u64);
-        if run.offset % g.logical_sector_size != 0 || end.map_or(true, |e| e > g.disk_size) {
+        if run.offset % g.logical_sector_size != 0 || end.is_none_or(|e| e > g.disk_size) {
             return Err(Error::invalid(format!(
                 "vhdx: internal error: data run at {:#x}+{} is not sector-aligned inside the disk",
                 run.offset,

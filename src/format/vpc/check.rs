@@ -134,7 +134,7 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
     let hat = footer.data_offset;
     if hat
         .checked_add(DYNAMIC_HEADER_SIZE as u64)
-        .map_or(true, |e| e > len)
+        .is_none_or(|e| e > len)
     {
         bad(
             &mut r,
@@ -179,7 +179,7 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
     }
     if h.table_offset
         .checked_add(entries * 4)
-        .map_or(true, |e| e > len)
+        .is_none_or(|e| e > len)
     {
         bad(
             &mut r,
@@ -193,7 +193,7 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
     if kind == DiskType::Differencing {
         for (i, l) in h.locators.iter().enumerate() {
             let end = l.data_offset.checked_add(l.data_length as u64);
-            if l.kind() != LocatorKind::None && end.map_or(true, |e| e > len) {
+            if l.kind() != LocatorKind::None && end.is_none_or(|e| e > len) {
                 bad(
                     &mut r,
                     format!(
@@ -250,7 +250,7 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
                 );
             }
         }
-        if reach.map_or(true, |(end, _)| start + stride > end) {
+        if reach.is_none_or(|(end, _)| start + stride > end) {
             reach = Some((start + stride, i));
         }
     }

@@ -183,7 +183,7 @@ pub fn check_table_bounds(h: &DynamicHeader, at: u64, size: u64, file_len: u64) 
         ));
     }
     let bat_end = h.table_offset.checked_add(entries * 4);
-    if bat_end.map_or(true, |e| e > file_len) {
+    if bat_end.is_none_or(|e| e > file_len) {
         return Err(Error::corrupt(
             FORMAT,
             "BAT",
@@ -352,7 +352,7 @@ pub fn read_sparse_layout(
                 });
             }
             let end = l.data_offset.checked_add(l.data_length as u64);
-            if end.map_or(true, |e| e > storage.len()) {
+            if end.is_none_or(|e| e > storage.len()) {
                 return Err(Error::corrupt(
                     FORMAT,
                     "parent locator",

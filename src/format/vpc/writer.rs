@@ -287,7 +287,7 @@ impl ImageWriter for VpcWriter {
 
     fn write_data(&mut self, run: DataRun<'_>) -> Result<()> {
         let end = run.offset.checked_add(run.data.len() as u64);
-        if run.offset % SECTOR != 0 || end.map_or(true, |e| e > self.size) {
+        if run.offset % SECTOR != 0 || end.is_none_or(|e| e > self.size) {
             return Err(Error::invalid(format!(
                 "vpc: internal error: data run at {:#x}+{} is not sector-aligned inside the disk",
                 run.offset,

@@ -1,6 +1,6 @@
-//! The front door for reading: from a path or a byte stream to an [`Image`], unwrapping
-//! compression and tar archives on the way, then handing the bytes to the format's driver
-//! from the table ([`crate::format::DRIVERS`]).
+//! Local images: paths, byte streams and storage, unwrapping compression and tar
+//! archives on the way, then handing the bytes to the format's driver from the table.
+//! (Remote locations come in through [`crate::open::open`], which sits above this.)
 //!
 //! Order of probing (magic bytes only, never file names): compression (gzip, bzip2, xz,
 //! zstd) on the first bytes of the file, then a tar header on the first (decompressed)
@@ -52,20 +52,6 @@ fn storage_err(storage: &dyn Storage, e: io::Error) -> Error {
         Some(p) => Error::io(p, e),
         None => Error::Stream(e),
     }
-}
-
-/// Opens the image at `path`: finds its format (unless `options` names it) and returns the
-/// virtual disk with its backing chain.
-///
-/// Compressed files (gzip, bzip2, xz, zstd) and tar archives are unwrapped first, found
-/// by magic bytes; `options.format` then names the inner format. The path `-` reads
-/// standard input (see [`open_reader`]).
-pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
-    let path = path.as_ref();
-    if path.as_os_str() == "-" {
-        return open_stream_input(Box::new(std::io::stdin()), "-", options);
-    }
-    open_path(path, options)
 }
 
 /// Opens an image from any byte stream: compressed or not, a tar archive or not. A raw
@@ -252,7 +238,7 @@ fn open_decoded(
 }
 
 /// Opens the chosen member of an uncompressed tar file in place (a window, no copy).
-fn open_tar_storage(storage: Arc<FileStorage>, ctx: &OpenContext) -> Result<Image> {
+pub(crate) fn open_tar_storage(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Image> {
     let entries = tar::list(&mut StorageInput {
         storage: storage.as_ref(),
         pos: 0,
