@@ -101,7 +101,7 @@ pub fn convert_device(
 
 /// Converts `src` into any [`Write`] — stdout, a socket, a `Vec<u8>`, an HTTP request
 /// body — for formats written in one pass (raw, streamOptimized VMDK; others refuse with
-/// [`Error::NeedsSeekableOutput`](crate::Error::NeedsSeekableOutput)), and gives `w` back
+/// [`Error::NeedsSeekableOutput`]), and gives `w` back
 /// (to `finish()` an encoder, or read a buffer).
 pub fn convert_to_writer<W: Write + Send>(src: &Image, w: W, opts: &ConvertOptions) -> Result<W> {
     convert_device_to_writer(src.device().as_ref(), w, opts)

@@ -1,6 +1,6 @@
 //! The conversion engine: one pipeline for every pair of formats. It knows formats only
 //! through the two traits: it reads a [`BlockDevice`] and feeds an [`ImageWriter`] that the
-//! caller made ([`crate::convert`] picks it from the format table).
+//! caller made ([`crate::convert`](mod@crate::convert) picks it from the format table).
 //!
 //! A dispatcher thread walks the source's [`BlockDevice::map`] and cuts the disk into
 //! grain-aligned units: stretches that read as zeros become zero runs without being read;
@@ -281,6 +281,11 @@ pub fn run(
         r
     });
     result?;
+    // A cancel that came after the last piece was copied still wins: the caller asked
+    // for no image, and none is committed.
+    if opts.cancel.is_cancelled() {
+        return Err(Error::Interrupted);
+    }
     if !length_known {
         // The source has ended (the collector saw all of it): its size is final now.
         if !src.length_known() {

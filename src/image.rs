@@ -290,7 +290,7 @@ impl Image {
     /// An image read straight from a stream (a raw disk or a streamOptimized VMDK in a
     /// pipe or a compressed file: [`BlockDevice::sequential_only`] is true) can only be
     /// read forward, once: a backward seek then fails with
-    /// [`Error::Unsupported`](crate::Error::Unsupported) (and so does a second
+    /// [`Error::Unsupported`] (and so does a second
     /// conversion of it). Open it with [`OpenOptions::random_access`] to read it in any
     /// order, as often as you like. Errors come out as [`std::io::Error`]s that carry
     /// the crate's [`Error`]: `imgconv::Error::from(io_error)` gives it back.

@@ -9,13 +9,24 @@
 //! `header.rs` holds the on-disk structures, `snapshot.rs` the snapshot table,
 //! `reader.rs` the address translation behind [`BlockDevice`](crate::BlockDevice).
 
+// The modules below hold on-disk structures and the logic that walks them: public for
+// the tests, fuzz targets and benches, hidden from the documented (stable) API, which is
+// this module's items and its `DRIVER`.
+#[doc(hidden)]
 pub mod check;
+#[doc(hidden)]
 pub mod header;
+#[doc(hidden)]
 pub mod measure;
+#[doc(hidden)]
 pub mod reader;
+#[doc(hidden)]
 pub mod refcount;
+#[doc(hidden)]
 pub mod resize;
+#[doc(hidden)]
 pub mod snapshot;
+#[doc(hidden)]
 pub mod writer;
 
 use std::path::Path;

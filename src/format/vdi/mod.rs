@@ -7,9 +7,16 @@
 //! - [`writer`]: images laid out as VirtualBox lays them out (`-o static=on|off`,
 //!   `-o uuid=…`).
 
+// The modules below hold on-disk structures and the logic that walks them: public for
+// the tests, fuzz targets and benches, hidden from the documented (stable) API, which is
+// this module's items and its `DRIVER`.
+#[doc(hidden)]
 pub mod check;
+#[doc(hidden)]
 pub mod header;
+#[doc(hidden)]
 pub mod reader;
+#[doc(hidden)]
 pub mod writer;
 
 use std::path::Path;

@@ -82,12 +82,22 @@
 //! - [`writer`]: dynamic and fixed images with qemu-img's options;
 //! - [`check`](mod@check): `check`.
 
+// The modules below hold on-disk structures and the logic that walks them: public for
+// the tests, fuzz targets and benches, hidden from the documented (stable) API, which is
+// this module's items and its `DRIVER`.
+#[doc(hidden)]
 pub mod check;
+#[doc(hidden)]
 pub mod header;
+#[doc(hidden)]
 pub mod log;
+#[doc(hidden)]
 pub mod metadata;
+#[doc(hidden)]
 pub mod reader;
+#[doc(hidden)]
 pub mod replay;
+#[doc(hidden)]
 pub mod writer;
 
 use std::path::Path;

@@ -18,13 +18,24 @@
 //! - [`writer`]: every subformat's writer;
 //! - [`check`]: `check`, grains stored past the end of their extent file.
 
+// The modules below hold on-disk structures and the logic that walks them: public for
+// the tests, fuzz targets and benches, hidden from the documented (stable) API, which is
+// this module's items and its `DRIVER`.
+#[doc(hidden)]
 pub mod check;
+#[doc(hidden)]
 pub mod descriptor;
+#[doc(hidden)]
 pub mod header;
+#[doc(hidden)]
 pub mod reader;
+#[doc(hidden)]
 pub mod sesparse;
+#[doc(hidden)]
 pub mod sparse;
+#[doc(hidden)]
 pub mod stream;
+#[doc(hidden)]
 pub mod writer;
 
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! VHD on-disk structures as plain structs with `parse` / `serialize`: the hard disk
 //! footer, the dynamic disk header with its parent locators, the block allocation table
 //! (BAT) and the per-block sector bitmap; the checksum, the CHS geometry and the virtual
-//! size rule. No I/O here: [`super::reader`], [`super::writer`] and [`super::check`] walk
+//! size rule. No I/O here: [`super::reader`], [`super::writer`] and [`super::check`](mod@super::check) walk
 //! these.
 //!
 //! Every integer is big-endian (the parent locators' path data is UTF-16LE or UTF-8, the

@@ -5,7 +5,7 @@
 //!   checksums, the CHS geometry and the virtual-size rule;
 //! - [`reader`]: finding and checking the metadata, the [`reader::VpcDevice`], parents;
 //! - [`writer`]: fixed and dynamic images laid out as qemu-img lays them out;
-//! - [`check`]: `check`, which qemu does not have for VHD.
+//! - [`check`](mod@check): `check`, which qemu does not have for VHD.
 //!
 //! # Fact sheet (checked against qemu-img 10.0.2, libvhdi, dissect.hypervisor and the
 //! corpus)
@@ -70,9 +70,16 @@
 //! - `info` prints what qemu-img prints for `vpc`: the virtual size, `cluster-size` (the
 //!   block size) for dynamic images, `dirty-flag` false, no format-specific data.
 
+// The modules below hold on-disk structures and the logic that walks them: public for
+// the tests, fuzz targets and benches, hidden from the documented (stable) API, which is
+// this module's items and its `DRIVER`.
+#[doc(hidden)]
 pub mod check;
+#[doc(hidden)]
 pub mod header;
+#[doc(hidden)]
 pub mod reader;
+#[doc(hidden)]
 pub mod writer;
 
 use std::path::Path;
@@ -128,7 +135,7 @@ pub fn create_writer(
     writer::create_writer(target, size, opts, out)
 }
 
-/// Checks the VHD image in `storage` (see [`check`]).
+/// Checks the VHD image in `storage` (see [`check`](mod@check)).
 pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
     check::check(storage)
 }
