@@ -48,7 +48,8 @@ pub const DEFAULT_CHUNK: u64 = 1 << 20;
 pub struct EngineOptions {
     /// Worker threads (`-m`); 0 = the number of cores.
     pub threads: usize,
-    /// Smallest run of zeros to leave unwritten (`-S`); 0 writes every data byte.
+    /// Smallest run of zeros to leave unwritten (`-S`); 0 writes every byte, zero
+    /// stretches of the source included (a fully allocated output, as qemu-img's `-S 0`).
     pub min_sparse: u64,
     /// Bytes per unit of work (rounded to the writer's grain size).
     pub chunk_size: u64,
@@ -403,7 +404,9 @@ fn dispatch(
             return Err(Error::Interrupted);
         }
         let ext = map_upto(src, pos, u64::MAX, &mut size)?;
-        let job = if ext.kind.reads_as_zero() {
+        // `-S 0` (no zero granularity): zero stretches are written as data too, so
+        // that the output is fully allocated, as qemu-img makes it.
+        let job = if ext.kind.reads_as_zero() && ctx.zero_gran != 0 {
             // Coalesce following zero extents, then keep whole grains only.
             let mut zend = ext.end();
             while zend < size {
@@ -442,7 +445,8 @@ fn dispatch(
         let job = match job {
             Some(j) => j,
             None => {
-                let (end, parts) = data_unit(src, pos, &mut size, grain, chunk)?;
+                let (end, parts) =
+                    data_unit(src, pos, &mut size, grain, chunk, ctx.zero_gran != 0)?;
                 let buf = if sequential {
                     Some(read_parts(src, ctx.pool, pos, end - pos, &parts)?)
                 } else {
@@ -483,19 +487,20 @@ fn map_upto(src: &dyn BlockDevice, pos: u64, stop: u64, size: &mut u64) -> Resul
 }
 
 /// Cuts a data unit starting at `pos` (grain-aligned): up to `chunk` bytes, ending early
-/// where a zero stretch covers at least one whole grain.
+/// (when `cut_at_zeros`) where a zero stretch covers at least one whole grain.
 fn data_unit(
     src: &dyn BlockDevice,
     pos: u64,
     size: &mut u64,
     grain: u64,
     chunk: u64,
+    cut_at_zeros: bool,
 ) -> Result<(u64, Vec<Extent>)> {
     let mut parts = Vec::new();
     let mut cur = pos;
     while cur < (pos + chunk).min(*size) {
         let mut e = map_upto(src, cur, pos + chunk, size)?;
-        if e.kind.reads_as_zero() && cur > pos {
+        if e.kind.reads_as_zero() && cur > pos && cut_at_zeros {
             let cut = align_up(cur, grain);
             if cut + grain <= e.end() || (e.end() == *size && cut < *size) {
                 if cut > cur {

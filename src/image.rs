@@ -391,7 +391,13 @@ impl OpenContext {
         }
         let mut ctx = OpenContext::for_path(&path, &self.options);
         ctx.options.format = fmt;
-        ctx.filename = path.display().to_string();
+        // Named as qemu names it: the referring image's folder as written, then the
+        // name (`base.qcow2`, `dir/base.qcow2`, never `./base.qcow2`).
+        ctx.filename = match self.filename.rfind('/') {
+            _ if Path::new(name).is_absolute() => name.to_string(),
+            Some(i) => format!("{}{name}", &self.filename[..=i]),
+            None => name.to_string(),
+        };
         ctx.depth = self.depth + 1;
         ctx.chain = self.chain.clone();
         ctx.chain.push(canon);

@@ -8,24 +8,36 @@ use imgconv::format::qcow2::check::{check, check_and_repair, CheckReport};
 use imgconv::io::FileStorage;
 use imgconv::Format;
 
-use crate::common::{fail, parse_format, CmdResult};
+use crate::common::{check_cache_mode, could_not_open, esc, fail, parse_format, CmdResult};
 
 /// Arguments of `imgconv check`.
 #[derive(ClapArgs)]
 pub struct Args {
     /// Image format (probed when omitted).
-    #[arg(short = 'f', value_parser = parse_format)]
+    #[arg(short = 'f', long = "format", value_parser = parse_format)]
     format: Option<Format>,
+    /// The image is an option string (`driver=qcow2,file.filename=x`), not a file name.
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Output format: human or json.
     #[arg(long = "output", default_value = "human", value_parser = ["human", "json"])]
     output: String,
-    /// Repair: `leaks` lowers the refcounts of leaked clusters (`all` is refused).
-    #[arg(short = 'r')]
+    /// Repair: `leaks` lowers the refcounts of leaked clusters; `all` does the same
+    /// and refuses (changing nothing) an image with corruptions, which imgconv does
+    /// not repair.
+    #[arg(short = 'r', long = "repair")]
     repair: Option<String>,
-    /// Accepted for qemu-img compatibility and ignored.
-    #[arg(short = 'q', hide = true)]
+    /// Cache mode (checked as qemu-img does, then irrelevant to imgconv).
+    #[arg(short = 'T', long = "cache")]
+    cache: Option<String>,
+    /// QEMU objects (refused: see `convert --object`).
+    #[arg(long = "object")]
+    objects: Vec<String>,
+    /// Print nothing; the exit code tells.
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-    #[arg(short = 'U', long = "force-share", hide = true)]
+    /// Open the image in shared mode.
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
     file: String,
@@ -34,10 +46,24 @@ pub struct Args {
 /// Runs `imgconv check`.
 pub fn run(a: Args) -> CmdResult {
     let _ = a.force_share;
-    let storage = FileStorage::open(Path::new(&a.file)).map_err(fail(1))?;
-    let format = match a.format {
+    check_cache_mode(a.cache.as_deref(), true)?;
+    crate::spec::check_objects(&a.objects).map_err(fail(1))?;
+    if let Some(r) = a
+        .repair
+        .as_deref()
+        .filter(|r| !matches!(*r, "leaks" | "all"))
+    {
+        return Err((
+            1,
+            imgconv::Error::invalid(format!("--repair (-r) expects 'leaks' or 'all' not '{r}'")),
+        ));
+    }
+    let spec = crate::spec::parse(&a.file, a.format, a.image_opts).map_err(fail(1))?;
+    let path = spec.filename;
+    let storage = FileStorage::open(Path::new(&path)).map_err(|e| could_not_open(&a.file, e))?;
+    let format = match spec.format {
         Some(f) => f,
-        None => imgconv::detect::probe(&storage).map_err(fail(1))?,
+        None => imgconv::detect::probe(&storage).map_err(|e| could_not_open(&a.file, e))?,
     };
     if format == Format::Raw {
         // qemu-img's wording and exit code for formats without a check.
@@ -47,7 +73,7 @@ pub fn run(a: Args) -> CmdResult {
     let could_not = |e| {
         (
             1,
-            imgconv::Error::Format(format!("Could not check '{}': {e}", a.file)),
+            imgconv::Error::Format(format!("Could not check '{}': {e}", esc(&a.file))),
         )
     };
     if format != Format::Qcow2 {
@@ -64,36 +90,39 @@ pub fn run(a: Args) -> CmdResult {
                 let o = imgconv::OpenOptions::trusted()
                     .format(format)
                     .metadata_only();
-                let img = imgconv::open(Path::new(&a.file), &o).map_err(|e| {
-                    (
-                        1,
-                        imgconv::Error::Format(format!("Could not open '{}': {e}", a.file)),
-                    )
-                })?;
+                let img =
+                    imgconv::open(Path::new(&path), &o).map_err(|e| could_not_open(&a.file, e))?;
                 imgconv::format::vmdk::check::check(&img)
             }
         };
-        return finish(&r, &a, format);
+        return finish(&r, &a, &path, format);
     }
-    let fix = match a.repair.as_deref() {
-        None => false,
-        Some("leaks") => true,
-        Some(r) => {
+    let fix = a.repair.is_some();
+    if a.repair.as_deref() == Some("all") {
+        // Corruptions are not repaired: refuse before changing anything.
+        let r = check(&storage).map_err(could_not)?;
+        if r.corruptions > 0 {
+            for m in &r.messages {
+                eprintln!("{m}");
+            }
             return Err((
                 1,
                 imgconv::Error::unsupported(
                     "qcow2",
-                    format!("repairing images with -r {r} (only -r leaks); use imgconv convert to write a clean copy"),
+                    format!(
+                        "repairing {} corruptions (-r all); nothing was changed — imgconv convert writes a clean copy",
+                        r.corruptions
+                    ),
                 ),
-            ))
+            ));
         }
-    };
+    }
     let mut r = if fix {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(&a.file)
-            .map_err(|e| (1, imgconv::Error::io(&a.file, e)))?;
+            .open(&path)
+            .map_err(|e| (1, imgconv::Error::io(&path, e)))?;
         check_and_repair(&storage, Some(&file)).map_err(could_not)?
     } else {
         check(&storage).map_err(could_not)?
@@ -121,12 +150,12 @@ pub fn run(a: Args) -> CmdResult {
             eprintln!("{m}");
         }
     }
-    finish(&r, &a, format)
+    finish(&r, &a, &path, format)
 }
 
 /// Prints the summary of a finished check (messages already on stderr for qcow2) and
 /// gives its exit code.
-fn finish(r: &CheckReport, a: &Args, format: Format) -> CmdResult {
+fn finish(r: &CheckReport, a: &Args, path: &str, format: Format) -> CmdResult {
     if format != Format::Qcow2 {
         for m in &r.messages {
             eprintln!("{m}");
@@ -136,7 +165,7 @@ fn finish(r: &CheckReport, a: &Args, format: Format) -> CmdResult {
         return Err((1, imgconv::Error::Format(format!("Check failed: {why}"))));
     }
     if a.output == "json" {
-        println!("{}", json(r, &a.file, format));
+        println!("{}", json(r, path, format));
     } else if !a.quiet {
         print!("{}", human(r));
     }
@@ -185,36 +214,29 @@ fn human(r: &CheckReport) -> String {
     s
 }
 
-/// qemu-img's JSON, with its key order; zero optional counters are left out as qemu does.
+/// qemu-img's JSON (QAPI `ImageCheck`, printed in qemu's key order); zero optional
+/// counters are left out as qemu does.
 fn json(r: &CheckReport, filename: &str, format: Format) -> String {
-    let mut f: Vec<(&str, serde_json::Value)> = Vec::new();
-    if r.image_end_offset != 0 {
-        f.push(("image-end-offset", r.image_end_offset.into()));
+    let mut m = serde_json::Map::new();
+    // QAPI's insertion order (qemu's key order depends on it within a bucket).
+    m.insert("filename".into(), filename.into());
+    m.insert("format".into(), format.name().into());
+    m.insert("check-errors".into(), r.check_errors.into());
+    let optional = [
+        ("image-end-offset", r.image_end_offset),
+        ("corruptions", r.corruptions),
+        ("leaks", r.leaks),
+        ("corruptions-fixed", 0),
+        ("leaks-fixed", r.leaks_fixed),
+        ("total-clusters", r.total_clusters),
+        ("allocated-clusters", r.allocated_clusters),
+        ("fragmented-clusters", r.fragmented_clusters),
+        ("compressed-clusters", r.compressed_clusters),
+    ];
+    for (k, v) in optional {
+        if v != 0 {
+            m.insert(k.into(), v.into());
+        }
     }
-    if r.compressed_clusters != 0 {
-        f.push(("compressed-clusters", r.compressed_clusters.into()));
-    }
-    if r.total_clusters != 0 {
-        f.push(("total-clusters", r.total_clusters.into()));
-    }
-    if r.corruptions != 0 {
-        f.push(("corruptions", r.corruptions.into()));
-    }
-    f.push(("check-errors", r.check_errors.into()));
-    if r.leaks != 0 {
-        f.push(("leaks", r.leaks.into()));
-    }
-    if r.leaks_fixed != 0 {
-        f.push(("leaks-fixed", r.leaks_fixed.into()));
-    }
-    if r.allocated_clusters != 0 {
-        f.push(("allocated-clusters", r.allocated_clusters.into()));
-    }
-    f.push(("filename", filename.into()));
-    f.push(("format", format.name().into()));
-    if r.fragmented_clusters != 0 {
-        f.push(("fragmented-clusters", r.fragmented_clusters.into()));
-    }
-    let body: Vec<String> = f.iter().map(|(k, v)| format!("    \"{k}\": {v}")).collect();
-    format!("{{\n{}\n}}", body.join(",\n"))
+    crate::qjson::to_string(&serde_json::Value::Object(m))
 }

@@ -5,10 +5,16 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod devices;
 mod info;
 mod map;
 mod measure;
+mod optionhelp;
+mod progress;
+mod qjson;
 mod resize;
+mod spec;
+mod status;
 
 use std::process::ExitCode;
 
@@ -73,7 +79,9 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err((code, e)) => {
-            eprintln!("imgconv: {e}");
+            // qemu-img's form (`imgconv: Could not open 'x': …`), with any control
+            // character from an image's metadata escaped.
+            eprintln!("imgconv: {}", common::esc(&e.to_string()));
             ExitCode::from(code)
         }
     }
