@@ -65,6 +65,43 @@ impl BlockDevice for ConcatDevice {
     }
 }
 
+/// A stretch of another disk, seen as a disk of its own (`dd skip=`).
+pub struct WindowDevice {
+    inner: Arc<dyn BlockDevice>,
+    start: u64,
+    len: u64,
+}
+
+impl WindowDevice {
+    /// `[start, start + len)` of `inner`, which must lie inside it.
+    pub fn new(inner: Arc<dyn BlockDevice>, start: u64, len: u64) -> Self {
+        WindowDevice { inner, start, len }
+    }
+}
+
+impl BlockDevice for WindowDevice {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> imgconv::Result<()> {
+        imgconv::device::check_bounds(offset, buf.len() as u64, self.len)?;
+        self.inner.read_at(buf, self.start + offset)
+    }
+
+    fn map(&self, offset: u64, len: u64) -> imgconv::Result<Extent> {
+        let len = imgconv::device::clamp_map_request(offset, len, self.len)?;
+        let mut e = self.inner.map(self.start + offset, len)?;
+        e.offset -= self.start;
+        e.len = e.len.min(self.len - e.offset);
+        Ok(e)
+    }
+
+    fn sequential_only(&self) -> bool {
+        self.inner.sequential_only()
+    }
+}
+
 /// `--salvage`: a read error becomes zeros, sector by sector, with a warning (as qemu).
 pub struct SalvageDevice {
     inner: Arc<dyn BlockDevice>,
@@ -206,6 +243,19 @@ mod tests {
         let e = c.map(1000, 1000).unwrap();
         assert_eq!((e.offset, e.len), (1000, 500));
         assert!(c.read_at(&mut buf, 1450).is_err());
+    }
+
+    #[test]
+    fn windows() {
+        let data: Vec<u8> = (0..=255).collect();
+        let w = WindowDevice::new(Arc::new(MemDevice::new(data)), 100, 50);
+        assert_eq!(w.size(), 50);
+        let mut b = [0u8; 3];
+        w.read_at(&mut b, 47).unwrap();
+        assert_eq!(b, [147, 148, 149]);
+        assert!(w.read_at(&mut b, 48).is_err());
+        let e = w.map(10, 100).unwrap();
+        assert_eq!((e.offset, e.len), (10, 40));
     }
 
     struct Broken;

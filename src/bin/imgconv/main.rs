@@ -1,10 +1,12 @@
 //! `imgconv`: qemu-img's command line for raw, qcow2, VMDK and VDI images.
 
+mod bench;
 mod check;
 mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod devices;
 mod info;
 mod map;
@@ -48,6 +50,10 @@ enum Command {
     Create(create::Args),
     /// Change the virtual size of an image.
     Resize(resize::Args),
+    /// Copy part of an image into a new one (`if=`, `of=`, `bs=`, `count=`, `skip=`).
+    Dd(dd::Args),
+    /// Time a run of read (or, on raw images, write) requests.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +81,8 @@ fn main() -> ExitCode {
         Command::Measure(a) => measure::run(a),
         Command::Create(a) => create::run(a),
         Command::Resize(a) => resize::run(a),
+        Command::Dd(a) => dd::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match r {
         Ok(code) => code,
