@@ -188,7 +188,7 @@ pub fn run(a: Args) -> CmdResult {
                         } else {
                             ((offset as u128 + i as u128 * step as u128) % size as u128) as u64
                         };
-                        if at.checked_add(bufsize).is_none_or(|end| end > size) {
+                        if at.checked_add(bufsize).map_or(true, |end| end > size) {
                             return Err("Input/output error".into());
                         }
                         match &target {
