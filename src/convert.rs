@@ -59,6 +59,10 @@ pub struct EngineOptions {
     pub target_backing: Option<Arc<dyn BlockDevice>>,
     /// The target is known to read as zeros already (`--target-is-zero`).
     pub target_is_zero: bool,
+    /// Copy offloading (`-C`): where the source keeps its data plainly in a file (raw)
+    /// and the writer can take it so, data stretches are copied by the kernel
+    /// (`copy_file_range`), unread and unscanned for zeros; otherwise ignored.
+    pub copy_offload: bool,
 }
 
 impl Default for EngineOptions {
@@ -70,6 +74,7 @@ impl Default for EngineOptions {
             progress: None,
             target_backing: None,
             target_is_zero: false,
+            copy_offload: false,
         }
     }
 }
@@ -195,6 +200,12 @@ enum Piece {
         offset: u64,
         len: u64,
     },
+    /// Data left in the source's file at `host`, for the writer to copy (`-C`).
+    Copy {
+        offset: u64,
+        host: u64,
+        len: u64,
+    },
 }
 
 /// A unit of work, cut by the dispatcher.
@@ -316,12 +327,19 @@ pub fn run(
         token_tx.send(()).expect("token channel has room");
     }
 
+    let offload = opts.copy_offload
+        && writer.copy_range_supported()
+        && src.plain_file().is_some()
+        && opts.target_backing.is_none()
+        && encoder.is_none()
+        && !src.sequential_only();
     let ctx = WorkerCtx {
         src,
         grain,
         zero_gran,
         encoder: encoder.as_deref(),
         backing: opts.target_backing.as_deref(),
+        offload,
         cancel: &cancel,
         pool: &pool,
     };
@@ -568,6 +586,8 @@ struct WorkerCtx<'a> {
     zero_gran: u64,
     encoder: Option<&'a dyn GrainEncoder>,
     backing: Option<&'a dyn BlockDevice>,
+    /// Data parts stored plainly in the source's file become `Piece::Copy`.
+    offload: bool,
     cancel: &'a AtomicBool,
     pool: &'a BufPool,
 }
@@ -605,6 +625,16 @@ fn process(ctx: &WorkerCtx<'_>, job: Job) -> Result<Done> {
             parts,
             buf,
         } => {
+            if ctx.offload && buf.is_none() {
+                if let Some(pieces) = copy_pieces(&parts) {
+                    return Ok(Done {
+                        seq,
+                        pieces,
+                        bytes: len,
+                        buf: Vec::new(),
+                    });
+                }
+            }
             let buf = match buf {
                 Some(b) => b,
                 None => read_parts(ctx.src, ctx.pool, offset, len, &parts)?,
@@ -617,6 +647,33 @@ fn process(ctx: &WorkerCtx<'_>, job: Job) -> Result<Done> {
             })
         }
     }
+}
+
+/// A unit for copy offloading: its data parts as copies from the source's file (where
+/// each lies at its own offset), its zero parts as zeros; `None` when a data part is
+/// stored otherwise, or the parts leave a gap.
+fn copy_pieces(parts: &[Extent]) -> Option<Vec<Piece>> {
+    let mut pieces = Vec::with_capacity(parts.len());
+    let mut end = parts.first()?.offset;
+    for p in parts {
+        if p.offset != end {
+            return None;
+        }
+        end = p.end();
+        if p.kind.reads_as_zero() {
+            pieces.push(Piece::Zero {
+                offset: p.offset,
+                len: p.len,
+            });
+        } else {
+            pieces.push(Piece::Copy {
+                offset: p.offset,
+                host: p.host_offset.filter(|_| !p.compressed)?,
+                len: p.len,
+            });
+        }
+    }
+    Some(pieces)
 }
 
 /// A zero stretch of the source: nothing to store, unless the target's backing image
@@ -780,6 +837,12 @@ fn collect(
                         if zero_to_write {
                             writer.write_zeros(offset, len)?
                         }
+                    }
+                    Piece::Copy { offset, host, len } => {
+                        let file = src.plain_file().ok_or_else(|| {
+                            Error::Format("internal error: copy offloading without a file".into())
+                        })?;
+                        writer.copy_range(file, host, offset, len)?
                     }
                 }
             }

@@ -33,6 +33,10 @@ impl BlockDevice for RawDevice {
         self.storage.len()
     }
 
+    fn plain_file(&self) -> Option<&File> {
+        self.storage.plain_file()
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_bounds(offset, buf.len() as u64, self.size())?;
         self.storage
@@ -243,6 +247,20 @@ impl ImageWriter for RawWriter {
             }
             Sink::Stream { .. } => Ok(()), // gaps are filled by the next write or finish
         }
+    }
+
+    fn copy_range_supported(&self) -> bool {
+        matches!(self.sink, Sink::File { .. })
+    }
+
+    fn copy_range(&mut self, src: &File, src_offset: u64, offset: u64, len: u64) -> Result<()> {
+        let Sink::File { file, path } = &mut self.sink else {
+            return Err(Error::Format(
+                "internal error: copy offloading into a stream".into(),
+            ));
+        };
+        self.allocate_ahead.before_write(file, offset, len);
+        crate::io::copy_range(src, src_offset, file, offset, len).map_err(|e| Error::io(&*path, e))
     }
 
     fn set_size(&mut self, size: u64) -> Result<()> {

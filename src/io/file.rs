@@ -37,6 +37,12 @@ pub trait Storage: Send + Sync {
     fn allocated_bytes(&self) -> u64 {
         self.len()
     }
+
+    /// The file whose bytes this storage reads, at the same offsets, when it is one
+    /// (for copy offloading: `convert -C`).
+    fn plain_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// A regular file (or block device) read with `pread`, aware of its holes.
@@ -91,6 +97,10 @@ impl FileStorage {
 impl Storage for FileStorage {
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn plain_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

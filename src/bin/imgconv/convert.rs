@@ -82,8 +82,9 @@ pub struct Args {
     /// With --bitmaps: skip bitmaps that are in use (inconsistent).
     #[arg(long = "skip-broken-bitmaps")]
     skip_broken_bitmaps: bool,
-    /// Copy offloading: accepted; data is copied by imgconv (as qemu when the
-    /// source and target cannot offload).
+    /// Copy offloading: a raw source's data is copied into a raw target by the kernel
+    /// (copy_file_range), unscanned for zeros; other pairs are copied as usual, as
+    /// qemu-img falls back when offloading is not possible.
     #[arg(short = 'C', long = "copy-range-offloading")]
     copy_range: bool,
     /// QEMU objects (refused: secrets are for encrypted images, which imgconv does not read).
@@ -257,6 +258,7 @@ fn convert_sources(
     opts.engine.min_sparse = min_sparse;
     opts.engine.threads = a.threads.unwrap_or(0);
     opts.engine.target_is_zero = a.target_is_zero;
+    opts.engine.copy_offload = a.copy_range;
     opts.no_create = a.no_create;
     if let Some(b) = &opts.write.backing_file {
         // The output stores only what differs from its backing image.
