@@ -5,17 +5,23 @@
 //! (or at its end), and starts `skip × bs` into it. Every block is written, zeros
 //! included, so the output is fully allocated as qemu-img makes it. Runs through the
 //! conversion engine, so any readable format goes into any writable one.
+//!
+//! Proxmox's qemu-img adds `-n` (write into an existing output), `osize=` (the
+//! output's size: the copy stops there, or the output is padded with zeros to it) and
+//! `-l SNAPSHOT`; Proxmox clones EFI disks with them (`dd -n -f raw -O raw bs=1M
+//! osize=SIZE if=A of=B`). imgconv takes them too; upstream qemu-img refuses them.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args as ClapArgs;
+use imgconv::device::ZeroDevice;
 use imgconv::writer::parse_size;
-use imgconv::{ConvertOptions, Format};
+use imgconv::{BlockDevice, ConvertOptions, Format};
 
-use crate::common::{esc, fail, open_spec, parse_format, CmdResult, InputArgs};
-use crate::devices::WindowDevice;
+use crate::common::{esc, fail, parse_format, CmdResult, InputArgs};
+use crate::devices::{ConcatDevice, WindowDevice};
 
 /// Arguments of `imgconv dd`.
 #[derive(ClapArgs)]
@@ -40,6 +46,12 @@ pub struct Args {
     /// Refuse references to other files in the input (images from strangers).
     #[arg(long)]
     untrusted: bool,
+    /// Write into the existing output instead of creating it (Proxmox's qemu-img).
+    #[arg(short = 'n', long = "no-create")]
+    no_create: bool,
+    /// Copy an internal snapshot of the input (qcow2; Proxmox's qemu-img).
+    #[arg(short = 'l', long = "snapshot")]
+    snapshot: Option<String>,
     /// Operands: if=INPUT of=OUTPUT [bs=BLOCK_SIZE] [count=BLOCKS] [skip=BLOCKS].
     #[arg(value_name = "OPERAND")]
     operands: Vec<String>,
@@ -53,6 +65,7 @@ struct Operands {
     bs: u64,
     count: Option<u64>,
     skip: Option<u64>,
+    osize: Option<u64>,
 }
 
 fn parse_operands(ops: &[String]) -> imgconv::Result<Operands> {
@@ -81,6 +94,12 @@ fn parse_operands(ops: &[String]) -> imgconv::Result<Operands> {
             "bs" => o.bs = number("bs", v)?,
             "count" => o.count = Some(number("count", v)?),
             "skip" => o.skip = Some(number("skip", v)?),
+            "osize" => {
+                o.osize =
+                    Some(parse_size(v).map_err(|_| {
+                        imgconv::Error::invalid(format!("invalid output size '{v}'"))
+                    })?)
+            }
             _ => return Err(imgconv::Error::invalid(format!("unrecognized operand {k}"))),
         }
     }
@@ -109,23 +128,46 @@ pub fn run(a: Args) -> CmdResult {
             imgconv::Error::invalid("Must specify both input and output files"),
         ));
     };
-    let img = open_spec(input, a.format, a.image_opts, a.untrusted, &a.input)?;
-    let (start, len) = window(img.size(), &o).unwrap_or_else(|| {
+    let spec = crate::spec::parse(input, a.format, a.image_opts).map_err(fail(1))?;
+    let mut oo = if a.untrusted {
+        imgconv::OpenOptions::untrusted()
+    } else {
+        imgconv::OpenOptions::trusted()
+    };
+    oo.format = spec.format;
+    oo.snapshot = a.snapshot.clone();
+    a.input.apply(&mut oo);
+    let img = imgconv::open(Path::new(&spec.filename), &oo)
+        .map_err(|e| crate::common::could_not_open(input, e))?;
+    let (start, mut len) = window(img.size(), &o).unwrap_or_else(|| {
         // As dd(1) and qemu-img: a warning and an empty output, not a failure.
         eprintln!("imgconv: {}: cannot skip to specified offset", esc(input));
         (0, 0)
     });
-    let src = WindowDevice::new(Arc::clone(img.device()), start, len);
+    if let Some(osize) = o.osize {
+        len = len.min(osize);
+    }
+    let part: Arc<dyn BlockDevice> =
+        Arc::new(WindowDevice::new(Arc::clone(img.device()), start, len));
+    // `osize=` past the copied part: the output goes on with zeros.
+    let pad = o.osize.map_or(0, |s| s - len);
+    let src: Arc<dyn BlockDevice> = if pad > 0 {
+        Arc::new(ConcatDevice::new(vec![
+            part,
+            Arc::new(ZeroDevice::new(pad)),
+        ]))
+    } else {
+        part
+    };
     let mut opts = ConvertOptions::new(a.out_format.unwrap_or(Format::Raw));
     // Every block is written, as qemu-img dd writes them.
     opts.engine.min_sparse = 0;
-    imgconv::convert::convert_to(
-        &src,
-        Path::new(output),
-        imgconv::io::OutputSet::new(),
-        &opts,
-    )
-    .map_err(|e| {
+    let out = if a.no_create {
+        imgconv::io::OutputSet::in_place()
+    } else {
+        imgconv::io::OutputSet::new()
+    };
+    imgconv::convert::convert_to(src.as_ref(), Path::new(output), out, &opts).map_err(|e| {
         (
             1,
             imgconv::Error::Format(format!("{}: {}", esc(output), crate::common::describe(&e))),
@@ -153,10 +195,11 @@ mod tests {
         let o = ops("if=a of=b bs=1M skip=100").unwrap();
         assert_eq!(window(64 << 20, &o), None);
         assert!(ops("if=a of=b bs=0").is_err());
-        assert!(ops("if=a of=b osize=1M")
+        assert_eq!(ops("if=a of=b osize=1M").unwrap().osize, Some(1 << 20));
+        assert!(ops("if=a of=b isize=1M")
             .unwrap_err()
             .to_string()
-            .contains("osize"));
+            .contains("isize"));
         assert!(ops("if=a of=b junk").is_err());
     }
 }

@@ -57,6 +57,8 @@ const FORMAT_IO_OPTIONS: &[&str] = &[
     "refcount-cache-size",
     "cache-size",
     "cache-clean-interval",
+    // Proxmox's target for `convert -n`: how qemu frees clusters on discard.
+    "discard-no-unref",
 ];
 
 /// Reads an image argument: a plain file name, a `json:{...}` specification, or (with
