@@ -104,6 +104,13 @@ pub fn describe(e: &imgconv::Error) -> String {
                 _ => format!("{}: {why}", path.display()),
             }
         }
+        // `-f qcow2` on something else: qemu's words.
+        imgconv::Error::Corrupt {
+            format: "qcow2",
+            structure: "header",
+            offset: 0,
+            reason,
+        } if reason.starts_with("bad magic") => "Image is not in qcow2 format".into(),
         other => other.to_string(),
     }
 }

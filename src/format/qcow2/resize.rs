@@ -242,6 +242,7 @@ fn discard_beyond(
     freed.sort_unstable();
     let file_clusters = storage.len().div_ceil(cs);
     let stored = read_refcounts(storage, h, file_clusters + 1)?;
+    let mut counts = stored.counts.clone();
     let mut k = 0;
     while k < freed.len() {
         let c = freed[k];
@@ -252,6 +253,20 @@ fn discard_beyond(
         }
         let now = stored.get(c).saturating_sub(n);
         write_refcount(file, storage, h, &stored.table, c, now)?;
+        if let Some(x) = counts.get_mut(c as usize) {
+            *x = now;
+        }
+    }
+    file.sync_data().map_err(|e| Error::io(path, e))?;
+    // The file ends after its last cluster in use, as qemu-img leaves it.
+    if stored.unreadable.is_empty() {
+        let last = counts
+            .iter()
+            .rposition(|&c| c > 0)
+            .map_or(0, |i| i as u64 + 1);
+        if last * cs < storage.len() {
+            file.set_len(last * cs).map_err(|e| Error::io(path, e))?;
+        }
     }
     Ok(())
 }
