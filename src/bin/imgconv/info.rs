@@ -94,7 +94,8 @@ fn children(i: &ImageInfo, follow: bool) -> Vec<(String, String, u64, u64)> {
             return None;
         }
         use std::os::unix::fs::MetadataExt;
-        Some((m.len(), m.blocks() * 512))
+        // qemu's file driver reports whole sectors.
+        Some((m.len().next_multiple_of(512), m.blocks() * 512))
     };
     let mut out = Vec::new();
     if follow && i.format == Format::Vmdk {
@@ -234,14 +235,15 @@ pub fn human(i: &ImageInfo, details: bool, follow: bool) -> String {
     }
     if !i.snapshots.is_empty() {
         s += "Snapshot list:\n";
+        // qemu's columns: "%-7s %-16s %8s %19s %15s %10s".
         s += &format!(
-            "{:<10}{:<17}{:>7}{:>20}{:>16}{:>11}\n",
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
             "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
         );
         for sn in &i.snapshots {
             let clock = sn.vm_clock_sec;
             s += &format!(
-                "{:<10}{:<17}{:>7}{:>20}{:>16}{:>11}\n",
+                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
                 esc(&sn.id),
                 esc(&sn.name),
                 human_size(sn.vm_state_size),
@@ -315,24 +317,21 @@ fn scalar(v: &Value) -> String {
     }
 }
 
+/// A snapshot's date as qemu prints it: local time, `YYYY-MM-DD HH:MM:SS`.
 fn format_date(secs: u64) -> String {
-    // Civil date from days since the epoch (UTC), without a date library.
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
+    let t = secs.min(i64::MAX as u64) as libc::time_t;
+    // SAFETY: localtime_r writes only into `tm`, which lives on this stack frame.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return secs.to_string();
+    }
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
     )
 }
