@@ -97,6 +97,12 @@ pub fn run(a: Args) -> CmdResult {
         };
         return finish(&r, &a, &path, format);
     }
+    // As qemu-img, an image that cannot be opened (unknown incompatible features,
+    // encryption) is not checked: its metadata means something imgconv cannot tell.
+    let o = imgconv::OpenOptions::trusted()
+        .format(Format::Qcow2)
+        .metadata_only();
+    imgconv::open(Path::new(&path), &o).map_err(|e| could_not_open(&a.file, e))?;
     let fix = a.repair.is_some();
     if a.repair.as_deref() == Some("all") {
         // Corruptions are not repaired: refuse before changing anything.

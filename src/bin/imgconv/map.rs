@@ -108,10 +108,17 @@ pub fn run(a: Args) -> CmdResult {
     let json = a.output == "json";
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(64 << 10, stdout.lock());
-    let r = walk(&status, start, end, json, &mut out);
-    let _ = out.flush();
-    r?;
-    Ok(ExitCode::SUCCESS)
+    let r = walk(&status, start, end, json, &mut out)
+        .and_then(|()| out.flush().map_err(|e| (1, imgconv::Error::Stream(e))));
+    match r {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // The reader stopped reading (`| head`): end quietly, as qemu-img (which the
+        // signal ends) does, with the shell's code for it.
+        Err((_, imgconv::Error::Stream(e))) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(ExitCode::from(141))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Walks `[start, end)` and prints each entry as soon as the next one does not
