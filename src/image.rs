@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::detect::Format;
+use crate::detect::{Compression, Format};
 use crate::device::{BlockDevice, DeviceReader};
 use crate::error::{Error, Result};
 use crate::io::{FileStorage, Storage};
@@ -25,7 +25,9 @@ pub struct OpenOptions {
     /// Refuse references to other files.
     pub untrusted: bool,
     /// Read metadata only: references are recorded in [`ImageInfo`] but not opened (for
-    /// `info` on untrusted images). Reads through a reference then fail.
+    /// `info` on untrusted images). [`BlockDevice::map`] still describes the image
+    /// itself (what falls through to an unopened backing file is `Unallocated`), and a
+    /// read that needs a reference fails with [`Error::NotOpened`].
     pub metadata_only: bool,
     /// Folder for spooling compressed inputs that need random access (`$TMPDIR` if unset).
     pub tmpdir: Option<PathBuf>,
@@ -38,11 +40,21 @@ pub struct OpenOptions {
     pub stream_unknown_length: bool,
     /// The tar member to open, when the input is a tar archive holding several images.
     pub member: Option<String>,
+    /// Makes every image readable in any order: a source that can only be read forward
+    /// (a raw disk or a streamOptimized VMDK arriving through a pipe or a compressed
+    /// file) is decoded once into a sparse, already unlinked temporary file in
+    /// [`tmpdir`](Self::tmpdir) (else `$TMPDIR`), which is gone when the image is dropped.
+    pub random_access: bool,
     /// The internal snapshot to read instead of the current state of the top image, as
     /// qemu-img's `convert -l`: `snapshot.id=ID`, `snapshot.name=NAME` (or both,
     /// comma-separated), or a bare ID or name (ID first). Formats without internal
     /// snapshots refuse it.
     pub snapshot: Option<String>,
+    /// The parent of a differencing image, instead of the one the image finds itself: a
+    /// name resolved like the image's own references (against its folder) and refused in
+    /// untrusted mode. For VDI, whose parent is otherwise looked for by UUID. Applies to
+    /// the top image; formats that cannot take it refuse it at open.
+    pub parent: Option<String>,
 }
 
 impl OpenOptions {
@@ -86,6 +98,19 @@ impl OpenOptions {
     /// Reads the internal snapshot `id_or_name` of the top image (`convert -l`).
     pub fn snapshot(mut self, id_or_name: impl Into<String>) -> Self {
         self.snapshot = Some(id_or_name.into());
+        self
+    }
+
+    /// Spools forward-only sources so that the image can be read in any order (see
+    /// [`OpenOptions::random_access`]).
+    pub fn random_access(mut self) -> Self {
+        self.random_access = true;
+        self
+    }
+
+    /// Opens a differencing image on the parent `name` (see [`OpenOptions::parent`]).
+    pub fn parent(mut self, name: impl Into<String>) -> Self {
+        self.parent = Some(name.into());
         self
     }
 
@@ -162,9 +187,10 @@ pub struct ImageInfo {
     /// Format-specific details in qemu-img's shape: `{"type": FMT, "data": {...}}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<serde_json::Value>,
-    /// Compression wrapping the image file (`gzip`, `xz`…), if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compression: Option<String>,
+    /// The compression wrapped around the image file (`gzip`, `bzip2`, `xz`, `zstd`), if
+    /// any — not compressed clusters inside the image (`compression` in `info`'s JSON).
+    #[serde(rename = "compression", skip_serializing_if = "Option::is_none")]
+    pub wrapper: Option<Compression>,
     /// The tar archive member holding the image, when the input is a tar archive.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_member: Option<String>,
@@ -191,7 +217,7 @@ impl ImageInfo {
             backing_filename_format: None,
             snapshots: Vec::new(),
             format_specific: None,
-            compression: None,
+            wrapper: None,
             archive_member: None,
             references: Vec::new(),
             backing: None,
@@ -255,8 +281,32 @@ impl Image {
     }
 
     /// `Read + Seek` over the guest-visible bytes.
+    ///
+    /// An image read straight from a stream (a raw disk or a streamOptimized VMDK in a
+    /// pipe or a compressed file: [`BlockDevice::sequential_only`] is true) can only be
+    /// read forward, once: a backward seek then fails with
+    /// [`Error::Unsupported`](crate::Error::Unsupported) (and so does a second
+    /// conversion of it). Open it with [`OpenOptions::random_access`] to read it in any
+    /// order, as often as you like. Errors come out as [`std::io::Error`]s that carry
+    /// the crate's [`Error`]: `imgconv::Error::from(io_error)` gives it back.
     pub fn reader(&self) -> DeviceReader<Arc<dyn BlockDevice>> {
         DeviceReader::new(self.device.clone())
+    }
+
+    /// The extents of the virtual disk, from offset 0 to its end (data, zeros,
+    /// unallocated), as [`BlockDevice::map`] describes them.
+    pub fn extents(&self) -> crate::device::Extents<'_> {
+        crate::device::extents(self.device.as_ref())
+    }
+
+    /// An image over any [`BlockDevice`] of your own (a raw disk, as far as `info` and
+    /// the writers are concerned): to convert it, read it, or walk its extents.
+    pub fn from_device(device: impl BlockDevice + 'static) -> Self {
+        let size = device.size();
+        Image {
+            device: Arc::new(device),
+            info: ImageInfo::new("(device)", Format::Raw, size),
+        }
     }
 }
 
@@ -276,7 +326,15 @@ pub struct OpenContext {
     pub depth: u32,
     /// Canonical paths of the images above this one (loop detection).
     pub chain: Vec<PathBuf>,
+    /// Opens the images this one refers to (backing files, parents): the front door's
+    /// `open_storage`, handed down so that a format driver never calls the layer above
+    /// it. `None` in a context made outside the front door: references are then refused.
+    pub opener: Option<Opener>,
 }
+
+/// Opens an image from storage in a given context: probes (or takes) its format and runs
+/// that format's driver. The front door fills [`OpenContext::opener`] with it.
+pub type Opener = fn(Arc<dyn Storage>, &OpenContext) -> Result<Image>;
 
 impl OpenContext {
     /// Context for the top image at `path`.
@@ -295,6 +353,7 @@ impl OpenContext {
             filename: path.display().to_string(),
             depth: 0,
             chain: path.canonicalize().into_iter().collect(),
+            opener: None,
         }
     }
 
@@ -308,6 +367,7 @@ impl OpenContext {
             filename: name.to_string(),
             depth: 0,
             chain: Vec::new(),
+            opener: None,
         }
     }
 
@@ -401,34 +461,19 @@ impl OpenContext {
         ctx.depth = self.depth + 1;
         ctx.chain = self.chain.clone();
         ctx.chain.push(canon);
+        ctx.opener = self.opener;
+        let opener = self.opener.ok_or_else(|| {
+            Error::Format(format!(
+                "{format}: {field} {name:?} cannot be opened from this context (made outside imgconv::open)"
+            ))
+        })?;
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&path)?);
-        crate::format::open_storage(storage, &ctx).map(Some)
+        opener(storage, &ctx).map(Some)
     }
-}
 
-/// Opens the image at `path`: finds its format (unless `options` names it) and returns the
-/// virtual disk with its backing chain.
-///
-/// Compressed files (gzip, bzip2, xz, zstd) and tar archives are unwrapped first, found
-/// by magic bytes; `options.format` then names the inner format. The path `-` reads
-/// standard input (see [`open_reader`]).
-pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
-    let path = path.as_ref();
-    if path.as_os_str() == "-" {
-        return crate::io::source::open_stream_input(Box::new(std::io::stdin()), "-", options);
+    /// This context with `opener` to follow references.
+    pub fn with_opener(mut self, opener: Opener) -> Self {
+        self.opener = Some(opener);
+        self
     }
-    crate::io::source::open_path(path, options)
-}
-
-/// Opens an image from any byte stream: compressed or not, a tar archive or not. A raw
-/// disk in a tar member is read straight from the stream, and so is a raw disk of
-/// unknown length with [`OpenOptions::stream_unknown_length`]; otherwise raw disks of
-/// unknown length, and formats that need random access, are spooled to a sparse
-/// temporary file in `options.tmpdir` (else `$TMPDIR`), removed when the image is
-/// dropped.
-pub fn open_reader(
-    reader: impl std::io::Read + Send + 'static,
-    options: &OpenOptions,
-) -> Result<Image> {
-    crate::io::source::open_stream_input(Box::new(reader), "(stream)", options)
 }

@@ -4,7 +4,6 @@
 pub mod compressed;
 pub mod file;
 pub mod output;
-pub mod source;
 pub mod spool;
 pub mod stream;
 pub mod tar;

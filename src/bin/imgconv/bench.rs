@@ -138,7 +138,7 @@ pub fn run(a: Args) -> CmdResult {
     }
     let img = open_spec(&a.file, a.format, a.image_opts, false, &a.input)?;
     let target = if a.write {
-        if img.format() != Format::Raw || img.info().compression.is_some() {
+        if img.format() != Format::Raw || img.info().wrapper.is_some() {
             return Err((
                 1,
                 imgconv::Error::unsupported(

@@ -2,11 +2,12 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Args as ClapArgs;
-use imgconv::format::qcow2::check::{check, check_and_repair, CheckReport};
+use imgconv::driver::{CheckReport, CheckRequest};
 use imgconv::io::FileStorage;
-use imgconv::Format;
+use imgconv::{Format, OpenOptions};
 
 use crate::common::{check_cache_mode, could_not_open, esc, fail, parse_format, CmdResult};
 
@@ -59,62 +60,51 @@ pub fn run(a: Args) -> CmdResult {
         ));
     }
     let spec = crate::spec::parse(&a.file, a.format, a.image_opts).map_err(fail(1))?;
-    let path = spec.filename;
-    let storage = FileStorage::open(Path::new(&path)).map_err(|e| could_not_open(&a.file, e))?;
+    let path = Path::new(&spec.filename);
+    let storage = FileStorage::open(path).map_err(|e| could_not_open(&a.file, e))?;
     let format = match spec.format {
         Some(f) => f,
-        None => imgconv::detect::probe(&storage).map_err(|e| could_not_open(&a.file, e))?,
+        None => imgconv::format::probe_storage(&storage).map_err(|e| could_not_open(&a.file, e))?,
     };
-    if format == Format::Raw {
-        // qemu-img's wording and exit code for formats without a check.
+    let driver = imgconv::format::driver(format);
+    let no_checks = || {
+        // qemu-img's wording and exit code for formats without a check (or without
+        // repairs, when -r was given).
         eprintln!("imgconv: This image format does not support checks");
-        return Ok(ExitCode::from(63));
+        Ok(ExitCode::from(63))
+    };
+    let Some(check) = driver.check else {
+        return no_checks();
+    };
+    if format == Format::Qcow2 {
+        // As qemu-img, an image that cannot be opened (unknown incompatible features,
+        // encryption) is not checked: its metadata means something imgconv cannot tell.
+        let o = OpenOptions::trusted().format(format).metadata_only();
+        imgconv::open(path, &o).map_err(|e| could_not_open(&a.file, e))?;
     }
+    let ctx = imgconv::open::context_for_path(path, &OpenOptions::trusted().format(format));
+    let req = CheckRequest {
+        storage: Arc::new(storage),
+        ctx: &ctx,
+    };
     let could_not = |e| {
         (
             1,
             imgconv::Error::Format(format!("Could not check '{}': {e}", esc(&a.file))),
         )
     };
-    if format != Format::Qcow2 {
-        if a.repair.is_some() {
-            // As qemu-img: VMDK and VDI checks do not repair, which it words so.
-            eprintln!("imgconv: This image format does not support checks");
-            return Ok(ExitCode::from(63));
-        }
-        let r = match format {
-            Format::Vdi => imgconv::format::vdi::check::check(&storage).map_err(could_not)?,
-            _ => {
-                // Extents are opened, the parent of a delta disk is not: as qemu-img,
-                // the check covers this image only.
-                let o = imgconv::OpenOptions::trusted()
-                    .format(format)
-                    .metadata_only();
-                let img =
-                    imgconv::open(Path::new(&path), &o).map_err(|e| could_not_open(&a.file, e))?;
-                imgconv::format::vmdk::check::check(&img)
-            }
-        };
-        return finish(&r, &a, &path, format);
+    if a.repair.is_some() && driver.repair.is_none() {
+        return no_checks();
     }
-    // As qemu-img, an image that cannot be opened (unknown incompatible features,
-    // encryption) is not checked: its metadata means something imgconv cannot tell.
-    let o = imgconv::OpenOptions::trusted()
-        .format(Format::Qcow2)
-        .metadata_only();
-    imgconv::open(Path::new(&path), &o).map_err(|e| could_not_open(&a.file, e))?;
-    let fix = a.repair.is_some();
     if a.repair.as_deref() == Some("all") {
         // Corruptions are not repaired: refuse before changing anything.
-        let r = check(&storage).map_err(could_not)?;
+        let r = check(&req).map_err(could_not)?;
         if r.corruptions > 0 {
-            for m in &r.messages {
-                eprintln!("{m}");
-            }
+            print_messages(&r);
             return Err((
                 1,
                 imgconv::Error::unsupported(
-                    "qcow2",
+                    format.name(),
                     format!(
                         "repairing {} corruptions (-r all); nothing was changed — imgconv convert writes a clean copy",
                         r.corruptions
@@ -123,50 +113,50 @@ pub fn run(a: Args) -> CmdResult {
             ));
         }
     }
-    let mut r = if fix {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| (1, imgconv::Error::io(&path, e)))?;
-        check_and_repair(&storage, Some(&file)).map_err(could_not)?
-    } else {
-        check(&storage).map_err(could_not)?
+    let r = match (a.repair.as_deref(), driver.repair) {
+        (None, _) | (_, None) => check(&req).map_err(could_not)?,
+        (Some(_), Some(repair)) => {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(|e| (1, imgconv::Error::io(path, e)))?;
+            let r = repair(&req, &file).map_err(could_not)?;
+            print_messages(&r);
+            if r.repair_failed {
+                return Err((
+                    1,
+                    imgconv::Error::Format("Check failed: Input/output error".into()),
+                ));
+            }
+            if r.leaks_fixed == 0 {
+                return finish(&r, &a, &spec.filename, format);
+            }
+            if a.output == "human" && !a.quiet {
+                print!(
+                    "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\n",
+                    r.leaks_fixed
+                );
+            }
+            let mut again = check(&req).map_err(could_not)?;
+            again.leaks_fixed = r.leaks_fixed;
+            again
+        }
     };
+    print_messages(&r);
+    finish(&r, &a, &spec.filename, format)
+}
+
+/// Prints each problem on stderr, as qemu-img does.
+fn print_messages(r: &CheckReport) {
     for m in &r.messages {
         eprintln!("{m}");
     }
-    if r.repair_failed {
-        return Err((
-            1,
-            imgconv::Error::Format("Check failed: Input/output error".into()),
-        ));
-    }
-    if r.leaks_fixed > 0 {
-        if a.output == "human" && !a.quiet {
-            print!(
-                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\n",
-                r.leaks_fixed
-            );
-        }
-        let fixed = r.leaks_fixed;
-        r = check(&storage).map_err(could_not)?;
-        r.leaks_fixed = fixed;
-        for m in &r.messages {
-            eprintln!("{m}");
-        }
-    }
-    finish(&r, &a, &path, format)
 }
 
-/// Prints the summary of a finished check (messages already on stderr for qcow2) and
-/// gives its exit code.
+/// Prints the summary of a finished check (its messages already on stderr) and gives its
+/// exit code.
 fn finish(r: &CheckReport, a: &Args, path: &str, format: Format) -> CmdResult {
-    if format != Format::Qcow2 {
-        for m in &r.messages {
-            eprintln!("{m}");
-        }
-    }
     if let Some(why) = &r.failed {
         return Err((1, imgconv::Error::Format(format!("Check failed: {why}"))));
     }

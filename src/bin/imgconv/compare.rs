@@ -7,6 +7,7 @@
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
+use imgconv::zero::is_zero;
 use imgconv::{Format, Image};
 
 use crate::common::{check_cache_mode, describe, open_spec, parse_format, CmdResult, InputArgs};
@@ -202,7 +203,7 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
 
 /// Where the first 512-byte sector holding a non-zero byte starts.
 fn first_nonzero(a: &[u8]) -> Option<u64> {
-    if imgconv::convert::is_zero(a) {
+    if is_zero(a) {
         return None;
     }
     let i = a.iter().position(|&x| x != 0).unwrap_or(0);

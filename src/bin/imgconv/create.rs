@@ -166,6 +166,10 @@ fn formatting_line(file: &str, format: Format, size: u64, w: &WriteOptions) -> S
             ("uuid", o("uuid")),
             ("preallocation", o("preallocation")),
         ],
+        // Formats qemu's order is not recorded for: the size, then the options given.
+        _ => std::iter::once(("size", size))
+            .chain(w.options.iter().map(|(k, v)| (k.as_str(), Some(v.clone()))))
+            .collect(),
     };
     let mut line = format!("Formatting '{}', fmt={format}", esc(file));
     for (k, v) in fields {

@@ -154,7 +154,7 @@ pub fn json_info(i: &ImageInfo, follow: bool) -> Value {
     if let Some(fs) = &i.format_specific {
         m.insert(format_specific_key(i.format).into(), fs.clone());
     }
-    if let Some(c) = &i.compression {
+    if let Some(c) = &i.wrapper {
         m.insert("compression".into(), json!(c));
     }
     if let Some(a) = &i.archive_member {
@@ -200,8 +200,8 @@ pub fn human(i: &ImageInfo, details: bool, follow: bool) -> String {
     let mut s = String::new();
     s += &format!("image: {}\n", esc(&i.filename));
     s += &format!("file format: {}\n", i.format);
-    if let Some(c) = &i.compression {
-        s += &format!("compression: {}\n", esc(c));
+    if let Some(c) = &i.wrapper {
+        s += &format!("compression: {c}\n");
     }
     if let Some(m) = &i.archive_member {
         s += &format!("archive member: {} (tar)\n", esc(m));

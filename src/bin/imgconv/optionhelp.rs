@@ -57,6 +57,7 @@ fn options(format: Format) -> &'static [(&'static str, &'static str, &'static st
             ("static", "bool (on/off)", "VDI static (pre-allocated) image"),
             ("uuid", "str", "VDI image UUID (imgconv; default: a fresh one)"),
         ],
+        _ => &[SIZE],
     }
 }
 

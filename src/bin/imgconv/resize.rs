@@ -63,7 +63,7 @@ pub fn run(a: Args) -> CmdResult {
     let storage = FileStorage::open(path).map_err(|e| could_not_open(&a.file, e))?;
     let format = match spec.format {
         Some(f) => f,
-        None => imgconv::detect::probe(&storage).map_err(|e| could_not_open(&a.file, e))?,
+        None => imgconv::format::probe_storage(&storage).map_err(|e| could_not_open(&a.file, e))?,
     };
     let current = match format {
         Format::Raw => imgconv::io::Storage::len(&storage),
@@ -97,37 +97,28 @@ pub fn run(a: Args) -> CmdResult {
     if new < current && !a.quiet {
         eprintln!("imgconv: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.");
     }
-    match format {
-        Format::Raw => {
-            if prealloc == Prealloc::Metadata {
-                return invalid("Unsupported preallocation mode: metadata".into());
-            }
-            imgconv::format::raw::resize(path, new).map_err(fail(1))?;
-            if new > current && prealloc != Prealloc::Off {
-                allocate(path, current, new, prealloc == Prealloc::Full).map_err(fail(1))?;
-            }
-        }
-        Format::Qcow2 => {
-            if prealloc != Prealloc::Off {
-                return Err((
-                    1,
-                    imgconv::Error::unsupported(
-                        "qcow2",
-                        format!(
-                            "resize --preallocation={} (the new area is left unallocated only)",
-                            a.preallocation.as_deref().unwrap_or("")
-                        ),
-                    ),
-                ));
-            }
-            imgconv::format::qcow2::resize::resize(path, new, a.shrink).map_err(fail(1))?
-        }
-        other => {
-            return Err((
-                1,
-                imgconv::Error::unsupported(other.name(), "resize (raw and qcow2 only)"),
-            ))
-        }
+    if prealloc == Prealloc::Metadata && format == Format::Raw {
+        return invalid("Unsupported preallocation mode: metadata".into());
+    }
+    if prealloc != Prealloc::Off && format != Format::Raw {
+        return Err((
+            1,
+            imgconv::Error::unsupported(
+                format.name(),
+                format!(
+                    "resize --preallocation={} (the new area is left unallocated only)",
+                    a.preallocation.as_deref().unwrap_or("")
+                ),
+            ),
+        ));
+    }
+    let resize = imgconv::format::driver(format)
+        .resize
+        .ok_or_else(|| (1, imgconv::format::unsupported(format, "resize")))?;
+    let ctx = imgconv::open::context_for_path(path, &imgconv::OpenOptions::trusted());
+    resize(path, new, a.shrink, &ctx).map_err(fail(1))?;
+    if format == Format::Raw && new > current && prealloc != Prealloc::Off {
+        allocate(path, current, new, prealloc == Prealloc::Full).map_err(fail(1))?;
     }
     if !a.quiet {
         println!("Image resized.");

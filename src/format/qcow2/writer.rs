@@ -477,9 +477,10 @@ fn new_writer(
     let size_pending = size.is_none();
     let size = size.unwrap_or(MAX_VIRTUAL_SIZE);
     if out.is_stream() {
-        return Err(Error::invalid(
-            "qcow2 cannot be written to a stream (it needs to seek)",
-        ));
+        return Err(Error::NeedsSeekableOutput {
+            format: "qcow2",
+            what: "a qcow2 image".into(),
+        });
     }
     // `-n`: the target exists. qemu-img creates nothing then, and afterwards the target
     // reads as the source: it is written anew, in the same file, with the creation
@@ -826,7 +827,7 @@ impl ImageWriter for Qcow2Writer {
             Some(enc) => {
                 for (i, grain) in run.data.chunks(cs as usize).enumerate() {
                     let gc = run.offset / cs + i as u64;
-                    if crate::convert::is_zero(grain) {
+                    if crate::zero::is_zero(grain) {
                         // QEMU skips all-zero clusters when compressing, whatever -S
                         // says; over a backing file they must still read as zeros.
                         self.write_zeros_clusters(gc, gc + 1)?;
