@@ -245,6 +245,15 @@ row "qcow2→vmdk" disk.qcow2 "$D" "$I convert -f qcow2 -O vmdk $IN/disk.qcow2 $
     "$Q -f qcow2 -O vmdk $IN/disk.qcow2 $BO"
 row "qcow2→vdi" disk.qcow2 "$D" "$I convert -f qcow2 -O vdi $IN/disk.qcow2 $IO" \
     "$Q -f qcow2 -O vdi $IN/disk.qcow2 $BO"
+# qemu-img's command-line options that change how the copy is done.
+row "qcow2→raw -p (progress lines on stdout)" disk.qcow2 "$D" \
+    "$I convert -p -f qcow2 -O raw $IN/disk.qcow2 $IO" "$Q -p -f qcow2 -O raw $IN/disk.qcow2 $BO"
+row "raw→raw -C (copy offloading)" "" "$D" "$I convert -C -f raw -O raw $D $IO" \
+    "$Q -C -f raw -O raw $D $BO"
+row "qcow2→raw -S 0 (fully allocated)" disk.qcow2 "$D" \
+    "$I convert -S 0 -f qcow2 -O raw $IN/disk.qcow2 $IO" "$Q -S 0 -f qcow2 -O raw $IN/disk.qcow2 $BO"
+row "map --output=json of the qcow2" disk.qcow2 "" \
+    "$I map --output=json $IN/disk.qcow2" "qemu-img map --output=json $IN/disk.qcow2"
 row "raw→qcow2 -c (zlib)" "" "$D" "$I convert -f raw -O qcow2 -c $D $IO" \
     "$Q -f raw -O qcow2 -c $D $BO"
 row "raw→qcow2 -c (zstd)" "" "$D" \

@@ -188,7 +188,7 @@ fn from_options(o: &BTreeMap<String, String>) -> Result<(String, Option<Format>)
     match driver {
         None if !has_file => Err("Must specify either driver or file".into()),
         Some(d) if protocol(d) => {
-            check_keys(o, "", FILE_IO_OPTIONS, &["driver", "filename"], d)?;
+            check_keys(o, FILE_IO_OPTIONS, &["driver", "filename"], d)?;
             let f = o
                 .get("filename")
                 .ok_or_else(|| format!("The '{d}' block driver requires a file name"))?;
@@ -229,7 +229,7 @@ fn from_options(o: &BTreeMap<String, String>) -> Result<(String, Option<Format>)
                     "Unknown protocol driver '{d}': imgconv reads local files only"
                 ));
             }
-            check_keys(&file, "", FILE_IO_OPTIONS, &["driver", "filename"], d)?;
+            check_keys(&file, FILE_IO_OPTIONS, &["driver", "filename"], d)?;
             let f = file
                 .get("filename")
                 .ok_or_else(|| format!("The '{d}' block driver requires a file name"))?;
@@ -238,15 +238,14 @@ fn from_options(o: &BTreeMap<String, String>) -> Result<(String, Option<Format>)
     }
 }
 
+/// Fails naming the first key of `o` that is neither in `allowed` nor in `required`.
 fn check_keys(
     o: &BTreeMap<String, String>,
-    prefix: &str,
     allowed: &[&str],
     required: &[&str],
     driver: &str,
 ) -> Result<(), String> {
-    for k in o.keys() {
-        let k = k.strip_prefix(prefix).unwrap_or(k);
+    for k in o.keys().map(String::as_str) {
         if !allowed.contains(&k) && !required.contains(&k) {
             return Err(format!(
                 "Block protocol '{driver}' doesn't support the option '{k}'"
