@@ -105,6 +105,16 @@ pub enum Error {
     /// The operation was interrupted (Ctrl-C / SIGTERM) or cancelled by the caller.
     #[error("interrupted")]
     Interrupted,
+
+    /// Another process holds the image in a conflicting way (QEMU's image locking);
+    /// the message is QEMU's.
+    #[error("Failed to get {what} lock\nIs another process using the image [{}]?", path.display())]
+    Locked {
+        /// The image file.
+        path: PathBuf,
+        /// The permission, as QEMU words it: `"write"` or `shared "write"`.
+        what: String,
+    },
 }
 
 impl Error {

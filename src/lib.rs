@@ -60,6 +60,7 @@ pub mod fuzzing;
 pub mod image;
 pub mod io;
 pub mod limits;
+pub mod ops;
 pub mod writer;
 
 pub use convert::{convert, convert_to_writer, ConvertOptions, EngineOptions};

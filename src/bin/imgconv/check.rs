@@ -33,8 +33,8 @@ pub struct Args {
 
 /// Runs `imgconv check`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
-    let storage = FileStorage::open(Path::new(&a.file)).map_err(fail(1))?;
+    let mut storage =
+        FileStorage::open_image(Path::new(&a.file), a.force_share).map_err(fail(1))?;
     let format = match a.format {
         Some(f) => f,
         None => imgconv::detect::probe(&storage).map_err(fail(1))?,
@@ -89,11 +89,16 @@ pub fn run(a: Args) -> CmdResult {
         }
     };
     let mut r = if fix {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&a.file)
-            .map_err(|e| (1, imgconv::Error::io(&a.file, e)))?;
+        // One open file for reading and writing: a second, read-only one would hold
+        // locks that conflict with the writer's.
+        drop(storage);
+        let file = imgconv::io::inplace::InPlaceFile::open(Path::new(&a.file)).map_err(|e| {
+            (
+                1,
+                imgconv::Error::Format(format!("Could not open '{}': {e}", a.file)),
+            )
+        })?;
+        storage = file.storage().map_err(could_not)?;
         check_and_repair(&storage, Some(&file)).map_err(could_not)?
     } else {
         check(&storage).map_err(could_not)?

@@ -1,6 +1,9 @@
 //! `imgconv`: qemu-img's command line for raw, qcow2, VMDK and VDI images.
 
+mod amend;
+mod bitmap;
 mod check;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -8,7 +11,10 @@ mod create;
 mod info;
 mod map;
 mod measure;
+mod ops_common;
+mod rebase;
 mod resize;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -42,6 +48,16 @@ enum Command {
     Create(create::Args),
     /// Change the virtual size of an image.
     Resize(resize::Args),
+    /// Change the backing file of an image (copying what differs, unless -u).
+    Rebase(rebase::Args),
+    /// Write an image's data into its backing file.
+    Commit(commit::Args),
+    /// Change format-specific options of an image (qcow2).
+    Amend(amend::Args),
+    /// List, create, apply or delete internal snapshots (qcow2).
+    Snapshot(snapshot::Args),
+    /// Add, remove, clear, enable, disable or merge persistent bitmaps (qcow2).
+    Bitmap(bitmap::Args),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +85,11 @@ fn main() -> ExitCode {
         Command::Measure(a) => measure::run(a),
         Command::Create(a) => create::run(a),
         Command::Resize(a) => resize::run(a),
+        Command::Rebase(a) => rebase::run(a),
+        Command::Commit(a) => commit::run(a),
+        Command::Amend(a) => amend::run(a),
+        Command::Snapshot(a) => snapshot::run(a),
+        Command::Bitmap(a) => bitmap::run(a),
     };
     match r {
         Ok(code) => code,

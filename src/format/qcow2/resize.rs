@@ -5,8 +5,6 @@
 //! of the file from the stored refcounts, with the old L1 table and refcount structures
 //! freed; the header is written last, so an interrupted resize leaves the old image.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::header::{
@@ -15,27 +13,21 @@ use super::header::{
 };
 use super::refcount::{read_refcounts, OFFSET_MASK_REFTABLE};
 use crate::error::{Error, Result};
-use crate::io::{read_struct, FileStorage, Storage};
+use crate::io::inplace::InPlaceFile;
+use crate::io::{read_struct, Storage};
 use crate::limits::{MAX_QCOW2_L1_BYTES, MAX_QCOW2_REFTABLE_BYTES, MAX_VIRTUAL_SIZE};
 
 const FMT: &str = "qcow2";
 
-fn write_at(file: &File, buf: &[u8], off: u64, path: &Path) -> Result<()> {
-    file.write_all_at(buf, off).map_err(|e| Error::io(path, e))
+fn write_at(file: &InPlaceFile, buf: &[u8], off: u64, _path: &Path) -> Result<()> {
+    file.write_at(buf, off)
 }
 
 /// Resizes the qcow2 image at `path` to `new_size` bytes. Shrinking needs `shrink` and
 /// is refused when any cluster at or beyond the new end is allocated.
 pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    let storage = FileStorage::from_file(
-        file.try_clone().map_err(|e| Error::io(path, e))?,
-        path.to_path_buf(),
-    )?;
+    let file = InPlaceFile::open(path)?;
+    let storage = file.storage()?;
     let mut prefix = vec![0u8; 104.min(storage.len() as usize)];
     read_struct(&storage, &mut prefix, 0, FMT, "header")?;
     let need = Header::needed_len(&prefix).min(4096);
@@ -127,10 +119,10 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
         }
         h.l1_size = new_l1 as u32;
     }
-    file.sync_data().map_err(|e| Error::io(path, e))?;
+    file.sync()?;
     h.size = new_size;
     write_at(&file, &h.serialize(), 0, path)?;
-    file.sync_data().map_err(|e| Error::io(path, e))
+    file.sync()
 }
 
 /// Growing leaves the new area unallocated; where the backing file is longer than the
@@ -221,7 +213,7 @@ fn check_nothing_beyond(
 /// Moves the L1 table to the end of the file with room for `new_l1` entries and
 /// rewrites the refcount structures after it.
 fn relocate_l1(
-    file: &File,
+    file: &InPlaceFile,
     path: &Path,
     storage: &dyn Storage,
     h: &mut Header,

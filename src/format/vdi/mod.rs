@@ -41,7 +41,7 @@ pub fn open_with_parent(
     let path = path.as_ref();
     let mut ctx = OpenContext::for_path(path, options);
     ctx.options.format = Some(crate::detect::Format::Vdi);
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path)?);
+    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open_image(path, options.force_share)?);
     let opened = reader::open_with(storage, &ctx, ParentSource::Explicit(parent.to_string()))?;
     Ok(Image::from_opened(opened))
 }
