@@ -22,22 +22,19 @@ pub fn open_and_walk(data: &[u8], format: Option<Format>) {
     let storage = Arc::new(MemStorage::new(data.to_vec()));
     let mut opts = OpenOptions::untrusted();
     opts.format = format;
-    let ctx = OpenContext::detached("fuzz-input", &opts);
-    let Ok(img) = crate::format::open_storage(storage.clone(), &ctx) else {
+    let ctx = OpenContext::detached("fuzz-input", &opts).with_opener(crate::open::open_storage);
+    let Ok(img) = crate::open::open_storage(storage.clone(), &ctx) else {
         return;
     };
     let _ = serde_json::to_string(img.info());
     walk(img.device().as_ref());
-    match img.format() {
-        Format::Vmdk => {
-            let _ = crate::format::vmdk::check::check(&img).exit_code();
+    // qcow2's check has a target of its own.
+    let check = crate::format::driver(img.format()).check;
+    if let (Some(check), false) = (check, img.format() == Format::Qcow2) {
+        let req = crate::driver::CheckRequest { storage, ctx: &ctx };
+        if let Ok(report) = check(&req) {
+            let _ = report.exit_code();
         }
-        Format::Vdi => {
-            if let Ok(report) = crate::format::vdi::check::check(storage.as_ref()) {
-                let _ = report.exit_code();
-            }
-        }
-        Format::Raw | Format::Qcow2 => {}
     }
 }
 
@@ -260,7 +257,7 @@ pub fn vmdk_descriptor(data: &[u8]) {
 /// through the random-access reader.
 pub fn vmdk_stream(data: &[u8]) {
     let opts = OpenOptions::untrusted();
-    let ctx = OpenContext::detached("fuzz-input", &opts);
+    let ctx = OpenContext::detached("fuzz-input", &opts).with_opener(crate::open::open_storage);
     let reader = Box::new(std::io::Cursor::new(data.to_vec()));
     if let Ok(opened) = crate::format::vmdk::open_stream(reader, &ctx) {
         walk_in_order(opened.device.as_ref());
@@ -310,8 +307,7 @@ pub fn compressed(data: &[u8]) {
         }
     }
     let reader = Box::new(std::io::Cursor::new(data.to_vec()));
-    if let Ok(img) =
-        crate::io::source::open_stream_input(reader, "fuzz-input", &OpenOptions::untrusted())
+    if let Ok(img) = crate::open::open_stream_input(reader, "fuzz-input", &OpenOptions::untrusted())
     {
         let _ = serde_json::to_string(img.info());
         walk_in_order(img.device().as_ref());
@@ -320,7 +316,7 @@ pub fn compressed(data: &[u8]) {
     // the stream), through the conversion engine into a raw stream.
     let reader = Box::new(std::io::Cursor::new(data.to_vec()));
     let opts = OpenOptions::untrusted().stream_unknown_length();
-    if let Ok(img) = crate::io::source::open_stream_input(reader, "fuzz-input", &opts) {
+    if let Ok(img) = crate::open::open_stream_input(reader, "fuzz-input", &opts) {
         let to_raw = crate::convert::ConvertOptions::new(Format::Raw);
         let _ = crate::convert::convert_to_writer(&img, Box::new(std::io::sink()), &to_raw);
     }

@@ -46,6 +46,11 @@ pub struct OpenOptions {
     /// Opens image files without QEMU's read locks and without asking whether another
     /// process writes them (qemu-img's `-U` / `--force-share`); see [`crate::io::lock`].
     pub force_share: bool,
+    /// The parent of a differencing image, instead of the one the image finds itself: a
+    /// name resolved like the image's own references (against its folder) and refused in
+    /// untrusted mode. For VDI, whose parent is otherwise looked for by UUID. Applies to
+    /// the top image; formats that cannot take it refuse it at open.
+    pub parent: Option<String>,
 }
 
 impl OpenOptions {
@@ -95,6 +100,12 @@ impl OpenOptions {
     /// Reads without taking or testing QEMU's image locks (`-U`, see the field).
     pub fn force_share(mut self) -> Self {
         self.force_share = true;
+        self
+    }
+
+    /// Opens a differencing image on the parent `name` (see [`OpenOptions::parent`]).
+    pub fn parent(mut self, name: impl Into<String>) -> Self {
+        self.parent = Some(name.into());
         self
     }
 
@@ -285,7 +296,15 @@ pub struct OpenContext {
     pub depth: u32,
     /// Canonical paths of the images above this one (loop detection).
     pub chain: Vec<PathBuf>,
+    /// Opens the images this one refers to (backing files, parents): the front door's
+    /// `open_storage`, handed down so that a format driver never calls the layer above
+    /// it. `None` in a context made outside the front door: references are then refused.
+    pub opener: Option<Opener>,
 }
+
+/// Opens an image from storage in a given context: probes (or takes) its format and runs
+/// that format's driver. The front door fills [`OpenContext::opener`] with it.
+pub type Opener = fn(Arc<dyn Storage>, &OpenContext) -> Result<Image>;
 
 impl OpenContext {
     /// Context for the top image at `path`.
@@ -304,6 +323,7 @@ impl OpenContext {
             filename: path.display().to_string(),
             depth: 0,
             chain: path.canonicalize().into_iter().collect(),
+            opener: None,
         }
     }
 
@@ -317,6 +337,7 @@ impl OpenContext {
             filename: name.to_string(),
             depth: 0,
             chain: Vec::new(),
+            opener: None,
         }
     }
 
@@ -407,35 +428,20 @@ impl OpenContext {
         ctx.depth = self.depth + 1;
         ctx.chain = self.chain.clone();
         ctx.chain.push(canon);
+        ctx.opener = self.opener;
+        let opener = self.opener.ok_or_else(|| {
+            Error::Format(format!(
+                "{format}: {field} {name:?} cannot be opened from this context (made outside imgconv::open)"
+            ))
+        })?;
         let storage: Arc<dyn Storage> =
             Arc::new(FileStorage::open_image(&path, self.options.force_share)?);
-        crate::format::open_storage(storage, &ctx).map(Some)
+        opener(storage, &ctx).map(Some)
     }
-}
 
-/// Opens the image at `path`: finds its format (unless `options` names it) and returns the
-/// virtual disk with its backing chain.
-///
-/// Compressed files (gzip, bzip2, xz, zstd) and tar archives are unwrapped first, found
-/// by magic bytes; `options.format` then names the inner format. The path `-` reads
-/// standard input (see [`open_reader`]).
-pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
-    let path = path.as_ref();
-    if path.as_os_str() == "-" {
-        return crate::io::source::open_stream_input(Box::new(std::io::stdin()), "-", options);
+    /// This context with `opener` to follow references.
+    pub fn with_opener(mut self, opener: Opener) -> Self {
+        self.opener = Some(opener);
+        self
     }
-    crate::io::source::open_path(path, options)
-}
-
-/// Opens an image from any byte stream: compressed or not, a tar archive or not. A raw
-/// disk in a tar member is read straight from the stream, and so is a raw disk of
-/// unknown length with [`OpenOptions::stream_unknown_length`]; otherwise raw disks of
-/// unknown length, and formats that need random access, are spooled to a sparse
-/// temporary file in `options.tmpdir` (else `$TMPDIR`), removed when the image is
-/// dropped.
-pub fn open_reader(
-    reader: impl std::io::Read + Send + 'static,
-    options: &OpenOptions,
-) -> Result<Image> {
-    crate::io::source::open_stream_input(Box::new(reader), "(stream)", options)
 }

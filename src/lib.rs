@@ -53,6 +53,8 @@
 pub mod convert;
 pub mod detect;
 pub mod device;
+pub mod driver;
+pub mod engine;
 pub mod error;
 pub mod format;
 #[doc(hidden)]
@@ -60,14 +62,16 @@ pub mod fuzzing;
 pub mod image;
 pub mod io;
 pub mod limits;
+pub mod open;
 pub mod ops;
 pub mod writer;
+pub mod zero;
 
 pub use convert::{convert, convert_to_writer, ConvertOptions, EngineOptions};
 pub use detect::Compression;
 pub use detect::Format;
 pub use device::{BlockDevice, DeviceReader, Extent, ExtentKind};
 pub use error::{Error, Result};
-pub use image::open_reader;
-pub use image::{open, Image, ImageInfo, OpenOptions};
+pub use image::{Image, ImageInfo, OpenOptions};
+pub use open::{open, open_reader};
 pub use writer::{ImageWriter, WriteOptions};

@@ -31,7 +31,7 @@ pub fn image_format(path: &Path, given: Option<Format>) -> Result<Format> {
         return Ok(f);
     }
     let storage = crate::io::FileStorage::open_image(path, true)?;
-    crate::detect::probe(&storage)
+    crate::format::probe_storage(&storage)
 }
 
 /// Refuses `op` on a format that qemu-img cannot apply it to.
@@ -60,7 +60,7 @@ fn lock_backing_chain(info: &ImageInfo) -> Result<Vec<File>> {
 /// Opens the image at `path` for reading only, without locks (the caller holds the
 /// writer's locks on it), with its backing chain.
 fn open_unlocked(path: &Path, format: Format) -> Result<Image> {
-    crate::image::open(path, &OpenOptions::trusted().format(format).force_share())
+    crate::open::open(path, &OpenOptions::trusted().format(format).force_share())
 }
 
 /// A name the image records for another file, resolved as QEMU resolves it: against
@@ -129,7 +129,7 @@ pub fn rebase(path: &Path, o: &RebaseOptions) -> Result<()> {
         Some(n) => {
             let p = resolve_against(path, n);
             let opts = OpenOptions::trusted().format(o.backing_format.expect("checked above"));
-            Some(crate::image::open(&p, &opts).map_err(|e| {
+            Some(crate::open::open(&p, &opts).map_err(|e| {
                 Error::Format(format!("Could not open new backing file '{n}': {e}"))
             })?)
         }
@@ -418,7 +418,7 @@ pub fn list_snapshots(
     let mut o = OpenOptions::trusted().metadata_only();
     o.format = format;
     o.force_share = force_share;
-    Ok(crate::image::open(path, &o)?.info().snapshots.clone())
+    Ok(crate::open::open(path, &o)?.info().snapshots.clone())
 }
 
 // ---------------------------------------------------------------- bitmap

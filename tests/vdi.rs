@@ -493,21 +493,17 @@ fn differencing_image_reads_as_parent_plus_changes() {
         imgconv::open(&child, &OpenOptions::default()).is_err(),
         "parent gone"
     );
-    let img =
-        imgconv::format::vdi::open_with_parent(&child, "parent.image", &OpenOptions::default())
-            .unwrap();
+    let img = imgconv::open(&child, &OpenOptions::default().parent("parent.image")).unwrap();
     let mut all = vec![0u8; size as usize];
     img.device().read_at(&mut all, 0).unwrap();
     assert!(all == want);
     // A wrong explicit parent (UUID mismatch) is refused.
-    let wrong =
-        imgconv::format::vdi::open_with_parent(&child, "decoy.vdi", &OpenOptions::default());
+    let wrong = imgconv::open(&child, &OpenOptions::default().parent("decoy.vdi"));
     assert!(
         matches!(wrong, Err(Error::BackingChain { .. })),
         "{wrong:?}"
     );
-    let refused =
-        imgconv::format::vdi::open_with_parent(&child, "parent.image", &OpenOptions::untrusted());
+    let refused = imgconv::open(&child, &OpenOptions::untrusted().parent("parent.image"));
     assert!(matches!(refused, Err(Error::UntrustedReference { .. })));
 }
 
@@ -959,8 +955,7 @@ fn vdi_snapshot_of_a_vmdk_base_opens_with_the_parent_given() {
     // Not found by searching (the base is no VDI) ...
     assert!(imgconv::open(&child, &OpenOptions::default()).is_err());
     // ... but opened on the parent the caller names.
-    let img = imgconv::format::vdi::open_with_parent(&child, "base.vmdk", &OpenOptions::default())
-        .unwrap();
+    let img = imgconv::open(&child, &OpenOptions::default().parent("base.vmdk")).unwrap();
     assert_eq!(img.info().backing_filename_format.as_deref(), Some("vmdk"));
     let mut all = vec![0u8; size as usize];
     img.device().read_at(&mut all, 0).unwrap();

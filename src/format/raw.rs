@@ -5,15 +5,18 @@
 //! are kept byte-exact (qemu-img rounds a raw size up to 512; imgconv does not).
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::detect::Format;
 use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
+use crate::driver::{Driver, StreamReader};
 use crate::error::{Error, Result};
 use crate::image::{ImageInfo, OpenContext, Opened};
+use crate::io::stream::StreamDevice;
 use crate::io::{fallocate, write_all_at, AllocateAhead, OutputSet, Storage};
+use crate::limits::MAX_VIRTUAL_SIZE;
 use crate::writer::{DataRun, ImageWriter, WriteOptions};
 
 /// A raw image as a block device.
@@ -58,6 +61,25 @@ impl BlockDevice for RawDevice {
     }
 }
 
+/// The raw driver: every file is a raw disk (probed last), read from storage or straight
+/// from a stream, written to files or streams, of known or unknown size.
+pub const DRIVER: Driver = Driver {
+    format: Format::Raw,
+    probe: |_, _| true,
+    open: Some(open),
+    open_stream: Some(StreamReader {
+        accepts: |_, len, options| len.is_some() || options.stream_unknown_length,
+        open: open_stream,
+    }),
+    create: Some(create_writer),
+    create_unsized: Some(create_writer_unsized),
+    check: None,
+    repair: None,
+    resize: Some(|path, size, _shrink, _ctx| resize(path, size)),
+    internal_snapshots: false,
+    explicit_parent: false,
+};
+
 /// Opens a raw image (any file is one).
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     let mut info = ImageInfo::new(ctx.filename.clone(), Format::Raw, storage.len());
@@ -65,6 +87,48 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     Ok(Opened {
         device: Arc::new(RawDevice::new(storage)),
         info,
+    })
+}
+
+/// Reads a raw disk straight from a stream, in one pass: of length `len` when the
+/// container records it (tar, xz index, zstd frame headers), else (with
+/// [`crate::image::OpenOptions::stream_unknown_length`]) until the stream ends.
+pub fn open_stream(
+    mut reader: Box<dyn Read + Send>,
+    len: Option<u64>,
+    ctx: &OpenContext,
+) -> Result<Opened> {
+    let name = ctx.filename.clone();
+    let Some(len) = len else {
+        let device = StreamDevice::unknown_length(reader, name.clone())?;
+        // The size is unknown until the stream has been read.
+        let info = ImageInfo::new(name, Format::Raw, 0);
+        return Ok(Opened {
+            device: Arc::new(device),
+            info,
+        });
+    };
+    // The length comes from a header: bound it before a writer sizes its output after it.
+    if len > MAX_VIRTUAL_SIZE {
+        return Err(Error::TooLarge {
+            format: "raw",
+            structure: "disk size declared by the container",
+            size: len,
+            limit: MAX_VIRTUAL_SIZE,
+        });
+    }
+    if len == 0 {
+        // Nothing will ever be read: check now that the stream is empty and whole.
+        let rest = crate::io::compressed::count(&mut reader)?;
+        if rest != 0 {
+            return Err(Error::Format(format!(
+                "{name}: {rest} bytes of data where none were declared"
+            )));
+        }
+    }
+    Ok(Opened {
+        device: Arc::new(StreamDevice::new(reader, len, name.clone())),
+        info: ImageInfo::new(name, Format::Raw, len),
     })
 }
 

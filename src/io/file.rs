@@ -50,8 +50,8 @@ pub struct FileStorage {
 
 impl FileStorage {
     /// Opens `path` read-only.
-    pub fn open(path: &Path) -> crate::Result<Self> {
-        let file = File::open(path).map_err(|e| crate::Error::io(path, e))?;
+    pub fn open(path: &Path) -> crate::error::Result<Self> {
+        let file = File::open(path).map_err(|e| crate::error::Error::io(path, e))?;
         Self::from_file(file, path.to_path_buf())
     }
 
@@ -69,8 +69,10 @@ impl FileStorage {
     }
 
     /// Wraps an already open file.
-    pub fn from_file(file: File, path: PathBuf) -> crate::Result<Self> {
-        let meta = file.metadata().map_err(|e| crate::Error::io(&path, e))?;
+    pub fn from_file(file: File, path: PathBuf) -> crate::error::Result<Self> {
+        let meta = file
+            .metadata()
+            .map_err(|e| crate::error::Error::io(&path, e))?;
         let is_file = meta.file_type().is_file();
         let len = if is_file {
             meta.len()
@@ -78,7 +80,7 @@ impl FileStorage {
             // Block devices report 0 in metadata; seeking to the end gives the size.
             let off = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
             if off < 0 {
-                return Err(crate::Error::io(&path, io::Error::last_os_error()));
+                return Err(crate::error::Error::io(&path, io::Error::last_os_error()));
             }
             off as u64
         };

@@ -6,7 +6,6 @@ pub mod file;
 pub mod inplace;
 pub mod lock;
 pub mod output;
-pub mod source;
 pub mod spool;
 pub mod stream;
 pub mod tar;

@@ -133,7 +133,7 @@ fn write_sparse(file: &File, buf: &[u8], pos: u64, dir: &Path) -> Result<()> {
     let mut off = 0;
     while off < buf.len() {
         let mut end = off;
-        while end < buf.len() && !crate::convert::is_zero(&buf[end..(end + BLOCK).min(buf.len())]) {
+        while end < buf.len() && !crate::zero::is_zero(&buf[end..(end + BLOCK).min(buf.len())]) {
             end = (end + BLOCK).min(buf.len());
         }
         if end > off {

@@ -215,7 +215,7 @@ impl StreamDevice {
                 while off < got {
                     // Blocks are aligned to absolute offsets: buffers start at multiples.
                     let e = ((off / BLOCK + 1) * BLOCK).min(got);
-                    let zero = crate::convert::is_zero(&buf[off..e]);
+                    let zero = crate::zero::is_zero(&buf[off..e]);
                     push(&mut st.segs, start + off as u64, (e - off) as u64, zero);
                     holds_data |= !zero;
                     off = e;

@@ -2,11 +2,13 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Args as ClapArgs;
-use imgconv::format::qcow2::check::{check, check_and_repair, CheckReport};
+use imgconv::driver::{CheckReport, CheckRequest};
+use imgconv::io::inplace::InPlaceFile;
 use imgconv::io::FileStorage;
-use imgconv::Format;
+use imgconv::{Format, OpenOptions};
 
 use crate::common::{fail, parse_format, CmdResult};
 
@@ -25,7 +27,8 @@ pub struct Args {
     /// Accepted for qemu-img compatibility and ignored.
     #[arg(short = 'q', hide = true)]
     quiet: bool,
-    #[arg(short = 'U', long = "force-share", hide = true)]
+    /// Read without QEMU's image locks (for an image another process is writing).
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
     file: String,
@@ -33,110 +36,101 @@ pub struct Args {
 
 /// Runs `imgconv check`.
 pub fn run(a: Args) -> CmdResult {
-    let mut storage =
-        FileStorage::open_image(Path::new(&a.file), a.force_share).map_err(fail(1))?;
+    let path = Path::new(&a.file);
+    // With -r the image is opened once, for writing (QEMU's writer locks): a second,
+    // read-only description would hold read locks that conflict with them.
+    let writer = match a.repair {
+        Some(_) => Some(InPlaceFile::open(path).map_err(|e| {
+            (
+                1,
+                imgconv::Error::Format(format!("Could not open '{}': {e}", a.file)),
+            )
+        })?),
+        None => None,
+    };
+    let storage = match &writer {
+        Some(w) => w.storage().map_err(fail(1))?,
+        None => FileStorage::open_image(path, a.force_share).map_err(fail(1))?,
+    };
     let format = match a.format {
         Some(f) => f,
-        None => imgconv::detect::probe(&storage).map_err(fail(1))?,
+        None => imgconv::format::probe_storage(&storage).map_err(fail(1))?,
     };
-    if format == Format::Raw {
-        // qemu-img's wording and exit code for formats without a check.
+    let driver = imgconv::format::driver(format);
+    let no_checks = || {
+        // qemu-img's wording and exit code for formats without a check (or without
+        // repairs, when -r was given).
         eprintln!("imgconv: This image format does not support checks");
-        return Ok(ExitCode::from(63));
-    }
+        Ok(ExitCode::from(63))
+    };
+    let Some(check) = driver.check else {
+        return no_checks();
+    };
+    let mut options = OpenOptions::trusted().format(format);
+    options.force_share = a.force_share;
+    let ctx = imgconv::open::context_for_path(path, &options);
+    let req = CheckRequest {
+        storage: Arc::new(storage),
+        ctx: &ctx,
+    };
     let could_not = |e| {
         (
             1,
             imgconv::Error::Format(format!("Could not check '{}': {e}", a.file)),
         )
     };
-    if format != Format::Qcow2 {
-        if a.repair.is_some() {
-            // As qemu-img: VMDK and VDI checks do not repair, which it words so.
-            eprintln!("imgconv: This image format does not support checks");
-            return Ok(ExitCode::from(63));
-        }
-        let r = match format {
-            Format::Vdi => imgconv::format::vdi::check::check(&storage).map_err(could_not)?,
-            _ => {
-                // Extents are opened, the parent of a delta disk is not: as qemu-img,
-                // the check covers this image only.
-                let o = imgconv::OpenOptions::trusted()
-                    .format(format)
-                    .metadata_only();
-                let img = imgconv::open(Path::new(&a.file), &o).map_err(|e| {
-                    (
-                        1,
-                        imgconv::Error::Format(format!("Could not open '{}': {e}", a.file)),
-                    )
-                })?;
-                imgconv::format::vmdk::check::check(&img)
-            }
-        };
-        return finish(&r, &a, format);
+    if a.repair.is_some() && driver.repair.is_none() {
+        return no_checks();
     }
-    let fix = match a.repair.as_deref() {
-        None => false,
-        Some("leaks") => true,
-        Some(r) => {
+    let r = match (a.repair.as_deref(), driver.repair) {
+        (None, _) | (_, None) => check(&req).map_err(could_not)?,
+        (Some("leaks"), Some(repair)) => {
+            let file = writer.as_ref().expect("opened for writing with -r");
+            let r = repair(&req, file).map_err(could_not)?;
+            print_messages(&r);
+            if r.repair_failed {
+                return Err((
+                    1,
+                    imgconv::Error::Format("Check failed: Input/output error".into()),
+                ));
+            }
+            if r.leaks_fixed == 0 {
+                return finish(&r, &a, format);
+            }
+            if a.output == "human" && !a.quiet {
+                print!(
+                    "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\n",
+                    r.leaks_fixed
+                );
+            }
+            let mut again = check(&req).map_err(could_not)?;
+            again.leaks_fixed = r.leaks_fixed;
+            again
+        }
+        (Some(other), Some(_)) => {
             return Err((
                 1,
                 imgconv::Error::unsupported(
-                    "qcow2",
-                    format!("repairing images with -r {r} (only -r leaks); use imgconv convert to write a clean copy"),
+                    format.name(),
+                    format!("repairing images with -r {other} (only -r leaks); use imgconv convert to write a clean copy"),
                 ),
             ))
         }
     };
-    let mut r = if fix {
-        // One open file for reading and writing: a second, read-only one would hold
-        // locks that conflict with the writer's.
-        drop(storage);
-        let file = imgconv::io::inplace::InPlaceFile::open(Path::new(&a.file)).map_err(|e| {
-            (
-                1,
-                imgconv::Error::Format(format!("Could not open '{}': {e}", a.file)),
-            )
-        })?;
-        storage = file.storage().map_err(could_not)?;
-        check_and_repair(&storage, Some(&file)).map_err(could_not)?
-    } else {
-        check(&storage).map_err(could_not)?
-    };
-    for m in &r.messages {
-        eprintln!("{m}");
-    }
-    if r.repair_failed {
-        return Err((
-            1,
-            imgconv::Error::Format("Check failed: Input/output error".into()),
-        ));
-    }
-    if r.leaks_fixed > 0 {
-        if a.output == "human" && !a.quiet {
-            print!(
-                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\n",
-                r.leaks_fixed
-            );
-        }
-        let fixed = r.leaks_fixed;
-        r = check(&storage).map_err(could_not)?;
-        r.leaks_fixed = fixed;
-        for m in &r.messages {
-            eprintln!("{m}");
-        }
-    }
+    print_messages(&r);
     finish(&r, &a, format)
 }
 
-/// Prints the summary of a finished check (messages already on stderr for qcow2) and
-/// gives its exit code.
-fn finish(r: &CheckReport, a: &Args, format: Format) -> CmdResult {
-    if format != Format::Qcow2 {
-        for m in &r.messages {
-            eprintln!("{m}");
-        }
+/// Prints each problem on stderr, as qemu-img does.
+fn print_messages(r: &CheckReport) {
+    for m in &r.messages {
+        eprintln!("{m}");
     }
+}
+
+/// Prints the summary of a finished check (its messages already on stderr) and gives its
+/// exit code.
+fn finish(r: &CheckReport, a: &Args, format: Format) -> CmdResult {
     if let Some(why) = &r.failed {
         return Err((1, imgconv::Error::Format(format!("Check failed: {why}"))));
     }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
-use imgconv::convert::is_zero;
+use imgconv::zero::is_zero;
 use imgconv::{BlockDevice, Format};
 
 use crate::common::{open_input, parse_format, progress_bar, CmdResult, InputArgs};

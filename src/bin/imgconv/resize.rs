@@ -35,7 +35,7 @@ pub fn run(a: Args) -> CmdResult {
     let storage = FileStorage::open(path).map_err(fail(1))?;
     let format = match a.format {
         Some(f) => f,
-        None => imgconv::detect::probe(&storage).map_err(fail(1))?,
+        None => imgconv::format::probe_storage(&storage).map_err(fail(1))?,
     };
     let current = match format {
         Format::Raw => imgconv::io::Storage::len(&storage),
@@ -66,13 +66,11 @@ pub fn run(a: Args) -> CmdResult {
             imgconv::Error::invalid("Use the --shrink option to perform a shrink operation."),
         ));
     }
-    match format {
-        Format::Raw => imgconv::format::raw::resize(path, new).map_err(fail(1))?,
-        Format::Qcow2 => {
-            imgconv::format::qcow2::resize::resize(path, new, a.shrink).map_err(fail(1))?
-        }
-        other => return Err((1, imgconv::Error::unsupported(other.name(), "resize"))),
-    }
+    let resize = imgconv::format::driver(format)
+        .resize
+        .ok_or_else(|| (1, imgconv::format::unsupported(format, "resize")))?;
+    let ctx = imgconv::open::context_for_path(path, &imgconv::OpenOptions::trusted());
+    resize(path, new, a.shrink, &ctx).map_err(fail(1))?;
     if !a.quiet {
         println!("Image resized.");
     }

@@ -20,51 +20,7 @@ use crate::error::{Error, Result};
 use crate::io::{read_struct, Storage};
 use crate::limits::{MAX_QCOW2_L1_BYTES, MAX_QCOW2_SNAPSHOTS};
 
-/// The outcome of a check, with qemu-img's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Problems that may lose data (refcount too low, bad entries, metadata out of file).
-    pub corruptions: u64,
-    /// Clusters with a refcount higher than their references.
-    pub leaks: u64,
-    /// Internal errors while checking (unreadable metadata).
-    pub check_errors: u64,
-    /// Leaked clusters whose refcount was repaired (`-r leaks`).
-    pub leaks_fixed: u64,
-    /// A repair was asked for but the refcount structures need a rebuild (a cluster in
-    /// use has refcount 0, or a refcount block is bad): nothing was changed.
-    pub repair_failed: bool,
-    /// Guest clusters of the virtual disk.
-    pub total_clusters: u64,
-    /// Guest clusters with data in this image (normal, compressed, preallocated zero).
-    pub allocated_clusters: u64,
-    /// Allocated clusters not following the previous one in the file.
-    pub fragmented_clusters: u64,
-    /// Compressed clusters.
-    pub compressed_clusters: u64,
-    /// End of the last cluster in use.
-    pub image_end_offset: u64,
-    /// One line per problem, in qemu-img's wording.
-    pub messages: Vec<String>,
-    /// The check stopped early with this reason (qemu-img's "Check failed: …", exit 1):
-    /// VMDK's check gives up at its first bad grain, as QEMU's does.
-    pub failed: Option<String>,
-}
-
-impl CheckReport {
-    /// qemu-img's exit code: 0 clean, 1 check errors, 2 corruptions, 3 leaks only.
-    pub fn exit_code(&self) -> u8 {
-        if self.check_errors > 0 {
-            1
-        } else if self.corruptions > 0 {
-            2
-        } else if self.leaks > 0 {
-            3
-        } else {
-            0
-        }
-    }
-}
+pub use crate::driver::CheckReport;
 
 struct Checker<'a> {
     storage: &'a dyn Storage,

@@ -61,7 +61,7 @@ impl InPlaceWriter for Qcow2InPlace {
         let mut buf = vec![0u8; cs as usize];
         for (i, chunk) in data.chunks(cs as usize).enumerate() {
             let gc = offset / cs + i as u64;
-            if crate::convert::is_zero(chunk) {
+            if crate::zero::is_zero(chunk) {
                 self.zero_clusters(gc, 1)?;
                 continue;
             }

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use crate::detect::Format;
+use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::image::{FileReference, ImageInfo, OpenContext, Opened};
 use crate::io::{read_struct, OutputSet, Storage};
@@ -454,6 +455,22 @@ fn format_specific(m: &Qcow2Metadata) -> serde_json::Value {
     }
     json!({ "type": "qcow2", "data": data })
 }
+
+/// The qcow2 driver.
+pub const DRIVER: Driver = Driver {
+    format: Format::Qcow2,
+    // Version 1 has the same magic and its own (recognition-only) driver.
+    probe: |head, _| head.starts_with(b"QFI\xfb") && head.get(4..8) != Some(&[0, 0, 0, 1]),
+    open: Some(open),
+    open_stream: None,
+    create: Some(create_writer),
+    create_unsized: Some(writer::create_writer_unsized),
+    check: Some(|req| check::check(req.storage.as_ref())),
+    repair: Some(|req, file| check::check_and_repair(req.storage.as_ref(), Some(file))),
+    resize: Some(resize::resize),
+    internal_snapshots: true,
+    explicit_parent: false,
+};
 
 /// Opens a qcow2 image: validates its metadata, follows its backing file and external
 /// data file (unless the options forbid it), and exposes the virtual disk.

@@ -111,7 +111,7 @@ pub(crate) fn write_cluster(
     data: &[u8],
     encoder: Option<&ClusterEncoder>,
 ) -> Result<()> {
-    if crate::convert::is_zero(data) && (edit.header.version >= 3 || edit.backing_file.is_none()) {
+    if crate::zero::is_zero(data) && (edit.header.version >= 3 || edit.backing_file.is_none()) {
         return edit.write_zero_cluster(gc);
     }
     if let Some(enc) = encoder {

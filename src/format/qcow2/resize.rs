@@ -13,6 +13,7 @@ use super::header::{
 };
 use super::refcount::{read_refcounts, OFFSET_MASK_REFTABLE};
 use crate::error::{Error, Result};
+use crate::image::OpenContext;
 use crate::io::inplace::InPlaceFile;
 use crate::io::{read_struct, Storage};
 use crate::limits::{MAX_QCOW2_L1_BYTES, MAX_QCOW2_REFTABLE_BYTES, MAX_VIRTUAL_SIZE};
@@ -24,8 +25,9 @@ fn write_at(file: &InPlaceFile, buf: &[u8], off: u64, _path: &Path) -> Result<()
 }
 
 /// Resizes the qcow2 image at `path` to `new_size` bytes. Shrinking needs `shrink` and
-/// is refused when any cluster at or beyond the new end is allocated.
-pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
+/// is refused when any cluster at or beyond the new end is allocated. `ctx` (the image's
+/// context) opens the backing file when growing must compare with its size.
+pub fn resize(path: &Path, new_size: u64, shrink: bool, ctx: &OpenContext) -> Result<()> {
     let file = InPlaceFile::open(path)?;
     let storage = file.storage()?;
     let mut prefix = vec![0u8; 104.min(storage.len() as usize)];
@@ -95,7 +97,7 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
         check_nothing_beyond(&storage, &h, &l1, new_size)?;
     }
     if new_size > old && h.backing_file_offset != 0 {
-        refuse_growing_over_backing(&storage, &h, path)?;
+        refuse_growing_over_backing(&storage, &h, ctx)?;
     }
     let new_l1 = new_size.div_ceil(h.bytes_per_l1_entry());
     if new_l1 * 8 > MAX_QCOW2_L1_BYTES {
@@ -128,7 +130,7 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
 /// Growing leaves the new area unallocated; where the backing file is longer than the
 /// old size, that area would show the backing file's data instead of zeros (QEMU writes
 /// zero clusters there). That case is refused.
-fn refuse_growing_over_backing(storage: &dyn Storage, h: &Header, path: &Path) -> Result<()> {
+fn refuse_growing_over_backing(storage: &dyn Storage, h: &Header, ctx: &OpenContext) -> Result<()> {
     let len = h
         .backing_file_size
         .min(super::header::MAX_BACKING_FILE_NAME) as usize;
@@ -141,21 +143,18 @@ fn refuse_growing_over_backing(storage: &dyn Storage, h: &Header, path: &Path) -
         "backing file name",
     )?;
     let name = String::from_utf8_lossy(&name).into_owned();
-    let p = Path::new(&name);
-    let full = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        path.parent()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|| p.to_path_buf())
-    };
-    let backing_size = crate::image::open(&full, &crate::image::OpenOptions::trusted())
-        .map(|b| b.size())
+    let backing = ctx
+        .open_backing(FMT, super::FIELD_BACKING, &name, None)
         .map_err(|e| {
             Error::invalid(format!(
                 "qcow2: cannot open backing file {name:?} to check its size: {e}"
             ))
         })?;
+    let Some(backing_size) = backing.map(|b| b.size()) else {
+        return Err(Error::invalid(format!(
+            "qcow2: backing file {name:?} was not opened (metadata-only context): its size is unknown"
+        )));
+    };
     if backing_size > h.size {
         return Err(Error::unsupported(
             FMT,

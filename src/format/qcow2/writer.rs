@@ -760,7 +760,7 @@ impl ImageWriter for Qcow2Writer {
             Some(enc) => {
                 for (i, grain) in run.data.chunks(cs as usize).enumerate() {
                     let gc = run.offset / cs + i as u64;
-                    if crate::convert::is_zero(grain) {
+                    if crate::zero::is_zero(grain) {
                         // QEMU skips all-zero clusters when compressing, whatever -S
                         // says; over a backing file they must still read as zeros.
                         self.write_zeros_clusters(gc, gc + 1)?;

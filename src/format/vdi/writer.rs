@@ -13,12 +13,12 @@ use super::header::{
     serialize_block_map, Geometry, Header, ImageType, PreHeader, Uuid, BLOCK_FREE, COMMENT_SIZE,
     FORMAT, HEADER_SIZE_V1_PLUS, MAX_HEADER_BYTES, VIRTUALBOX_TEXT,
 };
-use crate::convert::is_zero;
 use crate::detect::Format;
 use crate::error::{Error, Result};
 use crate::io::{write_all_at, AllocateAhead, OutputSet};
 use crate::limits::{MAX_VDI_BLOCKS, MAX_VIRTUAL_SIZE};
 use crate::writer::{parse_bool, parse_size, DataRun, ImageWriter, WriteOptions};
+use crate::zero::is_zero;
 
 /// Default block size (VirtualBox's and the only one QEMU reads).
 pub const DEFAULT_BLOCK_SIZE: u32 = 1 << 20;

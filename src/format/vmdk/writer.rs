@@ -12,8 +12,8 @@ use flate2::Compression;
 
 use crate::detect::Format;
 use crate::error::{Error, Result};
-use crate::image::OpenOptions;
-use crate::io::{write_all_at, AllocateAhead, OutputSet};
+use crate::image::{OpenContext, OpenOptions};
+use crate::io::{write_all_at, AllocateAhead, FileStorage, OutputSet};
 use crate::writer::{parse_bool, DataRun, GrainEncoder, ImageWriter, WriteOptions};
 
 use super::descriptor::{Access, Descriptor, ExtentLine, ExtentType, NO_PARENT_CID};
@@ -204,8 +204,13 @@ fn parent_cid(b: &str, target: &Path) -> Result<u32> {
     } else {
         target.parent().unwrap_or(Path::new(".")).join(p)
     };
-    let img = crate::image::open(&path, &OpenOptions::trusted().format(Format::Vmdk))?;
-    img.info()
+    // The parent's own header is all that is needed: its parent is not followed.
+    let options = OpenOptions::trusted().format(Format::Vmdk).metadata_only();
+    let ctx = OpenContext::for_path(&path, &options);
+    let storage = Arc::new(FileStorage::open_image(&path, false)?);
+    let parent = super::open(storage, &ctx)?;
+    parent
+        .info
         .format_specific
         .as_ref()
         .and_then(|f| f["data"]["cid"].as_u64())
