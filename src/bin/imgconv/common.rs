@@ -43,12 +43,13 @@ impl InputArgs {
 }
 
 /// Opens a source image (`-` = standard input) with an optional format, trust mode,
-/// spooling folder and tar member.
+/// spooling folder and tar member; without QEMU's read locks when `force_share` (`-U`).
 pub fn open_input(
     path: &str,
     format: Option<Format>,
     untrusted: bool,
     input: &InputArgs,
+    force_share: bool,
 ) -> imgconv::Result<Image> {
     let mut o = if untrusted {
         OpenOptions::untrusted()
@@ -56,18 +57,26 @@ pub fn open_input(
         OpenOptions::trusted()
     };
     o.format = format;
+    o.force_share = force_share;
     input.apply(&mut o);
     imgconv::open(Path::new(path), &o)
 }
 
-/// Opens `path` with an optional format and trust mode.
-pub fn open_image(path: &str, format: Option<Format>, untrusted: bool) -> imgconv::Result<Image> {
+/// Opens `path` with an optional format and trust mode; without QEMU's read locks when
+/// `force_share` (`-U`).
+pub fn open_image(
+    path: &str,
+    format: Option<Format>,
+    untrusted: bool,
+    force_share: bool,
+) -> imgconv::Result<Image> {
     let mut o = if untrusted {
         OpenOptions::untrusted()
     } else {
         OpenOptions::trusted()
     };
     o.format = format;
+    o.force_share = force_share;
     imgconv::open(Path::new(path), &o)
 }
 

@@ -28,8 +28,8 @@ pub struct Args {
     /// Refuse references to other files (images from strangers).
     #[arg(long)]
     untrusted: bool,
-    /// Accepted for qemu-img compatibility and ignored.
-    #[arg(short = 'U', long = "force-share", hide = true)]
+    /// Read without QEMU's image locks (for an image another process is writing).
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     #[arg(short = 'q', hide = true)]
     quiet: bool,
@@ -43,9 +43,9 @@ const CHUNK: u64 = 1 << 20;
 
 /// Runs `imgconv compare`: exit 0 identical, 1 different, 2 error.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
-    let ia = open_input(&a.a, a.format_a, a.untrusted, &a.input).map_err(|e| (2, e))?;
-    let ib = open_input(&a.b, a.format_b, a.untrusted, &a.input).map_err(|e| (2, e))?;
+    let fs = a.force_share;
+    let ia = open_input(&a.a, a.format_a, a.untrusted, &a.input, fs).map_err(|e| (2, e))?;
+    let ib = open_input(&a.b, a.format_b, a.untrusted, &a.input, fs).map_err(|e| (2, e))?;
     let (da, db) = (ia.device().as_ref(), ib.device().as_ref());
     let (sa, sb) = (da.size(), db.size());
     if sa != sb {

@@ -67,7 +67,8 @@ pub struct Args {
     src_cache: Option<String>,
     #[arg(short = 'W', hide = true)]
     out_of_order: bool,
-    #[arg(short = 'U', long = "force-share", hide = true)]
+    /// Read without QEMU's image locks (for an image another process is writing).
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     #[arg(short = 'q', hide = true)]
     quiet: bool,
@@ -79,13 +80,7 @@ pub struct Args {
 
 /// Runs `imgconv convert`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = (
-        &a.cache,
-        &a.src_cache,
-        a.out_of_order,
-        a.force_share,
-        a.quiet,
-    );
+    let _ = (&a.cache, &a.src_cache, a.out_of_order, a.quiet);
     if a.target_is_zero && !a.no_create {
         return Err((1, imgconv::Error::invalid("--target-is-zero requires -n")));
     }
@@ -98,6 +93,7 @@ pub fn run(a: Args) -> CmdResult {
         OpenOptions::trusted()
     };
     o.format = a.format;
+    o.force_share = a.force_share;
     a.input.apply(&mut o);
     o.snapshot = a.snapshot.clone().or(a.snapshot_old.clone());
     // A raw stream of unrecorded length (gzip, bzip2, a pipe) goes straight into a
@@ -130,8 +126,13 @@ pub fn run(a: Args) -> CmdResult {
         } else {
             path
         };
-        let backing = open_image(&path.to_string_lossy(), opts.write.backing_format, false)
-            .map_err(fail(1))?;
+        let backing = open_image(
+            &path.to_string_lossy(),
+            opts.write.backing_format,
+            false,
+            false,
+        )
+        .map_err(fail(1))?;
         if opts.write.backing_format.is_none() {
             opts.write.backing_format = Some(backing.format());
         }

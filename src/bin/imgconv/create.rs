@@ -68,8 +68,13 @@ pub fn run(a: Args) -> CmdResult {
                     .map(|d| d.join(p))
                     .unwrap_or_else(|| p.to_path_buf())
             };
-            let backing = open_image(&path.to_string_lossy(), opts.write.backing_format, false)
-                .map_err(fail(1))?;
+            let backing = open_image(
+                &path.to_string_lossy(),
+                opts.write.backing_format,
+                false,
+                false,
+            )
+            .map_err(fail(1))?;
             if opts.write.backing_format.is_none() {
                 opts.write.backing_format = Some(backing.format());
             }

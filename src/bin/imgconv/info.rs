@@ -24,7 +24,7 @@ pub struct Args {
     /// Refuse references to other files; report them without opening them.
     #[arg(long)]
     untrusted: bool,
-    /// Accepted for qemu-img compatibility (images are always opened read-only).
+    /// Read without QEMU's image locks (for an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -33,13 +33,13 @@ pub struct Args {
 
 /// Runs `imgconv info`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
     let mut o = if a.untrusted {
         imgconv::OpenOptions::untrusted().metadata_only()
     } else {
         imgconv::OpenOptions::trusted()
     };
     o.format = a.format;
+    o.force_share = a.force_share;
     a.input.apply(&mut o);
     let img = imgconv::open(&a.file, &o).map_err(fail(1))?;
     let mut chain: Vec<&ImageInfo> = vec![img.info()];

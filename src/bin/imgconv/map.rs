@@ -22,8 +22,8 @@ pub struct Args {
     /// Refuse references to other files (images from strangers).
     #[arg(long)]
     untrusted: bool,
-    /// Accepted for qemu-img compatibility and ignored.
-    #[arg(short = 'U', long = "force-share", hide = true)]
+    /// Read without QEMU's image locks (for an image another process is writing).
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
     file: String,
@@ -57,8 +57,8 @@ fn mergeable(prev: &Extent, e: &Extent) -> bool {
 
 /// Runs `imgconv map`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
-    let img = open_input(&a.file, a.format, a.untrusted, &a.input).map_err(fail(1))?;
+    let img =
+        open_input(&a.file, a.format, a.untrusted, &a.input, a.force_share).map_err(fail(1))?;
     let dev = img.device();
     let size = dev.size();
     let mut extents: Vec<Extent> = Vec::new();

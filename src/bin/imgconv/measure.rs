@@ -30,7 +30,8 @@ pub struct Args {
     /// Refuse references to other files in the source.
     #[arg(long)]
     untrusted: bool,
-    #[arg(short = 'U', long = "force-share", hide = true)]
+    /// Read without QEMU's image locks (for an image another process is writing).
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Source image (when --size is not given).
     file: Option<String>,
@@ -38,7 +39,6 @@ pub struct Args {
 
 /// Runs `imgconv measure`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
     let mut wo = WriteOptions::default();
     for o in &a.options {
         wo.parse_o(o).map_err(fail(1))?;
@@ -49,7 +49,7 @@ pub fn run(a: Args) -> CmdResult {
             measure(a.out_format, &wo, MeasureSource::Size(size)).map_err(fail(1))?
         }
         (None, Some(f)) => {
-            let img = open_image(f, a.format, a.untrusted).map_err(fail(1))?;
+            let img = open_image(f, a.format, a.untrusted, a.force_share).map_err(fail(1))?;
             measure(
                 a.out_format,
                 &wo,

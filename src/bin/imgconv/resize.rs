@@ -32,7 +32,11 @@ pub struct Args {
 /// Runs `imgconv resize`.
 pub fn run(a: Args) -> CmdResult {
     let path = Path::new(&a.file);
-    let storage = FileStorage::open(path).map_err(fail(1))?;
+    // QEMU opens the image for writing first: its writer's locks decide whether another
+    // process holds it. The probe below then reads without locks of its own (the
+    // resize takes the writer's locks again).
+    drop(imgconv::io::inplace::InPlaceFile::open(path).map_err(fail(1))?);
+    let storage = FileStorage::open_image(path, true).map_err(fail(1))?;
     let format = match a.format {
         Some(f) => f,
         None => imgconv::format::probe_storage(&storage).map_err(fail(1))?,
@@ -43,7 +47,8 @@ pub fn run(a: Args) -> CmdResult {
             path,
             &imgconv::OpenOptions::trusted()
                 .format(format)
-                .metadata_only(),
+                .metadata_only()
+                .force_share(),
         )
         .map_err(fail(1))?
         .size(),
