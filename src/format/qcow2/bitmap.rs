@@ -430,3 +430,41 @@ pub fn read_from(storage: &dyn crate::io::Storage, name: &str) -> Result<Bits> {
     }
     Ok(bits)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_set_merge_and_resize() {
+        let mut a = Bits::new(10 << 20, 16).unwrap(); // 160 bits of 64 KiB
+        assert_eq!((a.len, a.bytes.len()), (160, 20));
+        a.set_range(65536 * 3 + 5, 65536);
+        assert!(!a.get(2) && a.get(3) && a.get(4) && !a.get(5));
+        // A coarser source sets every finer bit its range covers.
+        let mut b = Bits::new(10 << 20, 20).unwrap(); // 10 bits of 1 MiB
+        b.set_range(2 << 20, 1);
+        a.merge(&b);
+        assert!((32..48).all(|i| a.get(i)) && !a.get(48) && !a.get(31));
+        // A finer source sets the coarser bit that covers it.
+        let mut c = Bits::new(10 << 20, 20).unwrap();
+        c.merge(&a);
+        assert!(c.get(0) && c.get(2) && !c.get(1) && !c.get(3));
+        // Shrinking cuts, growing adds clear bits.
+        c.resize(1 << 20).unwrap();
+        assert_eq!(c.len, 1);
+        assert!(c.get(0));
+        c.resize(5 << 20).unwrap();
+        assert!(c.get(0) && !c.get(2) && c.len == 5);
+        // Past the end, nothing is set.
+        c.set_range(100 << 20, 10);
+        assert_eq!(c.bytes, vec![1]);
+    }
+
+    #[test]
+    fn granularity_defaults_as_qemu() {
+        assert_eq!(default_granularity(512), 4096);
+        assert_eq!(default_granularity(65536), 65536);
+        assert_eq!(default_granularity(2 << 20), 65536);
+    }
+}
