@@ -157,8 +157,11 @@ pub fn apply(edit: &mut Qcow2Edit, which: &str) -> Result<()> {
         new_l1.resize(old_l1.len(), 0);
     }
     edit.set_l1(new_l1);
+    let old_size = edit.size();
     if let Some(size) = sn.disk_size() {
         edit.header.size = size;
+        // Persistent bitmaps follow the disk's size.
+        super::bitmap::resize_all(edit, old_size, size)?;
     }
     let need = edit.header.min_l1_size();
     if (edit.l1().len() as u64) < need {
