@@ -115,6 +115,7 @@ pub const PROBE_TAIL_LEN: usize = 512;
 
 /// A compression wrapped around an image file, found by magic bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Compression {
     /// gzip (RFC 1952), possibly several concatenated members.
     Gzip,
@@ -135,6 +136,12 @@ impl Compression {
             Compression::Xz => "xz",
             Compression::Zstd => "zstd",
         }
+    }
+}
+
+impl serde::Serialize for Compression {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 

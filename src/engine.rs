@@ -29,12 +29,28 @@ use crate::zero::is_zero;
 /// Progress callback: `(bytes done, bytes total)`.
 pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
 
-/// Set by [`interrupt`]; every running conversion stops with [`Error::Interrupted`].
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Stops a running conversion from another thread: give a clone to the conversion
+/// ([`EngineOptions::cancel`]), call [`cancel`](CancelToken::cancel) on any clone, and the
+/// conversion ends with [`Error::Interrupted`] (its outputs removed). A token belongs to
+/// the conversions it was given to; there is no process-wide state.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
 
-/// Asks every running conversion to stop (e.g. from a signal handler).
-pub fn interrupt() {
-    INTERRUPTED.store(true, Ordering::SeqCst);
+impl CancelToken {
+    /// A token not cancelled yet.
+    pub fn new() -> Self {
+        CancelToken::default()
+    }
+
+    /// Asks every conversion holding this token to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// True once [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// Default size of one unit of work. 1 MiB measured slightly faster than 2 and much
@@ -57,6 +73,8 @@ pub struct EngineOptions {
     pub target_backing: Option<Arc<dyn BlockDevice>>,
     /// The target is known to read as zeros already (`--target-is-zero`).
     pub target_is_zero: bool,
+    /// Stops the conversion when cancelled.
+    pub cancel: CancelToken,
 }
 
 impl Default for EngineOptions {
@@ -68,6 +86,7 @@ impl Default for EngineOptions {
             progress: None,
             target_backing: None,
             target_is_zero: false,
+            cancel: CancelToken::new(),
         }
     }
 }
@@ -215,6 +234,7 @@ pub fn run(
         encoder: encoder.as_deref(),
         backing: opts.target_backing.as_deref(),
         cancel: &cancel,
+        cancelled: &opts.cancel,
         pool: &pool,
     };
 
@@ -292,7 +312,7 @@ fn dispatch(
         if cancel.load(Ordering::Relaxed) {
             return Ok(());
         }
-        if INTERRUPTED.load(Ordering::Relaxed) {
+        if ctx.cancelled.is_cancelled() {
             return Err(Error::Interrupted);
         }
         let ext = map_upto(src, pos, u64::MAX, &mut size)?;
@@ -304,7 +324,7 @@ fn dispatch(
                 if cancel.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                if INTERRUPTED.load(Ordering::Relaxed) {
+                if ctx.cancelled.is_cancelled() {
                     return Err(Error::Interrupted);
                 }
                 let e = map_upto(src, zend, u64::MAX, &mut size)?;
@@ -456,7 +476,10 @@ struct WorkerCtx<'a> {
     zero_gran: u64,
     encoder: Option<&'a dyn GrainEncoder>,
     backing: Option<&'a dyn BlockDevice>,
+    /// The pipeline is shutting down (an error, or the end).
     cancel: &'a AtomicBool,
+    /// The caller's token.
+    cancelled: &'a CancelToken,
     pool: &'a BufPool,
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::detect::Format;
+use crate::detect::{Compression, Format};
 use crate::device::{BlockDevice, DeviceReader};
 use crate::error::{Error, Result};
 use crate::io::{FileStorage, Storage};
@@ -25,7 +25,9 @@ pub struct OpenOptions {
     /// Refuse references to other files.
     pub untrusted: bool,
     /// Read metadata only: references are recorded in [`ImageInfo`] but not opened (for
-    /// `info` on untrusted images). Reads through a reference then fail.
+    /// `info` on untrusted images). [`BlockDevice::map`] still describes the image
+    /// itself (what falls through to an unopened backing file is `Unallocated`), and a
+    /// read that needs a reference fails with [`Error::NotOpened`].
     pub metadata_only: bool,
     /// Folder for spooling compressed inputs that need random access (`$TMPDIR` if unset).
     pub tmpdir: Option<PathBuf>,
@@ -38,6 +40,11 @@ pub struct OpenOptions {
     pub stream_unknown_length: bool,
     /// The tar member to open, when the input is a tar archive holding several images.
     pub member: Option<String>,
+    /// Makes every image readable in any order: a source that can only be read forward
+    /// (a raw disk or a streamOptimized VMDK arriving through a pipe or a compressed
+    /// file) is decoded once into a sparse, already unlinked temporary file in
+    /// [`tmpdir`](Self::tmpdir) (else `$TMPDIR`), which is gone when the image is dropped.
+    pub random_access: bool,
     /// The internal snapshot to read instead of the current state of the top image, as
     /// qemu-img's `convert -l`: `snapshot.id=ID`, `snapshot.name=NAME` (or both,
     /// comma-separated), or a bare ID or name (ID first). Formats without internal
@@ -100,6 +107,13 @@ impl OpenOptions {
     /// Reads without taking or testing QEMU's image locks (`-U`, see the field).
     pub fn force_share(mut self) -> Self {
         self.force_share = true;
+        self
+    }
+
+    /// Spools forward-only sources so that the image can be read in any order (see
+    /// [`OpenOptions::random_access`]).
+    pub fn random_access(mut self) -> Self {
+        self.random_access = true;
         self
     }
 
@@ -182,9 +196,10 @@ pub struct ImageInfo {
     /// Format-specific details in qemu-img's shape: `{"type": FMT, "data": {...}}`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<serde_json::Value>,
-    /// Compression wrapping the image file (`gzip`, `xz`…), if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compression: Option<String>,
+    /// The compression wrapped around the image file (`gzip`, `bzip2`, `xz`, `zstd`), if
+    /// any — not compressed clusters inside the image (`compression` in `info`'s JSON).
+    #[serde(rename = "compression", skip_serializing_if = "Option::is_none")]
+    pub wrapper: Option<Compression>,
     /// The tar archive member holding the image, when the input is a tar archive.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_member: Option<String>,
@@ -211,7 +226,7 @@ impl ImageInfo {
             backing_filename_format: None,
             snapshots: Vec::new(),
             format_specific: None,
-            compression: None,
+            wrapper: None,
             archive_member: None,
             references: Vec::new(),
             backing: None,
@@ -275,8 +290,32 @@ impl Image {
     }
 
     /// `Read + Seek` over the guest-visible bytes.
+    ///
+    /// An image read straight from a stream (a raw disk or a streamOptimized VMDK in a
+    /// pipe or a compressed file: [`BlockDevice::sequential_only`] is true) can only be
+    /// read forward, once: a backward seek then fails with
+    /// [`Error::Unsupported`](crate::Error::Unsupported) (and so does a second
+    /// conversion of it). Open it with [`OpenOptions::random_access`] to read it in any
+    /// order, as often as you like. Errors come out as [`std::io::Error`]s that carry
+    /// the crate's [`Error`]: `imgconv::Error::from(io_error)` gives it back.
     pub fn reader(&self) -> DeviceReader<Arc<dyn BlockDevice>> {
         DeviceReader::new(self.device.clone())
+    }
+
+    /// The extents of the virtual disk, from offset 0 to its end (data, zeros,
+    /// unallocated), as [`BlockDevice::map`] describes them.
+    pub fn extents(&self) -> crate::device::Extents<'_> {
+        crate::device::extents(self.device.as_ref())
+    }
+
+    /// An image over any [`BlockDevice`] of your own (a raw disk, as far as `info` and
+    /// the writers are concerned): to convert it, read it, or walk its extents.
+    pub fn from_device(device: impl BlockDevice + 'static) -> Self {
+        let size = device.size();
+        Image {
+            device: Arc::new(device),
+            info: ImageInfo::new("(device)", Format::Raw, size),
+        }
     }
 }
 

@@ -121,7 +121,7 @@ pub fn open_stream(
         .ok_or_else(|| format::unsupported(format, "reading images of this format"))?;
     if let Some(stream) = driver.open_stream {
         let head = peek(&mut reader, 512).map_err(from_io)?;
-        let accepts = (stream.accepts)(&head, len, &ctx.options);
+        let accepts = (stream.accepts)(&head, len, &ctx.options) && !ctx.options.random_access;
         let reader = replay(head, reader);
         if accepts {
             return (stream.open)(reader, len, ctx);
@@ -174,7 +174,7 @@ pub fn open_path(path: &Path, options: &OpenOptions) -> Result<Image> {
     if let Some(c) = probe_compression(&head) {
         let mut img = open_compressed_file(path, storage.file(), storage.len(), c, &ctx)?;
         let info = img.info_mut();
-        info.compression = Some(c.name().to_string());
+        info.wrapper = Some(c);
         info.actual_size = Some(storage.allocated_bytes());
         return Ok(img);
     }
@@ -223,7 +223,7 @@ pub fn open_stream_input(
             let head = peek(&mut dec, PROBE_LEN).map_err(from_io)?;
             let stream = replay(head.clone(), Box::new(dec));
             let mut img = open_decoded(stream, &head, RawLen::Unknown, &ctx)?;
-            img.info_mut().compression = Some(c.name().to_string());
+            img.info_mut().wrapper = Some(c);
             Ok(img)
         }
         None => open_decoded(reader, &head, RawLen::Unknown, &ctx),

@@ -551,7 +551,7 @@ fn library_opens_any_reader() {
     let zst = compress(&["zstd", "-q", "-c"], "zst", &raw);
     let f = std::fs::File::open(&zst).unwrap();
     let img = imgconv::open_reader(f, &imgconv::OpenOptions::default()).unwrap();
-    assert_eq!(img.info().compression.as_deref(), Some("zstd"));
+    assert_eq!(img.info().wrapper, Some(imgconv::Compression::Zstd));
     assert_eq!(img.format(), imgconv::Format::Raw);
     let mut all = Vec::new();
     img.reader().read_to_end(&mut all).unwrap();

@@ -28,20 +28,12 @@ use crate::limits::{MAX_XZ_DECODER_MEMORY, MAX_XZ_INDEX_BYTES, XZ_THREADING_MEMO
 /// carry an [`Error`] (see [`DecodeReader`]) are unwrapped, others become
 /// [`Error::Stream`].
 pub fn from_io(e: io::Error) -> Error {
-    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
-        if let Some(inner) = e.into_inner() {
-            if let Ok(err) = inner.downcast::<Error>() {
-                return *err;
-            }
-        }
-        return Error::Format("decoding failed".into());
-    }
-    Error::Stream(e)
+    Error::from(e)
 }
 
 /// Wraps an [`Error`] into an [`io::Error`] so that it survives `Read` plumbing.
 pub fn to_io(e: Error) -> io::Error {
-    io::Error::other(e)
+    io::Error::from(e)
 }
 
 /// Counts the bytes read through it, so that errors can name a compressed offset.

@@ -272,10 +272,13 @@ impl StreamDevice {
     }
 
     fn passed(&self, offset: u64, base: u64) -> Error {
-        Error::invalid(format!(
-            "{}: offset {offset:#x} was already passed (stream read at ascending offsets only; now at {base:#x})",
-            self.name
-        ))
+        Error::unsupported(
+            "raw",
+            format!(
+                "going back to offset {offset:#x} of {}, read from a stream at ascending offsets only (now at {base:#x}); open it with OpenOptions::random_access() to read it in any order",
+                self.name
+            ),
+        )
     }
 }
 

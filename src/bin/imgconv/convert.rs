@@ -155,12 +155,12 @@ pub fn run(a: Args) -> CmdResult {
         }));
     }
     let r = if a.dst == "-" {
-        imgconv::convert_to_writer(
-            &src,
-            Box::new(std::io::BufWriter::with_capacity(
-                1 << 20,
-                std::io::stdout(),
-            )),
+        // Straight to stdout: the writer owns it, no hand-over between threads.
+        let stdout = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+        imgconv::convert::convert_to(
+            src.device().as_ref(),
+            std::path::Path::new("-"),
+            imgconv::io::OutputSet::to_stream(Box::new(stdout)),
             &opts,
         )
     } else {

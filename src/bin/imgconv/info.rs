@@ -74,7 +74,7 @@ pub fn human(i: &ImageInfo) -> String {
     let mut s = String::new();
     s += &format!("image: {}\n", i.filename);
     s += &format!("file format: {}\n", i.format);
-    if let Some(c) = &i.compression {
+    if let Some(c) = &i.wrapper {
         s += &format!("compression: {c}\n");
     }
     if let Some(m) = &i.archive_member {

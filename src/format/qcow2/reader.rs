@@ -318,9 +318,10 @@ impl Qcow2Device {
                 Ok(())
             }
             None => match &self.backing_name {
-                Some(name) => Err(Error::Format(format!(
-                    "qcow2: backing file {name:?} was not opened (metadata-only)"
-                ))),
+                Some(name) => Err(Error::NotOpened {
+                    format: FMT,
+                    reference: format!("backing file {name:?}"),
+                }),
                 None => {
                     buf.fill(0);
                     Ok(())
@@ -330,8 +331,9 @@ impl Qcow2Device {
     }
 
     fn read_plain(&self, buf: &mut [u8], host: u64) -> Result<()> {
-        let data = self.data.as_ref().ok_or_else(|| {
-            Error::Format("qcow2: the external data file was not opened (metadata-only)".into())
+        let data = self.data.as_ref().ok_or_else(|| Error::NotOpened {
+            format: FMT,
+            reference: "the external data file".into(),
         })?;
         read_struct(data.as_ref(), buf, host, FMT, "data cluster")
     }

@@ -477,9 +477,10 @@ fn new_writer(
     let size_pending = size.is_none();
     let size = size.unwrap_or(MAX_VIRTUAL_SIZE);
     if out.is_stream() {
-        return Err(Error::invalid(
-            "qcow2 cannot be written to a stream (it needs to seek)",
-        ));
+        return Err(Error::NeedsSeekableOutput {
+            format: "qcow2",
+            what: "a qcow2 image".into(),
+        });
     }
     if out.is_in_place() {
         return Err(Error::unsupported(

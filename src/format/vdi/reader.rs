@@ -60,16 +60,9 @@ impl VdiDevice {
     }
 
     fn parent(&self) -> Result<&Arc<dyn BlockDevice>> {
-        self.parent.as_ref().ok_or_else(|| Error::BackingChain {
-            path: self
-                .storage
-                .path()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
-            reason: format!(
-                "the parent image (UUID {}) was not opened",
-                self.header.uuid_linkage
-            ),
+        self.parent.as_ref().ok_or_else(|| Error::NotOpened {
+            format: FORMAT,
+            reference: format!("the parent image (UUID {})", self.header.uuid_linkage),
         })
     }
 

@@ -174,7 +174,10 @@ pub fn create_writer(
 ) -> Result<Box<dyn ImageWriter>> {
     let o = VdiOptions::from_write_options(opts)?;
     if out.is_stream() {
-        return Err(Error::unsupported(FORMAT, "writing to a stream"));
+        return Err(Error::NeedsSeekableOutput {
+            format: FORMAT,
+            what: "a VDI image".into(),
+        });
     }
     if out.is_in_place() {
         return Err(Error::unsupported(

@@ -104,9 +104,10 @@ impl BlockDevice for VmdkDevice {
             match &part.source {
                 Source::Zero => out.fill(0),
                 Source::Unopened(name) => {
-                    return Err(Error::Format(format!(
-                        "vmdk: extent file {name:?} was not opened (metadata-only mode)"
-                    )))
+                    return Err(Error::NotOpened {
+                        format: FMT,
+                        reference: format!("extent file {name:?}"),
+                    })
                 }
                 Source::Flat { storage, offset } => {
                     let at = offset.saturating_add(within);

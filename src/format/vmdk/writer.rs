@@ -350,10 +350,13 @@ pub fn create_writer(
         return Err(Error::invalid("vmdk: disk too large"));
     }
     if out.is_stream() && o.subformat != Subformat::StreamOptimized {
-        return Err(Error::invalid(format!(
-            "vmdk: subformat {} cannot be written to a pipe (use subformat=streamOptimized)",
-            o.subformat.name()
-        )));
+        return Err(Error::NeedsSeekableOutput {
+            format: "vmdk",
+            what: format!(
+                "subformat {} (only streamOptimized can)",
+                o.subformat.name()
+            ),
+        });
     }
     let (dir, stem, ext) = split_target(target);
     let own_name = if out.is_stream() {
