@@ -191,7 +191,7 @@ impl Error {
             Error::InvalidArgument(_) => io::ErrorKind::InvalidInput,
             Error::Interrupted => io::ErrorKind::Interrupted,
             Error::NotOpened { .. } => io::ErrorKind::NotFound,
-            Error::Locked { .. } => io::ErrorKind::ResourceBusy,
+            Error::Locked { .. } => io::ErrorKind::WouldBlock,
         }
     }
 
