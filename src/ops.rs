@@ -6,8 +6,8 @@
 //! source) carry QEMU's read locks meanwhile. Every change to a qcow2 image is one
 //! crash-safe transaction ([`crate::format::qcow2::edit`]): killed at any point, the
 //! image is left as it was or as it is meant to be. Which formats allow what follows
-//! qemu-img: these operations change qcow2 images (`commit` also writes into a raw
-//! base); other formats get a typed error naming the operation.
+//! qemu-img: these operations change qcow2 images (`commit` also writes into a raw or
+//! VDI base); other formats get a typed error naming the operation.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -174,10 +174,10 @@ pub struct CommitOptions {
 /// Writes what the image at `path` holds above its base image into the base
 /// (qemu-img `commit`), then empties the image unless told not to.
 ///
-/// The base may be raw or qcow2 (other formats are refused, as is a base whose format
-/// the chain does not record). A qcow2 base changes in one transaction; a raw base is
-/// written in place, and the image is emptied only once the base is on disk, so that
-/// an interruption never loses what the image shows.
+/// The base may be raw, qcow2 or VDI (VMDK and the rest are refused, as is a base whose
+/// format the chain does not record). A qcow2 base changes in one transaction; raw and
+/// VDI bases are written in place; the image is emptied only once the base is on disk,
+/// so that an interruption never loses what the image shows.
 pub fn commit(path: &Path, o: &CommitOptions) -> Result<()> {
     let format = image_format(path, o.format)?;
     only_qcow2(format, "committing an image into its backing file")?;
@@ -220,6 +220,7 @@ pub fn commit(path: &Path, o: &CommitOptions) -> Result<()> {
     let mut base: Box<dyn InPlaceWriter> = match base_info.format {
         Format::Raw => Box::new(crate::format::raw::RawInPlace::open(&base_path)?),
         Format::Qcow2 => Box::new(qcow2::commit::Qcow2InPlace::open(&base_path)?),
+        Format::Vdi => Box::new(crate::format::vdi::inplace::VdiInPlace::open(&base_path)?),
         other => {
             return Err(Error::unsupported(
                 other.name(),

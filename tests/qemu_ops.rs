@@ -126,6 +126,31 @@ fn raw_chain(dir: &Path) {
     );
 }
 
+/// base.vdi (dynamic, with a block of data) under top.qcow2.
+fn vdi_chain(dir: &Path) {
+    create(dir, &["-f", "vdi", "base.vdi", "8M"]);
+    qemu_io(&[
+        "-f",
+        "vdi",
+        "-c",
+        "write -P 1 0 1536k",
+        s(&dir.join("base.vdi")),
+    ]);
+    create(
+        dir,
+        &["-f", "qcow2", "-b", "base.vdi", "-F", "vdi", "top.qcow2"],
+    );
+    io(
+        dir,
+        "top.qcow2",
+        &[
+            "write -P 9 512k 64k",
+            "write -z 1M 64k",
+            "write -P 3 7M 100k",
+        ],
+    );
+}
+
 /// A version 2 overlay on a version 2 base.
 fn v2_chain(dir: &Path) {
     create(
@@ -277,6 +302,13 @@ const ROWS: &[Row] = &[
         args: &["commit", "-p", "top.qcow2"],
         images: &["top.qcow2", "base.raw"],
         stdout: false,
+    },
+    Row {
+        source: "qemu-img commit into a VDI base (QEMU's VDI driver writes in place)",
+        setup: vdi_chain,
+        args: &["commit", "top.qcow2"],
+        images: &["top.qcow2", "base.vdi"],
+        stdout: true,
     },
     Row {
         source: "qemu-img docs (commit -d): keep the overlay",

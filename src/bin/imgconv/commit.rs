@@ -13,7 +13,7 @@ use crate::ops_common::{parse_cache, refuse_unsupported, Progress};
 /// Arguments of `imgconv commit`.
 ///
 /// Everything the image defines above its base (its backing file, or the image of the
-/// chain `-b` names) is written into the base, which may be raw or qcow2; then the
+/// chain `-b` names) is written into the base, which may be raw, qcow2 or VDI; then the
 /// image is emptied (unless `-d` or `-b`), so that it shows the base again. A qcow2
 /// base changes in one crash-safe step; the image is emptied only once the base is on
 /// disk.
