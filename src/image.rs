@@ -50,6 +50,9 @@ pub struct OpenOptions {
     /// comma-separated), or a bare ID or name (ID first). Formats without internal
     /// snapshots refuse it.
     pub snapshot: Option<String>,
+    /// Opens image files without QEMU's read locks and without asking whether another
+    /// process writes them (qemu-img's `-U` / `--force-share`); see [`crate::io::lock`].
+    pub force_share: bool,
     /// The parent of a differencing image, instead of the one the image finds itself: a
     /// name resolved like the image's own references (against its folder) and refused in
     /// untrusted mode. For VDI, whose parent is otherwise looked for by UUID. Applies to
@@ -98,6 +101,12 @@ impl OpenOptions {
     /// Reads the internal snapshot `id_or_name` of the top image (`convert -l`).
     pub fn snapshot(mut self, id_or_name: impl Into<String>) -> Self {
         self.snapshot = Some(id_or_name.into());
+        self
+    }
+
+    /// Reads without taking or testing QEMU's image locks (`-U`, see the field).
+    pub fn force_share(mut self) -> Self {
+        self.force_share = true;
         self
     }
 
@@ -418,7 +427,10 @@ impl OpenContext {
         name: &str,
     ) -> Result<Arc<dyn Storage>> {
         let path = self.resolve_reference(format, field, name)?;
-        Ok(Arc::new(FileStorage::open(&path)?))
+        Ok(Arc::new(FileStorage::open_image(
+            &path,
+            self.options.force_share,
+        )?))
     }
 
     /// Opens the backing image `name` (format `fmt`, or probed), one level deeper.
@@ -467,7 +479,8 @@ impl OpenContext {
                 "{format}: {field} {name:?} cannot be opened from this context (made outside imgconv::open)"
             ))
         })?;
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&path)?);
+        let storage: Arc<dyn Storage> =
+            Arc::new(FileStorage::open_image(&path, self.options.force_share)?);
         opener(storage, &ctx).map(Some)
     }
 

@@ -63,6 +63,7 @@ pub mod image;
 pub mod io;
 pub mod limits;
 pub mod open;
+pub mod ops;
 pub mod writer;
 pub mod zero;
 

@@ -38,6 +38,10 @@
 //! | [`MAX_TAR_SPARSE_ENTRIES`] | 2^20 | tar sparse member maps |
 //! | [`STREAM_RETAIN_BYTES`] | 32 MiB | a raw disk read from a stream keeps this much behind the reader |
 //! | format probing (`detect::PROBE_LEN`) | first 4 KiB | format and compression detection |
+//! | qcow2 persistent bitmap (`qcow2::bitmap::MAX_BITMAP_BYTES`) | 512 MiB of bits (QEMU's) | `bitmap` add, load and merge |
+//! | qcow2 bitmap name (`qcow2::bitmap::MAX_NAME`) | 1023 bytes (QEMU's) | `bitmap --add` |
+//! | qcow2 snapshot name (`qcow2::snapshot_edit::MAX_SNAPSHOT_NAME`) | 255 bytes, longer names cut (QEMU's) | `snapshot -c` |
+//! | qcow2 in-place transaction (`qcow2::edit`) | one refcount per cluster of the file, as `check` counts them; 64 modified L2 tables held, the rest written to their new clusters | every in-place change of a qcow2 image |
 //!
 //! The fuzz targets in `fuzz/` check these bounds hold on arbitrary input: they run
 //! with a 512 MiB memory limit and a 10 s per-input timeout (see `fuzz/run-all.sh`).

@@ -76,6 +76,29 @@ pub trait ImageWriter: Send {
     fn finish(self: Box<Self>) -> Result<()>;
 }
 
+/// Writes into an existing image in place (the base image of `commit`), at any
+/// offset, in one transaction that [`finish`](InPlaceWriter::finish) makes durable.
+pub trait InPlaceWriter {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+
+    /// Granularity of the format's allocation: writes and zeroed ranges are aligned to
+    /// it (or end at the end of the disk).
+    fn grain_size(&self) -> u64;
+
+    /// Grows the virtual disk to `size` bytes; the new space reads as zeros.
+    fn grow(&mut self, size: u64) -> Result<()>;
+
+    /// Writes `data` at guest `offset`.
+    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes `[offset, offset + len)` read as zeros.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
+
+    /// Makes the writes durable (and, for formats with metadata, visible).
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
 /// What a writer is asked to make: qemu-img's `-o` options, `-c`, and a backing file.
 #[derive(Debug, Clone, Default)]
 pub struct WriteOptions {

@@ -61,6 +61,19 @@ impl FileStorage {
         Self::from_file(file, path.to_path_buf())
     }
 
+    /// Opens the image file `path` read-only, holding QEMU's read locks on it unless
+    /// `force_share` (`-U`): fails with [`crate::Error::Locked`] while another process
+    /// writes the image (see [`super::lock`]).
+    pub fn open_image(path: &Path, force_share: bool) -> crate::Result<Self> {
+        let access = if force_share {
+            super::lock::Access::SharedRead
+        } else {
+            super::lock::Access::Read
+        };
+        let file = super::lock::open_read(path, access)?;
+        Self::from_file(file, path.to_path_buf())
+    }
+
     /// Wraps an already open file.
     pub fn from_file(file: File, path: PathBuf) -> crate::error::Result<Self> {
         let meta = file

@@ -3,6 +3,8 @@
 
 pub mod compressed;
 pub mod file;
+pub mod inplace;
+pub mod lock;
 pub mod output;
 pub mod spool;
 pub mod stream;

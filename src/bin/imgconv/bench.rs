@@ -5,7 +5,7 @@
 //! Reads go through the image's format (any format imgconv reads); writes are done in
 //! place, which imgconv does for raw images only (other formats are refused).
 
-use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -90,7 +90,7 @@ fn number(what: &str, v: &Option<String>, default: u64, min: u64) -> Result<u64,
 
 /// Runs `imgconv bench`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = (a.native, a.quiet, a.force_share, a.no_drain);
+    let _ = (a.native, a.quiet, a.no_drain);
     let invalid = |m: String| (1, imgconv::Error::invalid(m));
     check_cache_mode(a.cache.as_deref(), false)?;
     if let Some(aio) = a
@@ -136,29 +136,35 @@ pub fn run(a: Args) -> CmdResult {
     if a.no_drain && flush == 0 {
         return Err(invalid("--no-drain requires --flush-interval".into()));
     }
-    let img = open_spec(&a.file, a.format, a.image_opts, false, &a.input)?;
+    // -w: the file is opened for writing first, with QEMU's writer locks; the reading
+    // side then takes no locks of its own (they would conflict with the writer's).
     let target = if a.write {
-        if img.format() != Format::Raw || img.info().wrapper.is_some() {
-            return Err((
-                1,
-                imgconv::Error::unsupported(
-                    img.format().name(),
-                    "bench -w (imgconv writes in place into raw files only)",
-                ),
-            ));
-        }
         let spec = crate::spec::parse(&a.file, a.format, a.image_opts).map_err(fail(1))?;
         Some(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&spec.filename)
-                .map_err(|e| {
-                    crate::common::could_not_open(&a.file, imgconv::Error::io(&spec.filename, e))
-                })?,
+            imgconv::io::inplace::InPlaceFile::open(Path::new(&spec.filename))
+                .map_err(|e| crate::common::could_not_open(&a.file, e))?,
         )
     } else {
         None
     };
+    let force_share = a.force_share || a.write;
+    let img = open_spec(
+        &a.file,
+        a.format,
+        a.image_opts,
+        false,
+        &a.input,
+        force_share,
+    )?;
+    if a.write && (img.format() != Format::Raw || img.info().wrapper.is_some()) {
+        return Err((
+            1,
+            imgconv::Error::unsupported(
+                img.format().name(),
+                "bench -w (imgconv writes in place into raw files only)",
+            ),
+        ));
+    }
     println!(
         "Sending {count} {} requests, {bufsize} bytes each, {depth} in parallel (starting at offset {offset}, step size {step})",
         if a.write { "write" } else { "read" }
@@ -193,10 +199,9 @@ pub fn run(a: Args) -> CmdResult {
                         }
                         match &target {
                             Some(f) => {
-                                f.write_all_at(&buf, at)
-                                    .map_err(|e| crate::common::strerror(&e))?;
+                                f.write_at(&buf, at).map_err(|e| describe(&e))?;
                                 if flush > 0 && (i + 1) % flush == 0 {
-                                    f.sync_data().map_err(|e| crate::common::strerror(&e))?;
+                                    f.sync().map_err(|e| describe(&e))?;
                                 }
                             }
                             None => dev.read_at(&mut buf, at).map_err(|e| describe(&e))?,
@@ -218,13 +223,10 @@ pub fn run(a: Args) -> CmdResult {
         return Err((1, imgconv::Error::Format(format!("Failed request: {why}"))));
     }
     if let Some(f) = &target {
-        f.sync_data().map_err(|e| {
+        f.sync().map_err(|e| {
             (
                 1,
-                imgconv::Error::Format(format!(
-                    "Failed flush request: {}",
-                    crate::common::strerror(&e)
-                )),
+                imgconv::Error::Format(format!("Failed flush request: {}", describe(&e))),
             )
         })?;
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::Args as ClapArgs;
 use imgconv::driver::{CheckReport, CheckRequest};
+use imgconv::io::inplace::InPlaceFile;
 use imgconv::io::FileStorage;
 use imgconv::{Format, OpenOptions};
 
@@ -37,7 +38,7 @@ pub struct Args {
     /// Print nothing; the exit code tells.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-    /// Open the image in shared mode.
+    /// Read without QEMU's image locks (for an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -46,7 +47,6 @@ pub struct Args {
 
 /// Runs `imgconv check`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
     check_cache_mode(a.cache.as_deref(), true)?;
     crate::spec::check_objects(&a.objects).map_err(fail(1))?;
     if let Some(r) = a
@@ -61,7 +61,18 @@ pub fn run(a: Args) -> CmdResult {
     }
     let spec = crate::spec::parse(&a.file, a.format, a.image_opts).map_err(fail(1))?;
     let path = Path::new(&spec.filename);
-    let storage = FileStorage::open(path).map_err(|e| could_not_open(&a.file, e))?;
+    // With -r the image is opened once, for writing (QEMU's writer locks): a second,
+    // read-only description would hold read locks that conflict with them.
+    let writer = match a.repair {
+        Some(_) => Some(InPlaceFile::open(path).map_err(|e| could_not_open(&a.file, e))?),
+        None => None,
+    };
+    let storage = match &writer {
+        Some(w) => w.storage().map_err(fail(1))?,
+        None => {
+            FileStorage::open_image(path, a.force_share).map_err(|e| could_not_open(&a.file, e))?
+        }
+    };
     let format = match spec.format {
         Some(f) => f,
         None => imgconv::format::probe_storage(&storage).map_err(|e| could_not_open(&a.file, e))?,
@@ -76,13 +87,16 @@ pub fn run(a: Args) -> CmdResult {
     let Some(check) = driver.check else {
         return no_checks();
     };
+    let mut options = OpenOptions::trusted().format(format);
+    options.force_share = a.force_share;
     if format == Format::Qcow2 {
         // As qemu-img, an image that cannot be opened (unknown incompatible features,
         // encryption) is not checked: its metadata means something imgconv cannot tell.
-        let o = OpenOptions::trusted().format(format).metadata_only();
+        // No locks of its own: the descriptions above hold them.
+        let o = options.clone().metadata_only().force_share();
         imgconv::open(path, &o).map_err(|e| could_not_open(&a.file, e))?;
     }
-    let ctx = imgconv::open::context_for_path(path, &OpenOptions::trusted().format(format));
+    let ctx = imgconv::open::context_for_path(path, &options);
     let req = CheckRequest {
         storage: Arc::new(storage),
         ctx: &ctx,
@@ -116,12 +130,8 @@ pub fn run(a: Args) -> CmdResult {
     let r = match (a.repair.as_deref(), driver.repair) {
         (None, _) | (_, None) => check(&req).map_err(could_not)?,
         (Some(_), Some(repair)) => {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(path)
-                .map_err(|e| (1, imgconv::Error::io(path, e)))?;
-            let r = repair(&req, &file).map_err(could_not)?;
+            let file = writer.as_ref().expect("opened for writing with -r");
+            let r = repair(&req, file).map_err(could_not)?;
             print_messages(&r);
             if r.repair_failed {
                 return Err((

@@ -42,12 +42,13 @@ impl InputArgs {
 }
 
 /// Opens a source image (`-` = standard input) with an optional format, trust mode,
-/// spooling folder and tar member.
+/// spooling folder and tar member; without QEMU's read locks when `force_share` (`-U`).
 pub fn open_input(
     path: &str,
     format: Option<Format>,
     untrusted: bool,
     input: &InputArgs,
+    force_share: bool,
 ) -> imgconv::Result<Image> {
     let mut o = if untrusted {
         OpenOptions::untrusted()
@@ -55,18 +56,26 @@ pub fn open_input(
         OpenOptions::trusted()
     };
     o.format = format;
+    o.force_share = force_share;
     input.apply(&mut o);
     imgconv::open(Path::new(path), &o)
 }
 
-/// Opens `path` with an optional format and trust mode.
-pub fn open_image(path: &str, format: Option<Format>, untrusted: bool) -> imgconv::Result<Image> {
+/// Opens `path` with an optional format and trust mode; without QEMU's read locks when
+/// `force_share` (`-U`).
+pub fn open_image(
+    path: &str,
+    format: Option<Format>,
+    untrusted: bool,
+    force_share: bool,
+) -> imgconv::Result<Image> {
     let mut o = if untrusted {
         OpenOptions::untrusted()
     } else {
         OpenOptions::trusted()
     };
     o.format = format;
+    o.force_share = force_share;
     imgconv::open(Path::new(path), &o)
 }
 
@@ -78,9 +87,11 @@ pub fn open_spec(
     image_opts: bool,
     untrusted: bool,
     input: &InputArgs,
+    force_share: bool,
 ) -> Result<Image, CmdError> {
     let spec = crate::spec::parse(arg, format, image_opts).map_err(fail(1))?;
-    open_input(&spec.filename, spec.format, untrusted, input).map_err(|e| could_not_open(arg, e))
+    open_input(&spec.filename, spec.format, untrusted, input, force_share)
+        .map_err(|e| could_not_open(arg, e))
 }
 
 /// `Could not open 'ARG': why`, qemu-img's wording for a failed open.
@@ -189,6 +200,17 @@ pub fn install_signal_handlers() {
     }
 }
 
+/// An error message as printed: control characters escaped ([`esc`]), except the line
+/// break of QEMU's two-line lock message (`Failed to get "write" lock` /
+/// `Is another process using the image [x]?`), which scripts match as qemu prints it.
+pub fn error_text(msg: &str) -> String {
+    const LOCK_BREAK: &str = " lock\nIs another process using the image [";
+    match msg.split_once(LOCK_BREAK) {
+        Some((before, after)) => format!("{}{LOCK_BREAK}{}", esc(before), esc(after)),
+        None => esc(msg).into_owned(),
+    }
+}
+
 /// A string from an image's metadata (a file name, a VMDK createType, a VDI comment…)
 /// made safe for a terminal, as git quotes odd file names: unchanged when it holds no
 /// control character; otherwise in double quotes with `"`, `\` and every control
@@ -250,5 +272,18 @@ mod tests {
             (code, e.to_string()),
             (1, "Invalid source cache option: bogus".into())
         );
+    }
+
+    #[test]
+    fn lock_messages_keep_their_two_lines() {
+        let e = imgconv::Error::Locked {
+            path: "x\u{1b}.qcow2".into(),
+            what: "shared \"write\"".into(),
+        };
+        assert_eq!(
+            error_text(&format!("Could not open 'x': {e}")),
+            "Could not open 'x': Failed to get shared \"write\" lock\nIs another process using the image [\"x\\033.qcow2]?\""
+        );
+        assert_eq!(error_text("a\nb"), "\"a\\nb\"");
     }
 }

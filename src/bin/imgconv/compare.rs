@@ -43,7 +43,7 @@ pub struct Args {
     /// Refuse references to other files (images from strangers).
     #[arg(long)]
     untrusted: bool,
-    /// Open the images in shared mode.
+    /// Read without QEMU's image locks (for an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Print nothing; the exit code tells.
@@ -61,11 +61,11 @@ const CHUNK: u64 = 2 << 20;
 /// Runs `imgconv compare`: exit 0 identical, 1 different, 2 error opening, 3 error
 /// reading allocation, 4 error reading data.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
     check_cache_mode(a.cache.as_deref(), true)?;
     crate::spec::check_objects(&a.objects).map_err(|e| (2, e))?;
     let open = |arg: &str, f| {
-        open_spec(arg, f, a.image_opts, a.untrusted, &a.input).map_err(|(_, e)| (2, e))
+        open_spec(arg, f, a.image_opts, a.untrusted, &a.input, a.force_share)
+            .map_err(|(_, e)| (2, e))
     };
     let ia = open(&a.a, a.format_a)?;
     let ib = open(&a.b, a.format_b)?;

@@ -100,7 +100,7 @@ pub struct Args {
     /// Out-of-order writes: accepted; imgconv's writers write in order anyway.
     #[arg(short = 'W', long = "oob-writes")]
     out_of_order: bool,
-    /// Open the source in shared mode.
+    /// Read without QEMU's image locks (for an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Print nothing but errors.
@@ -113,7 +113,7 @@ pub struct Args {
 
 /// Runs `imgconv convert`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = (a.out_of_order, a.force_share);
+    let _ = a.out_of_order;
     let out_format = a.out_format.unwrap_or(Format::Raw);
     if crate::optionhelp::asks_for_help(&a.options) {
         let target = (a.files.len() >= 2).then(|| a.files[a.files.len() - 1].as_str());
@@ -217,6 +217,7 @@ fn convert_sources(
             OpenOptions::trusted()
         };
         o.format = spec.format;
+        o.force_share = a.force_share;
         a.input.apply(&mut o);
         o.snapshot = snapshot.clone();
         // A raw stream of unrecorded length (gzip, bzip2, a pipe) goes straight into a
@@ -271,8 +272,13 @@ fn convert_sources(
         } else {
             path
         };
-        let backing = open_image(&path.to_string_lossy(), opts.write.backing_format, false)
-            .map_err(|e| could_not_open(b, e))?;
+        let backing = open_image(
+            &path.to_string_lossy(),
+            opts.write.backing_format,
+            false,
+            false,
+        )
+        .map_err(|e| could_not_open(b, e))?;
         if opts.write.backing_format.is_none() {
             opts.write.backing_format = Some(backing.format());
         }

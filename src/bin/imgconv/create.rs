@@ -91,8 +91,13 @@ pub fn run(a: Args) -> CmdResult {
                     .map(|d| d.join(p))
                     .unwrap_or_else(|| p.to_path_buf())
             };
-            let backing = open_image(&path.to_string_lossy(), opts.write.backing_format, false)
-                .map_err(|e| could_not_open(&b, e))?;
+            let backing = open_image(
+                &path.to_string_lossy(),
+                opts.write.backing_format,
+                false,
+                false,
+            )
+            .map_err(|e| could_not_open(&b, e))?;
             if opts.write.backing_format.is_none() {
                 opts.write.backing_format = Some(backing.format());
             }

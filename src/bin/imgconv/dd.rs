@@ -119,7 +119,6 @@ fn window(size: u64, o: &Operands) -> Option<(u64, u64)> {
 
 /// Runs `imgconv dd`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
     crate::spec::check_objects(&a.objects).map_err(fail(1))?;
     let o = parse_operands(&a.operands).map_err(fail(1))?;
     let (Some(input), Some(output)) = (&o.input, &o.output) else {
@@ -135,6 +134,7 @@ pub fn run(a: Args) -> CmdResult {
         imgconv::OpenOptions::trusted()
     };
     oo.format = spec.format;
+    oo.force_share = a.force_share;
     oo.snapshot = a.snapshot.clone();
     a.input.apply(&mut oo);
     let img = imgconv::open(Path::new(&spec.filename), &oo)

@@ -36,7 +36,7 @@ pub struct Args {
     /// QEMU objects (refused: see `convert --object`).
     #[arg(long = "object")]
     objects: Vec<String>,
-    /// Accepted for qemu-img compatibility (images are always opened read-only).
+    /// Read without QEMU's image locks (for an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -45,7 +45,6 @@ pub struct Args {
 
 /// Runs `imgconv info`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
     crate::spec::check_objects(&a.objects).map_err(|e| (1, e))?;
     let spec = crate::spec::parse(&a.file, a.format, a.image_opts).map_err(|e| (1, e))?;
     let mut o = if a.untrusted {
@@ -54,6 +53,7 @@ pub fn run(a: Args) -> CmdResult {
         imgconv::OpenOptions::trusted()
     };
     o.format = spec.format;
+    o.force_share = a.force_share;
     a.input.apply(&mut o);
     let img =
         imgconv::open(&spec.filename, &o).map_err(|e| crate::common::could_not_open(&a.file, e))?;

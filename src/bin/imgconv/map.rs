@@ -40,7 +40,7 @@ pub struct Args {
     /// QEMU objects (refused: see `convert --object`).
     #[arg(long = "object")]
     objects: Vec<String>,
-    /// Open the image in shared mode.
+    /// Read without QEMU's image locks (for an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The image.
@@ -82,7 +82,6 @@ impl Entry {
 
 /// Runs `imgconv map`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
     crate::spec::check_objects(&a.objects).map_err(fail(1))?;
     let start = match &a.start_offset {
         Some(s) => parse_size(s).map_err(|_| {
@@ -102,7 +101,14 @@ pub fn run(a: Args) -> CmdResult {
         })?,
         None => u64::MAX,
     };
-    let img = open_spec(&a.file, a.format, a.image_opts, a.untrusted, &a.input)?;
+    let img = open_spec(
+        &a.file,
+        a.format,
+        a.image_opts,
+        a.untrusted,
+        &a.input,
+        a.force_share,
+    )?;
     let status = StatusReader::new(&img);
     let end = status.size().min(start.saturating_add(max_length));
     let json = a.output == "json";

@@ -41,7 +41,8 @@ pub struct Args {
     /// Refuse references to other files in the source.
     #[arg(long)]
     untrusted: bool,
-    #[arg(short = 'U', long = "force-share", hide = true)]
+    /// Read without QEMU's image locks (for an image another process is writing).
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// Source image (when --size is not given).
     file: Option<String>,
@@ -49,7 +50,6 @@ pub struct Args {
 
 /// Runs `imgconv measure`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
     crate::spec::check_objects(&a.objects).map_err(fail(1))?;
     let mut wo = WriteOptions::default();
     for o in &a.options {
@@ -68,6 +68,7 @@ pub fn run(a: Args) -> CmdResult {
                 imgconv::OpenOptions::trusted()
             };
             o.format = spec.format;
+            o.force_share = a.force_share;
             o.snapshot = a.snapshot.clone();
             a.input.apply(&mut o);
             let img = imgconv::open(&spec.filename, &o).map_err(|e| could_not_open(f, e))?;

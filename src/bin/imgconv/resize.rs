@@ -60,7 +60,11 @@ pub fn run(a: Args) -> CmdResult {
     };
     let spec = crate::spec::parse(&a.file, a.format, a.image_opts).map_err(fail(1))?;
     let path = Path::new(&spec.filename);
-    let storage = FileStorage::open(path).map_err(|e| could_not_open(&a.file, e))?;
+    // QEMU opens the image for writing first: its writer's locks decide whether another
+    // process holds it. The probe below then reads without locks of its own (the
+    // resize takes the writer's locks again).
+    drop(imgconv::io::inplace::InPlaceFile::open(path).map_err(|e| could_not_open(&a.file, e))?);
+    let storage = FileStorage::open_image(path, true).map_err(|e| could_not_open(&a.file, e))?;
     let format = match spec.format {
         Some(f) => f,
         None => imgconv::format::probe_storage(&storage).map_err(|e| could_not_open(&a.file, e))?,
@@ -71,7 +75,8 @@ pub fn run(a: Args) -> CmdResult {
             path,
             &imgconv::OpenOptions::trusted()
                 .format(format)
-                .metadata_only(),
+                .metadata_only()
+                .force_share(),
         )
         .map_err(|e| could_not_open(&a.file, e))?
         .size(),
@@ -127,24 +132,21 @@ pub fn run(a: Args) -> CmdResult {
 }
 
 /// Allocates `[from, to)` of a raw file: reserved (`falloc`) or written with zeros
-/// (`full`), as qemu's file driver does.
+/// (`full`), as qemu's file driver does; under QEMU's writer locks.
 fn allocate(path: &Path, from: u64, to: u64, write: bool) -> imgconv::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| imgconv::Error::io(path, e))?;
+    let f = imgconv::io::inplace::InPlaceFile::open(path)?;
     if write {
         let zeros = vec![0u8; 1 << 20];
         let mut pos = from;
         while pos < to {
             let n = (to - pos).min(zeros.len() as u64) as usize;
-            f.write_all_at(&zeros[..n], pos)
-                .map_err(|e| imgconv::Error::io(path, e))?;
+            f.write_at(&zeros[..n], pos)?;
             pos += n as u64;
         }
     } else {
-        imgconv::io::fallocate(&f, 0, from, to - from).map_err(|e| imgconv::Error::io(path, e))?;
+        // Reserving space changes no byte the image reads.
+        imgconv::io::fallocate(f.file(), 0, from, to - from)
+            .map_err(|e| imgconv::Error::io(path, e))?;
     }
-    f.sync_data().map_err(|e| imgconv::Error::io(path, e))
+    f.sync()
 }

@@ -9,13 +9,19 @@
 //! `header.rs` holds the on-disk structures, `snapshot.rs` the snapshot table,
 //! `reader.rs` the address translation behind [`BlockDevice`](crate::BlockDevice).
 
+pub mod amend;
+pub mod bitmap;
 pub mod check;
+pub mod commit;
+pub mod edit;
 pub mod header;
 pub mod measure;
 pub mod reader;
+pub mod rebase;
 pub mod refcount;
 pub mod resize;
 pub mod snapshot;
+pub mod snapshot_edit;
 pub mod writer;
 
 use std::path::Path;

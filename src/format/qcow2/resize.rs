@@ -10,8 +10,6 @@
 //! of the file from the stored refcounts, with the old L1 table and refcount structures
 //! freed; the header is written last, so an interrupted resize leaves the old image.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::header::{
@@ -22,28 +20,22 @@ use super::header::{
 use super::refcount::{read_refcounts, write_refcount, OFFSET_MASK_REFTABLE};
 use crate::error::{Error, Result};
 use crate::image::OpenContext;
-use crate::io::{read_struct, FileStorage, Storage};
+use crate::io::inplace::InPlaceFile;
+use crate::io::{read_struct, Storage};
 use crate::limits::{MAX_QCOW2_L1_BYTES, MAX_QCOW2_REFTABLE_BYTES, MAX_VIRTUAL_SIZE};
 
 const FMT: &str = "qcow2";
 
-fn write_at(file: &File, buf: &[u8], off: u64, path: &Path) -> Result<()> {
-    file.write_all_at(buf, off).map_err(|e| Error::io(path, e))
+fn write_at(file: &InPlaceFile, buf: &[u8], off: u64, _path: &Path) -> Result<()> {
+    file.write_at(buf, off)
 }
 
 /// Resizes the qcow2 image at `path` to `new_size` bytes. Shrinking needs `shrink` and
 /// discards every cluster past the new end. `ctx` (the image's context) opens the
 /// backing file when growing must compare with its size.
 pub fn resize(path: &Path, new_size: u64, shrink: bool, ctx: &OpenContext) -> Result<()> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    let storage = FileStorage::from_file(
-        file.try_clone().map_err(|e| Error::io(path, e))?,
-        path.to_path_buf(),
-    )?;
+    let file = InPlaceFile::open(path)?;
+    let storage = file.storage()?;
     let mut prefix = vec![0u8; 104.min(storage.len() as usize)];
     read_struct(&storage, &mut prefix, 0, FMT, "header")?;
     let need = Header::needed_len(&prefix).min(4096);
@@ -135,10 +127,10 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool, ctx: &OpenContext) -> Re
         }
         h.l1_size = new_l1 as u32;
     }
-    file.sync_data().map_err(|e| Error::io(path, e))?;
+    file.sync()?;
     h.size = new_size;
     write_at(&file, &h.serialize(), 0, path)?;
-    file.sync_data().map_err(|e| Error::io(path, e))
+    file.sync()
 }
 
 /// Growing leaves the new area unallocated; where the backing file is longer than the
@@ -185,7 +177,7 @@ fn refuse_growing_over_backing(storage: &dyn Storage, h: &Header, ctx: &OpenCont
 /// wholly past it) are cleared, then the refcounts of the clusters they held lowered.
 /// The cluster the new end cuts through is kept, its tail zeroed.
 fn discard_beyond(
-    file: &File,
+    file: &InPlaceFile,
     path: &Path,
     storage: &dyn Storage,
     h: &Header,
@@ -234,7 +226,7 @@ fn discard_beyond(
             write_at(file, &serialize_u64_table(&t), l2_off, path)?;
         }
     }
-    file.sync_data().map_err(|e| Error::io(path, e))?;
+    file.sync()?;
     if freed.is_empty() {
         return Ok(());
     }
@@ -256,7 +248,7 @@ fn discard_beyond(
             *x = now;
         }
     }
-    file.sync_data().map_err(|e| Error::io(path, e))?;
+    file.sync()?;
     // The file ends after its last cluster in use, as qemu-img leaves it.
     if stored.unreadable.is_empty() {
         let last = counts
@@ -264,7 +256,7 @@ fn discard_beyond(
             .rposition(|&c| c > 0)
             .map_or(0, |i| i as u64 + 1);
         if last * cs < storage.len() {
-            file.set_len(last * cs).map_err(|e| Error::io(path, e))?;
+            file.set_len(last * cs)?;
         }
     }
     Ok(())
@@ -273,7 +265,7 @@ fn discard_beyond(
 /// Zeroes the part past `new_size` of the data cluster the new end cuts through, so
 /// that growing the image again shows zeros there, not old data.
 fn zero_cut_cluster(
-    file: &File,
+    file: &InPlaceFile,
     path: &Path,
     storage: &dyn Storage,
     h: &Header,
@@ -306,7 +298,7 @@ fn zero_cut_cluster(
 /// Moves the L1 table to the end of the file with room for `new_l1` entries and
 /// rewrites the refcount structures after it.
 fn relocate_l1(
-    file: &File,
+    file: &InPlaceFile,
     path: &Path,
     storage: &dyn Storage,
     h: &mut Header,

@@ -5,10 +5,12 @@
 //!   search for a differencing image's parent by UUID;
 //! - [`check`]: `check`, the block map's consistency as qemu-img verifies it;
 //! - [`writer`]: images laid out as VirtualBox lays them out (`-o static=on|off`,
-//!   `-o uuid=…`).
+//!   `-o uuid=…`);
+//! - [`inplace`]: an existing image written in place (the base of `commit`).
 
 pub mod check;
 pub mod header;
+pub mod inplace;
 pub mod reader;
 pub mod writer;
 
