@@ -94,6 +94,7 @@ need() {
             disk-zstd.qcow2) $q -O qcow2 -c -o compression_type=zstd "$IN/disk.raw" "$IN/$f.tmp" ;;
             disk-stream.vmdk) $q -O vmdk -o subformat=streamOptimized "$IN/disk.raw" "$IN/$f.tmp" ;;
             disk.vdi) $q -O vdi "$IN/disk.raw" "$IN/$f.tmp" ;;
+            disk.vhd) $q -O vpc "$IN/disk.raw" "$IN/$f.tmp" ;;
             empty-1t.qcow2) qemu-img create -q -f qcow2 "$IN/$f.tmp" 1T ;;
             sparse-1t.raw)
                 # 1 TiB with 1 MiB of data at its start and 1 MiB in its middle.
@@ -234,6 +235,11 @@ row "raw→raw" "" "$D" "$I convert -f raw -O raw $D $IO" "$Q -f raw -O raw $D $
 row "raw→qcow2" "" "$D" "$I convert -f raw -O qcow2 $D $IO" "$Q -f raw -O qcow2 $D $BO"
 row "raw→vmdk" "" "$D" "$I convert -f raw -O vmdk $D $IO" "$Q -f raw -O vmdk $D $BO"
 row "raw→vdi" "" "$D" "$I convert -f raw -O vdi $D $IO" "$Q -f raw -O vdi $D $BO"
+row "raw→vpc (dynamic)" "" "$D" "$I convert -f raw -O vpc $D $IO" "$Q -f raw -O vpc $D $BO"
+# (qemu-img compare would probe the fixed VHD as raw, footer included: not checked here;
+# tests/vpc.rs checks fixed outputs.)
+row "raw→vpc (fixed)" "" "" "$I convert -f raw -O vpc -o subformat=fixed $D $IO" \
+    "$Q -f raw -O vpc -o subformat=fixed $D $BO"
 row "qcow2→raw" disk.qcow2 "$D" "$I convert -f qcow2 -O raw $IN/disk.qcow2 $IO" \
     "$Q -f qcow2 -O raw $IN/disk.qcow2 $BO"
 row "qcow2 (zlib)→raw" disk-zlib.qcow2 "$D" \
@@ -247,6 +253,8 @@ row "vmdk (streamOptimized)→raw" disk-stream.vmdk "$D" \
     "$Q -f vmdk -O raw $IN/disk-stream.vmdk $BO"
 row "vdi→raw" disk.vdi "$D" "$I convert -f vdi -O raw $IN/disk.vdi $IO" \
     "$Q -f vdi -O raw $IN/disk.vdi $BO"
+row "vpc→raw" disk.vhd "$D" "$I convert -f vpc -O raw $IN/disk.vhd $IO" \
+    "$Q -f vpc -O raw $IN/disk.vhd $BO"
 row "qcow2→vmdk" disk.qcow2 "$D" "$I convert -f qcow2 -O vmdk $IN/disk.qcow2 $IO" \
     "$Q -f qcow2 -O vmdk $IN/disk.qcow2 $BO"
 row "qcow2→vdi" disk.qcow2 "$D" "$I convert -f qcow2 -O vdi $IN/disk.qcow2 $IO" \

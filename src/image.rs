@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::details::FormatDetails;
 use crate::detect::{Compression, Format};
 use crate::device::{BlockDevice, DeviceReader};
 use crate::error::{Error, Result};
@@ -193,9 +194,10 @@ pub struct ImageInfo {
     /// Internal snapshots.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotInfo>,
-    /// Format-specific details in qemu-img's shape: `{"type": FMT, "data": {...}}`.
+    /// Format-specific details (serialised in qemu-img's shape: `{"type": FMT, "data":
+    /// {...}}`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub format_specific: Option<serde_json::Value>,
+    pub format_specific: Option<FormatDetails>,
     /// The compression wrapped around the image file (`gzip`, `bzip2`, `xz`, `zstd`), if
     /// any — not compressed clusters inside the image (`compression` in `info`'s JSON).
     #[serde(rename = "compression", skip_serializing_if = "Option::is_none")]

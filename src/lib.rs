@@ -51,6 +51,7 @@
 //! - [`io`]: positional file reads, atomic and sparse outputs.
 
 pub mod convert;
+pub mod details;
 pub mod detect;
 pub mod device;
 pub mod driver;
@@ -64,6 +65,7 @@ pub mod io;
 pub mod limits;
 pub mod open;
 pub mod ops;
+pub mod random;
 pub mod writer;
 pub mod zero;
 

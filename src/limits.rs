@@ -32,6 +32,11 @@
 //! | VMDK stream buffer (`stream.rs`) | 256 MiB decoded grains held between `map` and `read_at` | streamOptimized reader from a pipe |
 //! | [`MAX_VDI_BLOCKS`] | 2^28 entries (1 GiB block map) | VDI header check and writer |
 //! | [`MAX_VDI_PARENT_SCAN`], [`MAX_VDI_PARENT_CANDIDATES`] | 65536 entries, 1024 headers | the search for a differencing VDI's parent |
+//! | VHD virtual size (`vpc::header::MAX_SECTORS`) | 2040 GiB (qemu's) | VHD open (`reader::virtual_size`) and writer (`header::new_size`) |
+//! | VHD BAT | inside the file (4 bytes per entry), entries × block size covering the disk | `vpc::reader::check_table_bounds`, before the BAT is allocated |
+//! | VHD block size | a power of two, 512 B to 2 GiB (u32) | `DynamicHeader::validate` |
+//! | [`MAX_VPC_LOCATOR_BYTES`] | 64 KiB | VHD parent locator data (a path) |
+//! | [`MAX_VPC_BITMAP_CACHE_BYTES`] | 16 MiB | partial sector bitmaps kept by the VHD reader (memory bound) |
 //! | [`MAX_XZ_INDEX_BYTES`] | 64 MiB | xz index read to learn a compressed file's size |
 //! | [`XZ_THREADING_MEMORY`], [`MAX_XZ_DECODER_MEMORY`] | 128 MiB, 1 GiB | the xz decoder (one thread above the first, refused above the second) |
 //! | [`MAX_TAR_META_BYTES`] | 1 MiB | tar GNU long names and pax headers |
@@ -100,3 +105,10 @@ pub const MAX_VDI_PARENT_SCAN: usize = 65536;
 
 /// Most `*.vdi` files whose headers are read while searching for a VDI parent.
 pub const MAX_VDI_PARENT_CANDIDATES: usize = 1024;
+
+/// Largest VHD parent locator data (a path: 32767 UTF-16 units fit).
+pub const MAX_VPC_LOCATOR_BYTES: u64 = 64 * 1024;
+
+/// Bytes of partial sector bitmaps the VHD reader keeps in memory (a cache: full and
+/// empty bitmaps take one byte of state per block).
+pub const MAX_VPC_BITMAP_CACHE_BYTES: u64 = 16 << 20;

@@ -392,7 +392,7 @@ impl Read for TarMember {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "gzip", feature = "bzip2"))]
 mod tests {
     use super::*;
     use crate::io::compressed::DECODERS_STARTED;

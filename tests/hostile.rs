@@ -2,6 +2,7 @@
 //! images, no files left behind, and the fuzzers' regression inputs.
 
 mod common;
+mod vhd_builder;
 use common::*;
 
 use std::path::{Path, PathBuf};
@@ -420,6 +421,7 @@ fn fuzz_regressions_do_not_panic() {
             Some("qcow2") => Some(imgconv::Format::Qcow2),
             Some("vmdk") => Some(imgconv::Format::Vmdk),
             Some("vdi") => Some(imgconv::Format::Vdi),
+            Some("vpc") => Some(imgconv::Format::Vpc),
             Some("roundtrip") => {
                 imgconv::fuzzing::roundtrip(&data);
                 continue;
@@ -527,4 +529,179 @@ fn a_zero_bomb_of_unrecorded_length_converts_in_bounded_memory() {
             assert_qemu_check_clean(&out);
         }
     }
+}
+
+#[test]
+fn truncated_vpc_images_fail_cleanly() {
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    for o in ["subformat=dynamic", "subformat=fixed"] {
+        let v = d.path().join("t.vhd");
+        qemu_convert("vpc", o, &raw, &v);
+        truncations(&v, "vpc");
+    }
+}
+
+/// One hostile change to a VHD file.
+type VhdPatch = Box<dyn Fn(&Path)>;
+
+#[test]
+fn hostile_vpc_metadata_is_refused_quickly() {
+    use vhd_builder::{patch_bat, patch_footer, patch_header, read_bat};
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    let v = d.path().join("base.vhd");
+    qemu_convert("vpc", "", &raw, &v);
+    let bat = read_bat(&v);
+    let used: Vec<usize> = (0..bat.len()).filter(|&i| bat[i] != u32::MAX).collect();
+    let (i0, i1) = (used[0], used[1]);
+    let other = bat[i1];
+    let cases: Vec<(&str, VhdPatch, &str)> = vec![
+        (
+            "BAT entry into the footer copy",
+            Box::new(move |p| patch_bat(p, i0, 0)),
+            "overlaps the footer copy",
+        ),
+        (
+            "BAT entry into the header",
+            Box::new(move |p| patch_bat(p, i0, 2)),
+            "overlaps the dynamic disk header",
+        ),
+        (
+            "BAT entry into the BAT",
+            Box::new(move |p| patch_bat(p, i0, 3)),
+            "overlaps the BAT",
+        ),
+        (
+            "BAT entry past the end",
+            Box::new(move |p| patch_bat(p, i0, 0xFFFF_FFF0)),
+            "past the end",
+        ),
+        (
+            "two blocks in one place",
+            Box::new(move |p| patch_bat(p, i0, other)),
+            "overlaps block",
+        ),
+        (
+            "block size 3",
+            Box::new(|p| patch_header(p, true, |h| h.block_size = 3)),
+            "block size",
+        ),
+        (
+            "block size 256",
+            Box::new(|p| patch_header(p, true, |h| h.block_size = 256)),
+            "block size",
+        ),
+        (
+            "block size 2 GiB",
+            Box::new(|p| patch_header(p, true, |h| h.block_size = 1 << 31)),
+            "past the end",
+        ),
+        (
+            "2^30 BAT entries",
+            Box::new(|p| patch_header(p, true, |h| h.max_table_entries = 0x4000_0001)),
+            "BAT",
+        ),
+        (
+            "too few BAT entries",
+            Box::new(|p| patch_header(p, true, |h| h.max_table_entries = 1)),
+            "cover less",
+        ),
+        (
+            "BAT at the end of u64",
+            Box::new(|p| patch_header(p, true, |h| h.table_offset = u64::MAX - 3)),
+            "BAT",
+        ),
+        (
+            "header far away",
+            Box::new(|p| patch_footer(p, |f| f.data_offset = 1 << 60)),
+            "dynamic disk header",
+        ),
+        (
+            "header checksum",
+            Box::new(|p| patch_header(p, false, |h| h.version = 2)),
+            "checksum",
+        ),
+        (
+            "footer checksum",
+            Box::new(|p| {
+                let mut b = std::fs::read(p).unwrap();
+                b[100] ^= 1;
+                std::fs::write(p, b).unwrap();
+            }),
+            "checksum",
+        ),
+        (
+            "disk type 5",
+            Box::new(|p| patch_footer(p, |f| f.disk_type = 5)),
+            "disk type",
+        ),
+        (
+            "a disk of 2^50 bytes",
+            Box::new(|p| {
+                patch_footer(p, |f| {
+                    f.creator_app = *b"win ";
+                    f.current_size = 1 << 50;
+                })
+            }),
+            "too large",
+        ),
+        (
+            "a differencing image without parent",
+            Box::new(|p| patch_footer(p, |f| f.disk_type = 4)),
+            "names no parent",
+        ),
+    ];
+    for (what, patch, msg) in cases {
+        let p = d.path().join("bad.vhd");
+        std::fs::copy(&v, &p).unwrap();
+        patch(&p);
+        let out = d.path().join("out.raw");
+        assert_clean_error(&["convert", "-f", "vpc", "-O", "raw", s(&p), s(&out)], msg);
+        assert!(!out.exists(), "{what}");
+        assert_clean_error(&["info", s(&p)], msg);
+        let w = watched(&["check", s(&p)]);
+        w.assert_no_panic(what);
+        w.assert_faster_than(what, Duration::from_secs(2));
+        assert!(
+            matches!(w.code, Some(0..=2)),
+            "{what}: check gave {:?}",
+            w.code
+        );
+    }
+}
+
+#[test]
+fn vpc_parent_locator_loops_and_deep_chains_are_refused() {
+    use imgconv::format::vpc::header::Uuid;
+    use vhd_builder::Vhd;
+    let d = scratch();
+    let (ua, ub) = (Uuid::random(), Uuid::random());
+    let mut a = Vhd::differencing(1 << 20, 64 << 10, ub).windows_locator(b"W2ru", ".\\b.vhd");
+    a.uuid = ua;
+    let mut b = Vhd::differencing(1 << 20, 64 << 10, ua).windows_locator(b"W2ru", ".\\a.vhd");
+    b.uuid = ub;
+    a.write(&d.path().join("a.vhd"));
+    b.write(&d.path().join("b.vhd"));
+    assert_clean_error(&["info", s(&d.path().join("a.vhd"))], "loops");
+    let mut me =
+        Vhd::differencing(1 << 20, 64 << 10, Uuid::default()).windows_locator(b"W2ru", "me.vhd");
+    me.parent_uuid = me.uuid;
+    me.write(&d.path().join("me.vhd"));
+    assert_clean_error(&["info", s(&d.path().join("me.vhd"))], "loops");
+    // A chain deeper than the limit: c0 → c1 → … → c20 (a dynamic base).
+    let mut uuids: Vec<Uuid> = (0..=20).map(|_| Uuid::random()).collect();
+    uuids[20] = Uuid::random();
+    for i in 0..20 {
+        let mut c = Vhd::differencing(1 << 20, 64 << 10, uuids[i + 1])
+            .windows_locator(b"W2ru", &format!("c{}.vhd", i + 1));
+        c.uuid = uuids[i];
+        c.write(&d.path().join(format!("c{i}.vhd")));
+    }
+    let mut base = Vhd::dynamic(1 << 20, 64 << 10);
+    base.uuid = uuids[20];
+    base.write(&d.path().join("c20.vhd"));
+    assert_clean_error(&["info", s(&d.path().join("c0.vhd"))], "deeper than");
+    // Within the limit it opens.
+    imgconv(&["info", s(&d.path().join("c10.vhd"))]);
 }

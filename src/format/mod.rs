@@ -11,6 +11,7 @@ pub mod raw;
 pub mod recognised;
 pub mod vdi;
 pub mod vmdk;
+pub mod vpc;
 
 use std::path::Path;
 
@@ -33,7 +34,7 @@ pub const DRIVERS: &[Driver] = &[
     recognised::BOCHS,
     recognised::CLOOP,
     recognised::LUKS,
-    recognised::VPC,
+    vpc::DRIVER,
     recognised::DMG,
     raw::DRIVER,
 ];

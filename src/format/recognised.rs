@@ -19,15 +19,6 @@ pub const QCOW: Driver = Driver::recognised_only(Format::Qcow, |head, _| {
 /// QED: `QED\0`.
 pub const QED: Driver = Driver::recognised_only(Format::Qed, |head, _| head.starts_with(b"QED\0"));
 
-/// VHD (`vpc`): `conectix` at 0 (dynamic and differencing images carry a copy of the
-/// footer there), or the footer alone in the last 512 bytes (fixed images; early
-/// Virtual PC wrote a 511-byte footer).
-pub const VPC: Driver = Driver::recognised_only(Format::Vpc, |head, tail| {
-    const COOKIE: &[u8] = b"conectix";
-    head.starts_with(COOKIE)
-        || (tail.len() == 512 && (tail.starts_with(COOKIE) || tail[1..].starts_with(COOKIE)))
-});
-
 /// VHDX: the file type identifier `vhdxfile` at 0.
 pub const VHDX: Driver =
     Driver::recognised_only(Format::Vhdx, |head, _| head.starts_with(b"vhdxfile"));

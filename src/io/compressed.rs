@@ -22,7 +22,9 @@ use std::sync::Arc;
 
 use crate::detect::Compression;
 use crate::error::{Error, Result};
-use crate::limits::{MAX_XZ_DECODER_MEMORY, MAX_XZ_INDEX_BYTES, XZ_THREADING_MEMORY};
+use crate::limits::MAX_XZ_INDEX_BYTES;
+#[cfg(feature = "xz")]
+use crate::limits::{MAX_XZ_DECODER_MEMORY, XZ_THREADING_MEMORY};
 
 /// Turns an I/O error from a decoding stack back into the crate's error: errors that
 /// carry an [`Error`] (see [`DecodeReader`]) are unwrapped, others become
@@ -95,7 +97,12 @@ thread_local! {
     pub(crate) static DECODERS_STARTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
-/// Wraps `input` in the decoder for `compression`.
+/// Wraps `input` in the decoder for `compression` (a typed [`Error::Unsupported`] for a
+/// codec left out of the build).
+#[cfg_attr(
+    not(all(feature = "gzip", feature = "bzip2", feature = "xz", feature = "zstd")),
+    allow(unreachable_code, unused_variables)
+)]
 pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<DecodeReader> {
     #[cfg(test)]
     DECODERS_STARTED.with(|n| n.set(n.get() + 1));
@@ -104,23 +111,32 @@ pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<
         inner: input,
         count: consumed.clone(),
     };
-    let bad = |e: String| Error::corrupt(compression.name(), "compressed stream", 0, e);
     let inner: Box<dyn Read + Send> = match compression {
+        #[cfg(feature = "gzip")]
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(
             1 << 16,
             counted,
         ))),
+        #[cfg(feature = "bzip2")]
         Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(counted)),
+        #[cfg(feature = "xz")]
         Compression::Xz => Box::new(XzMulti {
             dec: Some(xz_stream(BufReader::with_capacity(
                 1 << 16,
                 Box::new(counted),
             ))?),
         }),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(counted)
-                .map_err(|e| bad(format!("cannot start the zstd decoder: {e}")))?,
-        ),
+        #[cfg(feature = "zstd")]
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(counted).map_err(|e| {
+            Error::corrupt(
+                "zstd",
+                "compressed stream",
+                0,
+                format!("cannot start the zstd decoder: {e}"),
+            )
+        })?),
+        #[allow(unreachable_patterns)]
+        other => return Err(missing_codec(other)),
     };
     Ok(DecodeReader {
         inner,
@@ -129,9 +145,23 @@ pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<
     })
 }
 
+/// The error for a compression whose codec was left out of the build.
+#[allow(dead_code)]
+fn missing_codec(c: Compression) -> Error {
+    Error::unsupported(
+        c.name(),
+        format!(
+            "decoding {c} (imgconv was built without its `{}` feature)",
+            c.name()
+        ),
+    )
+}
+
+#[cfg(feature = "xz")]
 type XzIn = BufReader<Box<dyn Read + Send>>;
 
 /// A multithreaded decoder for one xz stream.
+#[cfg(feature = "xz")]
 fn xz_stream(input: XzIn) -> Result<liblzma::bufread::XzDecoder<XzIn>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     let stream = liblzma::stream::MtStreamBuilder::new()
@@ -152,10 +182,12 @@ fn xz_stream(input: XzIn) -> Result<liblzma::bufread::XzDecoder<XzIn>> {
 
 /// Concatenated xz streams (with stream padding between them), each decoded by the
 /// multithreaded decoder (whose builder cannot set `LZMA_CONCATENATED`).
+#[cfg(feature = "xz")]
 struct XzMulti {
     dec: Option<liblzma::bufread::XzDecoder<XzIn>>,
 }
 
+#[cfg(feature = "xz")]
 impl Read for XzMulti {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
@@ -200,13 +232,17 @@ impl Read for XzMulti {
     }
 }
 
+#[cfg(feature = "bzip2")]
 /// Compressed bytes per piece of a multi-stream bzip2 file decoded by one thread.
 const BZ_PIECE: u64 = if cfg!(test) { 64 << 10 } else { 4 << 20 };
+#[cfg(feature = "bzip2")]
 /// Decoded bytes per message from a bzip2 piece worker.
 const BZ_CHUNK: usize = 1 << 20;
+#[cfg(feature = "bzip2")]
 /// Messages a piece worker may have waiting (bounds memory to threads × this × 1 MiB).
 const BZ_QUEUE: usize = 4;
 
+#[cfg(feature = "bzip2")]
 /// The start of a bzip2 stream: "BZh", a block size digit, then the first block's magic
 /// (π) or the end-of-stream magic (√π) of an empty stream.
 fn is_bz_stream_start(b: &[u8]) -> bool {
@@ -217,6 +253,7 @@ fn is_bz_stream_start(b: &[u8]) -> bool {
             || b[4..10] == [0x17, 0x72, 0x45, 0x38, 0x50, 0x90])
 }
 
+#[cfg(feature = "bzip2")]
 /// True when the 11 bytes before a candidate stream start end with a bzip2 end-of-stream
 /// marker (48-bit magic, 32-bit CRC, zero padding to a byte): the previous stream really
 /// ends there. Together with [`is_bz_stream_start`] this makes a false boundary inside
@@ -232,6 +269,7 @@ fn ends_bz_stream(before: &[u8; 11]) -> bool {
     })
 }
 
+#[cfg(feature = "bzip2")]
 /// Offsets where the streams of a concatenated bzip2 file (pbzip2 output, or files
 /// joined with `cat`) start, found by scanning the compressed bytes. Always starts with 0.
 fn bz_stream_starts(file: &File, len: u64) -> Result<Vec<u64>> {
@@ -269,6 +307,17 @@ fn bz_stream_starts(file: &File, len: u64) -> Result<Vec<u64>> {
 /// at least two pieces' worth is decoded by several threads, one piece of whole
 /// streams each, delivered in order; anything else by one thread as [`decoder`] does.
 pub fn bzip2_file_decoder(file: File, len: u64) -> Result<DecodeReader> {
+    #[cfg(not(feature = "bzip2"))]
+    {
+        let _ = len;
+        decoder(Compression::Bzip2, Box::new(file))
+    }
+    #[cfg(feature = "bzip2")]
+    parallel_bzip2_decoder(file, len)
+}
+
+#[cfg(feature = "bzip2")]
+fn parallel_bzip2_decoder(file: File, len: u64) -> Result<DecodeReader> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if threads < 2 || len < 2 * BZ_PIECE {
         return decoder(Compression::Bzip2, Box::new(file));
@@ -296,8 +345,10 @@ pub fn bzip2_file_decoder(file: File, len: u64) -> Result<DecodeReader> {
     })
 }
 
+#[cfg(feature = "bzip2")]
 type BzMsg = std::result::Result<Vec<u8>, Error>;
 
+#[cfg(feature = "bzip2")]
 /// Ordered output of pieces decoded by worker threads.
 struct ParallelBz {
     pieces: std::vec::IntoIter<(u64, std::sync::mpsc::Receiver<BzMsg>)>,
@@ -308,6 +359,7 @@ struct ParallelBz {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+#[cfg(feature = "bzip2")]
 impl Drop for ParallelBz {
     /// Closes every queue (the workers stop at their next piece) and waits for them.
     fn drop(&mut self) {
@@ -319,6 +371,7 @@ impl Drop for ParallelBz {
     }
 }
 
+#[cfg(feature = "bzip2")]
 impl ParallelBz {
     fn start(file: Arc<File>, cuts: Vec<u64>, threads: usize, consumed: Arc<AtomicU64>) -> Self {
         use std::sync::mpsc::sync_channel;
@@ -357,6 +410,7 @@ impl ParallelBz {
     }
 }
 
+#[cfg(feature = "bzip2")]
 /// Decodes the streams in `[from, to)` of `file` into `tx`; false if the receiver left.
 fn decode_bz_piece(
     file: &File,
@@ -427,6 +481,7 @@ fn decode_bz_piece(
     }
 }
 
+#[cfg(feature = "bzip2")]
 impl Read for ParallelBz {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.at == self.chunk.len() {
@@ -769,7 +824,24 @@ fn zstd_size(file: &File, len: u64) -> Result<Option<u64>> {
     Ok(Some(total))
 }
 
-#[cfg(test)]
+/// Without its codec, a compression is recognised and refused with a typed error.
+#[cfg(all(test, not(feature = "zstd")))]
+mod without_codecs {
+    #[test]
+    fn a_missing_codec_is_named() {
+        let r = super::decoder(super::Compression::Zstd, Box::new(std::io::empty()));
+        let e = r.err().expect("no zstd decoder in this build");
+        assert!(e.to_string().contains("`zstd` feature"), "{e}");
+    }
+}
+
+#[cfg(all(
+    test,
+    feature = "gzip",
+    feature = "bzip2",
+    feature = "xz",
+    feature = "zstd"
+))]
 mod tests {
     use super::*;
     use std::io::Write;

@@ -118,7 +118,7 @@ impl OutputSet {
                 ".{}.imgconv-{}-{}.tmp",
                 name.to_string_lossy(),
                 std::process::id(),
-                attempt + rand::random::<u16>() as u32
+                attempt + (crate::random::u32() & 0xffff)
             ));
             match OpenOptions::new()
                 .read(true)

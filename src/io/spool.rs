@@ -35,7 +35,7 @@ pub fn anonymous_file(dir: &Path) -> Result<File> {
         let path = dir.join(format!(
             ".imgconv-spool-{}-{:08x}.tmp",
             std::process::id(),
-            rand::random::<u32>()
+            crate::random::u32()
         ));
         match OpenOptions::new()
             .read(true)

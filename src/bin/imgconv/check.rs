@@ -1,4 +1,4 @@
-//! `imgconv check`: verifies an image's metadata (qcow2, VMDK, VDI), as `qemu-img check`.
+//! `imgconv check`: verifies an image's metadata (qcow2, VMDK, VDI, VHD), as `qemu-img check`.
 
 use std::path::Path;
 use std::process::ExitCode;

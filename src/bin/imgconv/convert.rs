@@ -25,14 +25,16 @@ pub struct Args {
     /// The sources are option strings (`driver=qcow2,file.filename=x`), not file names.
     #[arg(long = "image-opts", visible_alias = "source-image-opts")]
     image_opts: bool,
-    /// Output format: raw, qcow2, vmdk or vdi.
+    /// Output format: raw, qcow2, vmdk, vdi or vpc (VHD).
     #[arg(short = 'O', long = "target-format", value_parser = parse_format)]
     out_format: Option<Format>,
     /// The target is an option string; needs -n.
     #[arg(long = "target-image-opts")]
     target_image_opts: bool,
     /// Output options, qemu-img style: key=value[,key=value…] (may be repeated);
-    /// `-o help` lists them.
+    /// `-o help` lists them. vpc (VHD): subformat=dynamic|fixed, force_size=on|off, and
+    /// azure=on (a fixed VHD of the exact size, as Azure takes it; a size that is not a
+    /// whole MiB is refused) or azure=round (the same, the size rounded up to the next MiB).
     #[arg(short = 'o', long = "target-options")]
     options: Vec<String>,
     /// Compress the output (qcow2, streamOptimized VMDK).
@@ -358,21 +360,13 @@ fn check_bitmaps(
         if img.format() != Format::Qcow2 {
             return Err((1, imgconv::Error::invalid("Source lacks bitmap support")));
         }
-        let bitmaps = img
-            .info()
-            .format_specific
-            .as_ref()
-            .and_then(|f| f.pointer("/data/bitmaps"))
-            .and_then(|b| b.as_array())
-            .cloned()
-            .unwrap_or_default();
-        let wanted = bitmaps.iter().filter(|b| {
-            let in_use = b
-                .get("flags")
-                .and_then(|f| f.as_array())
-                .is_some_and(|f| f.iter().any(|x| x == "in-use"));
-            !(skip_broken && in_use)
-        });
+        let bitmaps = match &img.info().format_specific {
+            Some(imgconv::details::FormatDetails::Qcow2(q)) => q.bitmaps.as_slice(),
+            _ => &[],
+        };
+        let wanted = bitmaps
+            .iter()
+            .filter(|b| !(skip_broken && b.flags.iter().any(|f| f == "in-use")));
         if let Some(b) = wanted.into_iter().next() {
             return Err((
                 1,
@@ -380,7 +374,7 @@ fn check_bitmaps(
                     "qcow2",
                     format!(
                         "copying persistent bitmaps (--bitmaps): the source has bitmap '{}'",
-                        b.get("name").and_then(|n| n.as_str()).unwrap_or("")
+                        b.name
                     ),
                 ),
             ));

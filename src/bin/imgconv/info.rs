@@ -99,15 +99,12 @@ fn children(i: &ImageInfo, follow: bool) -> Vec<(String, String, u64, u64)> {
     };
     let mut out = Vec::new();
     if follow && i.format == Format::Vmdk {
-        let extents = i
-            .format_specific
-            .as_ref()
-            .and_then(|f| f.pointer("/data/extents"))
-            .and_then(Value::as_array);
-        for (n, e) in extents.into_iter().flatten().enumerate() {
-            let Some(name) = e.get("filename").and_then(Value::as_str) else {
-                continue;
-            };
+        let extents = match &i.format_specific {
+            Some(imgconv::details::FormatDetails::Vmdk(v)) => v.extents.as_slice(),
+            _ => &[],
+        };
+        for (n, e) in extents.iter().enumerate() {
+            let name = e.filename.as_str();
             if name == i.filename {
                 continue;
             }
@@ -152,7 +149,7 @@ pub fn json_info(i: &ImageInfo, follow: bool) -> Value {
         m.insert("snapshots".into(), json!(i.snapshots));
     }
     if let Some(fs) = &i.format_specific {
-        m.insert(format_specific_key(i.format).into(), fs.clone());
+        m.insert(format_specific_key(i.format).into(), json!(fs));
     }
     if let Some(c) = &i.wrapper {
         m.insert("compression".into(), json!(c));
@@ -264,6 +261,7 @@ pub fn human(i: &ImageInfo, details: bool, follow: bool) -> String {
     let qemu_has = format_specific_key(i.format) == "format-specific";
     if let Some(fs) = i.format_specific.as_ref().filter(|_| qemu_has || details) {
         s += "Format specific information:\n";
+        let fs = serde_json::to_value(fs).unwrap_or_default();
         if let Some(data) = fs.get("data") {
             human_value(&mut s, data, 1);
         }

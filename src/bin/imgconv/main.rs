@@ -1,4 +1,4 @@
-//! `imgconv`: qemu-img's command line for raw, qcow2, VMDK and VDI images.
+//! `imgconv`: qemu-img's command line for raw, qcow2, VMDK, VDI and VHD images.
 
 mod amend;
 mod bench;
@@ -28,7 +28,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Read, write, inspect and convert virtual-disk images (raw, qcow2, VMDK, VDI).
+/// Read, write, inspect and convert virtual-disk images (raw, qcow2, VMDK, VDI, VHD).
 ///
 /// The syntax follows qemu-img: `imgconv convert -f qcow2 -O vmdk in.qcow2 out.vmdk`.
 #[derive(Parser)]
@@ -48,7 +48,7 @@ enum Command {
     Compare(compare::Args),
     /// Show where the data of an image lies.
     Map(map::Args),
-    /// Check an image's metadata for errors and leaks (qcow2, VMDK, VDI).
+    /// Check an image's metadata for errors and leaks (qcow2, VMDK, VDI, VHD).
     Check(check::Args),
     /// Compute the size an image needs in a given format.
     Measure(measure::Args),

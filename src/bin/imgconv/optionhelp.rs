@@ -57,6 +57,16 @@ fn options(format: Format) -> &'static [(&'static str, &'static str, &'static st
             ("static", "bool (on/off)", "VDI static (pre-allocated) image"),
             ("uuid", "str", "VDI image UUID (imgconv; default: a fresh one)"),
         ],
+        Format::Vpc => &[
+            (
+                "azure",
+                "str",
+                "imgconv: on = a fixed VHD of the exact size, as Azure takes it (whole MiB); round = the size rounded up to a whole MiB",
+            ),
+            ("force_size", "bool (on/off)", "Force disk size calculation to use the actual size specified, rather than using the nearest CHS-based calculation"),
+            SIZE,
+            ("subformat", "str", "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} "),
+        ],
         _ => &[SIZE],
     }
 }

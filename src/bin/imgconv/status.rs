@@ -91,17 +91,14 @@ fn layers_of(info: &ImageInfo) -> Vec<Layer> {
     while let Some(x) = i {
         let mut extents = Vec::new();
         if x.format == Format::Vmdk {
-            let list = x
-                .format_specific
-                .as_ref()
-                .and_then(|f| f.pointer("/data/extents"))
-                .and_then(|e| e.as_array());
+            let list = match &x.format_specific {
+                Some(imgconv::details::FormatDetails::Vmdk(v)) => v.extents.as_slice(),
+                _ => &[],
+            };
             let mut start = 0u64;
-            for e in list.into_iter().flatten() {
-                let len = e.get("virtual-size").and_then(|v| v.as_u64()).unwrap_or(0);
-                if let Some(name) = e.get("filename").and_then(|v| v.as_str()) {
-                    extents.push((start, start + len, name.to_string()));
-                }
+            for e in list {
+                let len = e.virtual_size;
+                extents.push((start, start + len, e.filename.clone()));
                 start += len;
             }
         }
@@ -197,7 +194,7 @@ impl StatusReader {
                 (Format::Qcow2, Some(c)) if d == e.depth && e.compressed => Some(c),
                 // One L2 table: cluster_size / 8 entries of cluster_size bytes.
                 (Format::Qcow2, Some(c)) => c.checked_mul(c / 8),
-                (Format::Vmdk | Format::Vdi, Some(c)) => Some(c),
+                (Format::Vmdk | Format::Vdi | Format::Vpc, Some(c)) => Some(c),
                 _ => None,
             };
             if let Some(span) = span.filter(|&s| s > 0) {
@@ -240,7 +237,8 @@ impl StatusReader {
             },
             ExtentKind::Unallocated => match fmt {
                 Format::Raw => ZERO | OFFSET_VALID | ALLOCATED,
-                Format::Vdi => ZERO | ALLOCATED,
+                // No backing file in qemu's view (a VHD's parent is not read by it).
+                Format::Vdi | Format::Vpc => ZERO | ALLOCATED,
                 // Formats with backing files: zeros, allocated nowhere.
                 _ => ZERO,
             },

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use flate2::{Decompress, FlushDecompress};
+#[cfg(feature = "zstd")]
 use zstd::stream::raw::{Decoder as ZstdDecoder, InBuffer, Operation, OutBuffer};
 
 use super::header::{
@@ -89,6 +90,7 @@ pub struct Qcow2Device {
     backing_name: Option<String>,
     cache: Mutex<L2Cache>,
     inflaters: Mutex<Vec<Decompress>>,
+    #[cfg(feature = "zstd")]
     zstd: Mutex<Vec<ZstdDecoder<'static>>>,
 }
 
@@ -118,6 +120,7 @@ impl Qcow2Device {
                 capacity,
             }),
             inflaters: Mutex::new(Vec::new()),
+            #[cfg(feature = "zstd")]
             zstd: Mutex::new(Vec::new()),
         }
     }
@@ -409,6 +412,9 @@ impl Qcow2Device {
                     ),
                 }))
             }
+            #[cfg(not(feature = "zstd"))]
+            CompressionType::Zstd => Err(bad("zstd: built without the `zstd` feature".into())),
+            #[cfg(feature = "zstd")]
             CompressionType::Zstd => {
                 let popped = self.zstd.lock().unwrap_or_else(|e| e.into_inner()).pop();
                 let mut d = match popped {
