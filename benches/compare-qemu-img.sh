@@ -95,6 +95,7 @@ need() {
             disk-stream.vmdk) $q -O vmdk -o subformat=streamOptimized "$IN/disk.raw" "$IN/$f.tmp" ;;
             disk.vdi) $q -O vdi "$IN/disk.raw" "$IN/$f.tmp" ;;
             disk.vhd) $q -O vpc "$IN/disk.raw" "$IN/$f.tmp" ;;
+            disk.vhdx) $q -O vhdx "$IN/disk.raw" "$IN/$f.tmp" ;;
             empty-1t.qcow2) qemu-img create -q -f qcow2 "$IN/$f.tmp" 1T ;;
             sparse-1t.raw)
                 # 1 TiB with 1 MiB of data at its start and 1 MiB in its middle.
@@ -240,6 +241,9 @@ row "raw→vpc (dynamic)" "" "$D" "$I convert -f raw -O vpc $D $IO" "$Q -f raw -
 # tests/vpc.rs checks fixed outputs.)
 row "raw→vpc (fixed)" "" "" "$I convert -f raw -O vpc -o subformat=fixed $D $IO" \
     "$Q -f raw -O vpc -o subformat=fixed $D $BO"
+row "raw→vhdx" "" "$D" "$I convert -f raw -O vhdx $D $IO" "$Q -f raw -O vhdx $D $BO"
+row "raw→vhdx (fixed)" "" "$D" "$I convert -f raw -O vhdx -o subformat=fixed $D $IO" \
+    "$Q -f raw -O vhdx -o subformat=fixed $D $BO"
 row "qcow2→raw" disk.qcow2 "$D" "$I convert -f qcow2 -O raw $IN/disk.qcow2 $IO" \
     "$Q -f qcow2 -O raw $IN/disk.qcow2 $BO"
 row "qcow2 (zlib)→raw" disk-zlib.qcow2 "$D" \
@@ -255,6 +259,8 @@ row "vdi→raw" disk.vdi "$D" "$I convert -f vdi -O raw $IN/disk.vdi $IO" \
     "$Q -f vdi -O raw $IN/disk.vdi $BO"
 row "vpc→raw" disk.vhd "$D" "$I convert -f vpc -O raw $IN/disk.vhd $IO" \
     "$Q -f vpc -O raw $IN/disk.vhd $BO"
+row "vhdx→raw" disk.vhdx "$D" "$I convert -f vhdx -O raw $IN/disk.vhdx $IO" \
+    "$Q -f vhdx -O raw $IN/disk.vhdx $BO"
 row "qcow2→vmdk" disk.qcow2 "$D" "$I convert -f qcow2 -O vmdk $IN/disk.qcow2 $IO" \
     "$Q -f qcow2 -O vmdk $IN/disk.qcow2 $BO"
 row "qcow2→vdi" disk.qcow2 "$D" "$I convert -f qcow2 -O vdi $IN/disk.qcow2 $IO" \

@@ -19,7 +19,7 @@ corpus=${IMGCONV_CORPUS:-}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT INT TERM
 
-for t in qcow2 qcow2_header qcow2_check vmdk vmdk_descriptor vmdk_stream vdi vpc open_any compressed roundtrip; do
+for t in qcow2 qcow2_header qcow2_check vmdk vmdk_descriptor vmdk_stream vdi vpc vhdx open_any compressed roundtrip; do
     mkdir -p "$out/$t" "$big/$t"
 done
 
@@ -242,10 +242,17 @@ head -c 4096 "$tmp/pat.raw" | gzip -c >"$out/compressed/raw.gz"
 cp "$out/compressed/qcow2.gz" "$out/open_any/qcow2.gz"
 cp "$out/compressed/qcow2.zst" "$out/open_any/qcow2.zst"
 
+# --- vhdx --------------------------------------------------------------------------------
+# The target reads a sparse file described by sector records (imgconv::fuzzing::vhdx):
+# tests/vhdx.rs makes qemu-img's and imgconv's images, a dirty log, a differencing image
+# and (with the corpus) QEMU's dirty log, and encodes them.
+(cd "$here/.." && VHDX_SEED_DIR="$out/vhdx" cargo test -q --test vhdx make_fuzz_seeds \
+    -- --ignored >/dev/null)
+
 # --- round trip --------------------------------------------------------------------------
 # Config byte, size (2 bytes), then (offset: 3 bytes, length byte) pieces.
 i=0
-while [ $i -lt 13 ]; do
+while [ $i -lt 16 ]; do
     printf "$(printf '\\%03o' $i)\377\177\001\002\003\040\200\000\000\010\377\377\377\001" \
         >"$out/roundtrip/config-$i"
     i=$((i + 1))

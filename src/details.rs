@@ -15,6 +15,8 @@ pub enum FormatDetails {
     Vmdk(VmdkDetails),
     /// A VDI image (qemu-img shows none; imgconv shows the header).
     Vdi(VdiDetails),
+    /// A VHDX image (qemu-img shows none; imgconv shows the header and metadata).
+    Vhdx(VhdxDetails),
 }
 
 /// qcow2 details, as qemu-img shows them.
@@ -130,4 +132,34 @@ pub struct VdiDetails {
     /// The comment, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+}
+
+/// VHDX details (imgconv's own: qemu-img shows none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub struct VhdxDetails {
+    /// `dynamic`, `fixed` or `differencing`.
+    pub subformat: String,
+    /// Bytes per payload block.
+    pub block_size: u32,
+    /// Bytes per logical sector (512 or 4096).
+    pub logical_sector_size: u32,
+    /// Bytes per physical sector.
+    pub physical_sector_size: u32,
+    /// The virtual disk's identifier.
+    pub virtual_disk_id: String,
+    /// The header's data-write GUID.
+    pub data_write_guid: String,
+    /// Bytes of the log region.
+    pub log_size: u32,
+    /// The creator recorded in the file-type identifier, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creator: Option<String>,
+    /// Log entries replayed in memory when the image was opened (a dirty log).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_entries_replayed: Option<u64>,
+    /// A differencing image's parent linkage GUID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_linkage: Option<String>,
 }

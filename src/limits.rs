@@ -37,6 +37,10 @@
 //! | VHD block size | a power of two, 512 B to 2 GiB (u32) | `DynamicHeader::validate` |
 //! | [`MAX_VPC_LOCATOR_BYTES`] | 64 KiB | VHD parent locator data (a path) |
 //! | [`MAX_VPC_BITMAP_CACHE_BYTES`] | 16 MiB | partial sector bitmaps kept by the VHD reader (memory bound) |
+//! | [`MAX_VHDX_BAT_ENTRIES`] | 2^27 entries (1 GiB BAT; a 64 TiB disk of 1 MiB blocks needs 2^26 + 2^14) | VHDX open and check, after the BAT's size is checked against its region and the file |
+//! | [`MAX_VHDX_LOG_BYTES`] | 32 MiB | a VHDX log that must be replayed (read whole into memory; Hyper-V and QEMU write 1 MiB logs) |
+//! | VHDX region table, metadata table, parent locator | 2047 entries, 2047 entries, items ≤ 1 MiB inside the region | `vhdx::header::RegionTable::parse`, `vhdx::metadata::MetadataTable::parse`, `ParentLocator::parse` |
+//! | VHDX replayed view (`vhdx/replay.rs`) | one 4 KiB copy per data descriptor, one range per zero descriptor | bounded by the log's size |
 //! | [`MAX_XZ_INDEX_BYTES`] | 64 MiB | xz index read to learn a compressed file's size |
 //! | [`XZ_THREADING_MEMORY`], [`MAX_XZ_DECODER_MEMORY`] | 128 MiB, 1 GiB | the xz decoder (one thread above the first, refused above the second) |
 //! | [`MAX_TAR_META_BYTES`] | 1 MiB | tar GNU long names and pax headers |
@@ -78,6 +82,13 @@ pub const MAX_VMDK_GD_ENTRIES: u64 = 1 << 24;
 
 /// Most extents a VMDK descriptor may list.
 pub const MAX_VMDK_EXTENTS: usize = 4096;
+
+/// Most BAT entries of a VHDX image (the BAT is read whole, as QEMU reads it).
+pub const MAX_VHDX_BAT_ENTRIES: u64 = 1 << 27;
+
+/// Largest VHDX log replayed: it is read whole into memory, and the replayed view holds
+/// at most a copy of its data sectors.
+pub const MAX_VHDX_LOG_BYTES: u64 = 32 << 20;
 
 /// Largest xz index read to find a compressed file's uncompressed size (a record is a
 /// few bytes per block; 64 MiB covers millions of blocks).

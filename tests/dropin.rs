@@ -93,7 +93,7 @@ const PVE_SNAPSHOT: &str =
 /// The command lines. Fixtures (see [`fixtures`]): disk.raw (8 MiB, data and holes) and
 /// the same disk as disk.qcow2, disk.vmdk, stream.vmdk, disk.vdi, comp.qcow2 (zlib);
 /// base.qcow2 with the overlay top.qcow2; other.raw (one sector differs from disk.raw);
-/// disk.vhd (dynamic VHD); snap.qcow2 (internal snapshot `snap1`); target.raw / target.qcow2 (empty, for -n).
+/// disk.vhd (dynamic VHD), disk.vhdx; snap.qcow2 (internal snapshot `snap1`); target.raw / target.qcow2 (empty, for -n).
 const ROWS: &[Row] = &[
     // KubeVirt CDI: import to a PVC, reading progress from stdout.
     row("convert -t none -p -O raw disk.qcow2 out.raw", Progress, &["out.raw"], CDI),
@@ -224,6 +224,10 @@ const ROWS: &[Row] = &[
     row("compare disk.raw disk.vhd", Exact, &[], DOCS),
     row("convert -f raw -O vpc -o subformat=fixed,force_size=on disk.raw out.vhd", Code, &["out.vhd"], AZURE),
     row("convert -O vpc disk.qcow2 out.vhd", Code, &["out.vhd"], DOCS),
+    // VHDX (Hyper-V).
+    row("info --output=json disk.vhdx", Json, &[], CDI),
+    row("compare disk.qcow2 disk.vhdx", Exact, &[], DOCS),
+    row("convert -O vhdx -o subformat=dynamic disk.qcow2 out.vhdx", Code, &["out.vhdx"], IMAGE_GUIDE),
     // The image-changing commands (tests/qemu_ops.rs has more of them, with their own
     // fixtures, and tests/qemu_ops_safety.rs kills them midway).
     row("rebase -p -b '' top.qcow2", ProgressPatterns, &["top.qcow2"], FDROID),
@@ -265,6 +269,7 @@ fn fixtures(dir: &Path) {
         ),
         ("disk.vdi", &["-O", "vdi"]),
         ("disk.vhd", &["-O", "vpc"]),
+        ("disk.vhdx", &["-O", "vhdx"]),
         ("comp.qcow2", &["-c", "-O", "qcow2"]),
         ("snap.qcow2", &["-O", "qcow2"]),
     ] {

@@ -705,3 +705,250 @@ fn vpc_parent_locator_loops_and_deep_chains_are_refused() {
     // Within the limit it opens.
     imgconv(&["info", s(&d.path().join("c10.vhd"))]);
 }
+
+#[test]
+fn truncated_vhdx_images_fail_cleanly() {
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    let v = d.path().join("t.vhdx");
+    qemu_convert("vhdx", "block_size=1M", &raw, &v);
+    truncations(&v, "vhdx");
+    imgconv_convert("vhdx", "subformat=fixed,block_size=1M", &raw, &v);
+    truncations(&v, "vhdx");
+}
+
+/// Hostile VHDX images: each is refused with a typed error naming what is wrong, fast
+/// and in little memory.
+#[test]
+fn hostile_vhdx_images_give_typed_errors() {
+    use common::vhdx::*;
+    use imgconv::format::vhdx::header::{
+        BatEntry, Guid, RegionTable, BAT_REGION, METADATA_REGION, REGION_TABLE_OFFSETS,
+    };
+    use imgconv::format::vhdx::metadata::{
+        FileParameters, FILE_PARAMETERS, LOGICAL_SECTOR_SIZE, VIRTUAL_DISK_SIZE,
+    };
+    const MIB: u64 = 1 << 20;
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    let good = d.path().join("good.vhdx");
+    imgconv_convert("vhdx", "block_size=1M", &raw, &good);
+    let len = std::fs::metadata(&good).unwrap().len();
+    let md = region(&good, METADATA_REGION).file_offset;
+    let params = |bs: u32| {
+        FileParameters {
+            block_size: bs,
+            leave_blocks_allocated: false,
+            has_parent: false,
+            reserved: 0,
+        }
+        .serialize()
+    };
+    let overwrite = |p: &Path, at: u64, bytes: &[u8]| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(bytes, at).unwrap();
+    };
+    let guid = Guid::random();
+    let log_entry = |descs| LogEntrySpec {
+        pos: 0,
+        seq: 1,
+        tail: 0,
+        guid,
+        descs,
+        flushed: 0,
+        last: 0,
+        corrupt: false,
+    };
+    type Damage<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
+        (
+            "bat-into-metadata",
+            Box::new(|p| patch_bat(p, |b| b[0] = BatEntry::new(6, md))),
+            "overlaps the metadata region",
+        ),
+        (
+            "bat-past-eof",
+            Box::new(|p| patch_bat(p, |b| b[3] = BatEntry::new(6, len + 64 * MIB))),
+            "past the end of the file",
+        ),
+        (
+            "bat-in-header",
+            Box::new(|p| patch_bat(p, |b| b[1] = BatEntry::new(6, 0))),
+            "header section",
+        ),
+        (
+            "bat-reserved-state",
+            Box::new(|p| patch_bat(p, |b| b[2] = BatEntry::new(4, 0))),
+            "reserved state",
+        ),
+        (
+            "bat-partial",
+            Box::new(|p| patch_bat(p, |b| b[0] = BatEntry::new(7, b[0].offset()))),
+            "partially present",
+        ),
+        (
+            "block-3m",
+            Box::new(|p| patch_metadata_item(p, FILE_PARAMETERS, &params(3 << 20))),
+            "block size",
+        ),
+        (
+            "block-512m",
+            Box::new(|p| patch_metadata_item(p, FILE_PARAMETERS, &params(512 << 20))),
+            "block size",
+        ),
+        (
+            "block-0",
+            Box::new(|p| patch_metadata_item(p, FILE_PARAMETERS, &params(0))),
+            "block size",
+        ),
+        (
+            "sector-1000",
+            Box::new(|p| patch_metadata_item(p, LOGICAL_SECTOR_SIZE, &1000u32.to_le_bytes())),
+            "logical sector size",
+        ),
+        (
+            "size-odd",
+            Box::new(|p| patch_metadata_item(p, VIRTUAL_DISK_SIZE, &1001u64.to_le_bytes())),
+            "multiple",
+        ),
+        (
+            "size-huge",
+            Box::new(|p| patch_metadata_item(p, VIRTUAL_DISK_SIZE, &(1u64 << 61).to_le_bytes())),
+            "BAT",
+        ),
+        (
+            "headers-bad",
+            Box::new(|p| {
+                overwrite(p, 64 << 10 | 100, b"x");
+                overwrite(p, 128 << 10 | 100, b"x");
+            }),
+            "neither header is valid",
+        ),
+        (
+            "region-crc",
+            Box::new(|p| overwrite(p, REGION_TABLE_OFFSETS[0] + 300, b"x")),
+            "region table",
+        ),
+        (
+            "region-required-unknown",
+            Box::new(|p| {
+                let mut t = region_table(p);
+                t.entries.push(imgconv::format::vhdx::header::RegionEntry {
+                    guid: Guid::random(),
+                    file_offset: 400 * MIB,
+                    length: MIB as u32,
+                    required: 1,
+                });
+                overwrite(p, REGION_TABLE_OFFSETS[0], &t.serialize());
+            }),
+            "required region",
+        ),
+        (
+            "region-overlap",
+            Box::new(|p| {
+                let mut t: RegionTable = region_table(p);
+                let bat = *t.find(BAT_REGION).unwrap();
+                t.entries
+                    .iter_mut()
+                    .find(|e| e.guid == METADATA_REGION)
+                    .unwrap()
+                    .file_offset = bat.file_offset;
+                overwrite(p, REGION_TABLE_OFFSETS[0], &t.serialize());
+            }),
+            "overlaps",
+        ),
+        (
+            "metadata-count",
+            Box::new(|p| overwrite(p, md + 10, &2047u16.to_le_bytes())),
+            "metadata",
+        ),
+        (
+            "log-zero-bomb",
+            Box::new(|p| {
+                write_log(
+                    p,
+                    guid,
+                    &[log_entry(vec![(1 << 40, LogWrite::Zero(1 << 62))])],
+                )
+            }),
+            "past any possible file",
+        ),
+        (
+            "log-too-long",
+            Box::new(|p| {
+                replace_headers(p, |h| {
+                    h.log_guid = guid;
+                    h.log_length = 1 << 30;
+                })
+            }),
+            "log",
+        ),
+        (
+            "log-version",
+            Box::new(|p| {
+                replace_headers(p, |h| {
+                    h.log_guid = guid;
+                    h.log_version = 3;
+                })
+            }),
+            "log version",
+        ),
+    ];
+    for (name, damage, what) in cases {
+        let p = d.path().join(format!("{name}.vhdx"));
+        std::fs::copy(&good, &p).unwrap();
+        damage(&p);
+        let out = d.path().join("out.raw");
+        assert_clean_error(&["convert", "-O", "raw", s(&p), s(&out)], what);
+        assert!(!out.exists(), "{name}");
+        // check either reports it or fails the same way, without a panic.
+        let w = watched(&["check", s(&p)]);
+        w.assert_no_panic(name);
+        assert!(
+            matches!(w.code, Some(1) | Some(2)),
+            "{name}: check {:?}",
+            w.code
+        );
+    }
+
+    // Thousands of overlapping zero and data descriptors replay fast, later over earlier.
+    let p = d.path().join("log-overlaps.vhdx");
+    std::fs::copy(&good, &p).unwrap();
+    let b0 = read_bat(&p)[0].offset();
+    let mut descs: Vec<(u64, LogWrite)> = Vec::new();
+    for i in 0..2000u64 {
+        descs.push((b0 + (i % 7) * 4096, LogWrite::Zero(8 * 4096)));
+    }
+    descs.push((b0, LogWrite::Data(vec![0x5a; 4096])));
+    write_log(&p, guid, &[log_entry(descs)]);
+    let w = watched(&["convert", "-O", "raw", s(&p), s(&d.path().join("o.raw"))]);
+    assert_eq!(w.code, Some(0), "{}", w.stderr);
+    w.assert_faster_than("overlapping log", Duration::from_secs(2));
+    let o = std::fs::read(d.path().join("o.raw")).unwrap();
+    assert!(o[..4096].iter().all(|&x| x == 0x5a) && o[4096..14 * 4096].iter().all(|&x| x == 0));
+
+    // Parent locators that loop (a → b → a), and one naming the image itself.
+    let (a, b) = (d.path().join("a.avhdx"), d.path().join("b.avhdx"));
+    let child = |path: &Path, parent: &str, linkage: Guid| {
+        make_child(
+            path,
+            &ChildSpec {
+                size: 4 * MIB,
+                block_size: MIB,
+                lss: 512,
+                linkage,
+                relative_path: Some(parent),
+                absolute_path: None,
+                blocks: vec![],
+            },
+            &mut vec![],
+        )
+    };
+    let ga = child(&a, "b.avhdx", Guid::random());
+    child(&b, "a.avhdx", ga);
+    assert_clean_error(&["info", s(&a)], "loops");
+    let selfish = d.path().join("self.avhdx");
+    child(&selfish, "self.avhdx", Guid::random());
+    assert_clean_error(&["info", s(&selfish)], "loops");
+}

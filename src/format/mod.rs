@@ -10,6 +10,7 @@ pub mod qcow2;
 pub mod raw;
 pub mod recognised;
 pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
 
@@ -28,7 +29,7 @@ pub const DRIVERS: &[Driver] = &[
     recognised::QCOW,
     vmdk::DRIVER,
     vdi::DRIVER,
-    recognised::VHDX,
+    vhdx::DRIVER,
     recognised::QED,
     recognised::PARALLELS,
     recognised::BOCHS,

@@ -19,10 +19,6 @@ pub const QCOW: Driver = Driver::recognised_only(Format::Qcow, |head, _| {
 /// QED: `QED\0`.
 pub const QED: Driver = Driver::recognised_only(Format::Qed, |head, _| head.starts_with(b"QED\0"));
 
-/// VHDX: the file type identifier `vhdxfile` at 0.
-pub const VHDX: Driver =
-    Driver::recognised_only(Format::Vhdx, |head, _| head.starts_with(b"vhdxfile"));
-
 /// Apple DMG: the `koly` trailer in the last 512 bytes.
 pub const DMG: Driver = Driver::recognised_only(Format::Dmg, |_, tail| {
     tail.len() == 512 && tail.starts_with(b"koly")

@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod vhdx;
+
 /// The imgconv binary built for this test run.
 pub fn imgconv_bin() -> &'static str {
     env!("CARGO_BIN_EXE_imgconv")

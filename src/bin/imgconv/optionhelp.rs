@@ -67,6 +67,14 @@ fn options(format: Format) -> &'static [(&'static str, &'static str, &'static st
             SIZE,
             ("subformat", "str", "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} "),
         ],
+        Format::Vhdx => &[
+            ("block_size", "size", "Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size."),
+            ("block_state_zero", "bool (on/off)", "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to 'off' when using 'qemu-img convert' with subformat=dynamic."),
+            ("log_size", "size", "Log size; min 1MB."),
+            ("logical_sector_size", "size", "imgconv: logical sector size, 512 or 4096 (default 512)"),
+            ("size", "size", "Virtual disk size; max of 64TB."),
+            ("subformat", "str", "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'."),
+        ],
         _ => &[SIZE],
     }
 }
