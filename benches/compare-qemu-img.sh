@@ -103,6 +103,12 @@ need() {
                     dd if="$IN/disk.raw" of="$IN/$f.tmp" bs=1M count=1 conv=notrunc status=none &&
                     dd if="$IN/disk.raw" of="$IN/$f.tmp" bs=1M count=1 seek=$((512 * 1024)) \
                         conv=notrunc status=none ;;
+            overlay.qcow2)
+                # A qcow2 overlay on disk.qcow2 (absolute name, so that copies of it
+                # find it) with 128 MiB of its own data.
+                qemu-img create -q -f qcow2 -b "$IN/disk.qcow2" -F qcow2 "$IN/$f.tmp" &&
+                    qemu-io -c 'write -P 7 0 64M' -c 'write -P 9 1G 64M' "$IN/$f.tmp" \
+                        >/dev/null ;;
             disk.raw.xz) xz -T0 -3 -c "$IN/disk.raw" > "$IN/$f.tmp" ;;
             disk.raw.gz) gzip -c "$IN/disk.raw" > "$IN/$f.tmp" ;;
             disk.raw.bz2) bzip2 -c "$IN/disk.raw" > "$IN/$f.tmp" ;;
@@ -259,6 +265,15 @@ row "qcow2→vmdk" disk.qcow2 "$D" "$I convert -f qcow2 -O vmdk $IN/disk.qcow2 $
     "$Q -f qcow2 -O vmdk $IN/disk.qcow2 $BO"
 row "qcow2→vdi" disk.qcow2 "$D" "$I convert -f qcow2 -O vdi $IN/disk.qcow2 $IO" \
     "$Q -f qcow2 -O vdi $IN/disk.qcow2 $BO"
+# qemu-img's command-line options that change how the copy is done.
+row "qcow2→raw -p (progress lines on stdout)" disk.qcow2 "$D" \
+    "$I convert -p -f qcow2 -O raw $IN/disk.qcow2 $IO" "$Q -p -f qcow2 -O raw $IN/disk.qcow2 $BO"
+row "raw→raw -C (copy offloading)" "" "$D" "$I convert -C -f raw -O raw $D $IO" \
+    "$Q -C -f raw -O raw $D $BO"
+row "qcow2→raw -S 0 (fully allocated)" disk.qcow2 "$D" \
+    "$I convert -S 0 -f qcow2 -O raw $IN/disk.qcow2 $IO" "$Q -S 0 -f qcow2 -O raw $IN/disk.qcow2 $BO"
+row "map --output=json of the qcow2" disk.qcow2 "" \
+    "$I map --output=json $IN/disk.qcow2" "qemu-img map --output=json $IN/disk.qcow2"
 row "raw→qcow2 -c (zlib)" "" "$D" "$I convert -f raw -O qcow2 -c $D $IO" \
     "$Q -f raw -O qcow2 -c $D $BO"
 row "raw→qcow2 -c (zstd)" "" "$D" \
@@ -273,6 +288,18 @@ row "empty 1 TiB qcow2→raw" empty-1t.qcow2 "$IN/empty-1t.qcow2" \
 row "sparse 1 TiB raw→qcow2" sparse-1t.raw "$IN/sparse-1t.raw" \
     "$I convert -f raw -O qcow2 $IN/sparse-1t.raw $IO" \
     "$Q -f raw -O qcow2 $IN/sparse-1t.raw $BO"
+# Changing an image in place: each run works on a fresh copy of the overlay (the copy,
+# the same for both tools, is part of the time).
+row "rebase -b '' (flatten a 128 MiB overlay on the qcow2 disk)" "disk.qcow2 overlay.qcow2" \
+    "$IN/overlay.qcow2" \
+    "cp $IN/overlay.qcow2 $IO && $I rebase -b '' $IO" \
+    "cp $IN/overlay.qcow2 $BO && qemu-img rebase -b '' $BO"
+row "rebase -c -b '' (flatten, compressed)" "disk.qcow2 overlay.qcow2" "$IN/overlay.qcow2" \
+    "cp $IN/overlay.qcow2 $IO && $I rebase -c -b '' $IO" \
+    "cp $IN/overlay.qcow2 $BO && qemu-img rebase -c -b '' $BO"
+row "snapshot -c (copy of the qcow2 disk)" disk.qcow2 "$IN/disk.qcow2" \
+    "cp $IN/disk.qcow2 $IO && $I snapshot -c s $IO" \
+    "cp $IN/disk.qcow2 $BO && qemu-img snapshot -c s $BO"
 # Compressed input: imgconv reads the compressed file directly; the baseline is what a
 # user does without it: decompress to a sparse raw file (then qemu-img convert).
 for c in "xz:xz -dc -T0" "gz:gzip -dc" "bz2:bzip2 -dc" "zst:zstd -dc -T0 -q"; do

@@ -88,6 +88,12 @@ pub trait BlockDevice: Send + Sync {
     fn length_known(&self) -> bool {
         true
     }
+
+    /// The file that holds this disk's plainly stored data at the extents'
+    /// `host_offset`s (a raw image's own file), for copy offloading (`convert -C`).
+    fn plain_file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
@@ -106,6 +112,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn length_known(&self) -> bool {
         (**self).length_known()
     }
+    fn plain_file(&self) -> Option<&std::fs::File> {
+        (**self).plain_file()
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
@@ -123,6 +132,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
     fn length_known(&self) -> bool {
         (**self).length_known()
+    }
+    fn plain_file(&self) -> Option<&std::fs::File> {
+        (**self).plain_file()
     }
 }
 

@@ -5,7 +5,6 @@
 //! does not offer is `None`, and the front door turns that into a typed
 //! [`Error::Unsupported`](crate::Error::Unsupported) naming the format and the operation.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +12,7 @@ use std::sync::Arc;
 use crate::detect::Format;
 use crate::error::Result;
 use crate::image::{OpenContext, OpenOptions, Opened};
+use crate::io::inplace::InPlaceFile;
 use crate::io::{OutputSet, Storage};
 use crate::writer::{ImageWriter, WriteOptions};
 
@@ -30,8 +30,8 @@ pub type CreateUnsizedFn = fn(&Path, &WriteOptions, &mut OutputSet) -> Result<Bo
 pub type CheckFn = fn(&CheckRequest<'_>) -> Result<CheckReport>;
 
 /// Checks an image's metadata and repairs what it can (`check -r leaks`) through `file`,
-/// the image opened for writing.
-pub type RepairFn = fn(&CheckRequest<'_>, &File) -> Result<CheckReport>;
+/// the image opened for writing in place (with QEMU's writer locks).
+pub type RepairFn = fn(&CheckRequest<'_>, &InPlaceFile) -> Result<CheckReport>;
 
 /// Changes an image's virtual size in place (`path`, new size, shrinking allowed).
 pub type ResizeFn = fn(&Path, u64, bool, &OpenContext) -> Result<()>;

@@ -63,7 +63,8 @@ pub const DEFAULT_CHUNK: u64 = 1 << 20;
 pub struct EngineOptions {
     /// Worker threads (`-m`); 0 = the number of cores.
     pub threads: usize,
-    /// Smallest run of zeros to leave unwritten (`-S`); 0 writes every data byte.
+    /// Smallest run of zeros to leave unwritten (`-S`); 0 writes every byte, zero
+    /// stretches of the source included (a fully allocated output, as qemu-img's `-S 0`).
     pub min_sparse: u64,
     /// Bytes per unit of work (rounded to the writer's grain size).
     pub chunk_size: u64,
@@ -75,6 +76,10 @@ pub struct EngineOptions {
     pub target_is_zero: bool,
     /// Stops the conversion when cancelled.
     pub cancel: CancelToken,
+    /// Copy offloading (`-C`): where the source keeps its data plainly in a file (raw)
+    /// and the writer can take it so, data stretches are copied by the kernel
+    /// (`copy_file_range`), unread and unscanned for zeros; otherwise ignored.
+    pub copy_offload: bool,
 }
 
 impl Default for EngineOptions {
@@ -87,6 +92,7 @@ impl Default for EngineOptions {
             target_backing: None,
             target_is_zero: false,
             cancel: CancelToken::new(),
+            copy_offload: false,
         }
     }
 }
@@ -113,6 +119,12 @@ enum Piece {
     },
     Zero {
         offset: u64,
+        len: u64,
+    },
+    /// Data left in the source's file at `host`, for the writer to copy (`-C`).
+    Copy {
+        offset: u64,
+        host: u64,
         len: u64,
     },
 }
@@ -227,12 +239,19 @@ pub fn run(
         token_tx.send(()).expect("token channel has room");
     }
 
+    let offload = opts.copy_offload
+        && writer.copy_range_supported()
+        && src.plain_file().is_some()
+        && opts.target_backing.is_none()
+        && encoder.is_none()
+        && !src.sequential_only();
     let ctx = WorkerCtx {
         src,
         grain,
         zero_gran,
         encoder: encoder.as_deref(),
         backing: opts.target_backing.as_deref(),
+        offload,
         cancel: &cancel,
         cancelled: &opts.cancel,
         pool: &pool,
@@ -321,7 +340,9 @@ fn dispatch(
             return Err(Error::Interrupted);
         }
         let ext = map_upto(src, pos, u64::MAX, &mut size)?;
-        let job = if ext.kind.reads_as_zero() {
+        // `-S 0` (no zero granularity): zero stretches are written as data too, so
+        // that the output is fully allocated, as qemu-img makes it.
+        let job = if ext.kind.reads_as_zero() && ctx.zero_gran != 0 {
             // Coalesce following zero extents, then keep whole grains only.
             let mut zend = ext.end();
             while zend < size {
@@ -360,7 +381,8 @@ fn dispatch(
         let job = match job {
             Some(j) => j,
             None => {
-                let (end, parts) = data_unit(src, pos, &mut size, grain, chunk)?;
+                let (end, parts) =
+                    data_unit(src, pos, &mut size, grain, chunk, ctx.zero_gran != 0)?;
                 let buf = if sequential {
                     Some(read_parts(src, ctx.pool, pos, end - pos, &parts)?)
                 } else {
@@ -401,19 +423,20 @@ fn map_upto(src: &dyn BlockDevice, pos: u64, stop: u64, size: &mut u64) -> Resul
 }
 
 /// Cuts a data unit starting at `pos` (grain-aligned): up to `chunk` bytes, ending early
-/// where a zero stretch covers at least one whole grain.
+/// (when `cut_at_zeros`) where a zero stretch covers at least one whole grain.
 fn data_unit(
     src: &dyn BlockDevice,
     pos: u64,
     size: &mut u64,
     grain: u64,
     chunk: u64,
+    cut_at_zeros: bool,
 ) -> Result<(u64, Vec<Extent>)> {
     let mut parts = Vec::new();
     let mut cur = pos;
     while cur < (pos + chunk).min(*size) {
         let mut e = map_upto(src, cur, pos + chunk, size)?;
-        if e.kind.reads_as_zero() && cur > pos {
+        if e.kind.reads_as_zero() && cur > pos && cut_at_zeros {
             let cut = align_up(cur, grain);
             if cut + grain <= e.end() || (e.end() == *size && cut < *size) {
                 if cut > cur {
@@ -481,6 +504,8 @@ struct WorkerCtx<'a> {
     zero_gran: u64,
     encoder: Option<&'a dyn GrainEncoder>,
     backing: Option<&'a dyn BlockDevice>,
+    /// Data parts stored plainly in the source's file become `Piece::Copy`.
+    offload: bool,
     /// The pipeline is shutting down (an error, or the end).
     cancel: &'a AtomicBool,
     /// The caller's token.
@@ -521,6 +546,16 @@ fn process(ctx: &WorkerCtx<'_>, job: Job) -> Result<Done> {
             parts,
             buf,
         } => {
+            if ctx.offload && buf.is_none() {
+                if let Some(pieces) = copy_pieces(&parts) {
+                    return Ok(Done {
+                        seq,
+                        pieces,
+                        bytes: len,
+                        buf: Vec::new(),
+                    });
+                }
+            }
             let buf = match buf {
                 Some(b) => b,
                 None => read_parts(ctx.src, ctx.pool, offset, len, &parts)?,
@@ -533,6 +568,33 @@ fn process(ctx: &WorkerCtx<'_>, job: Job) -> Result<Done> {
             })
         }
     }
+}
+
+/// A unit for copy offloading: its data parts as copies from the source's file (where
+/// each lies at its own offset), its zero parts as zeros; `None` when a data part is
+/// stored otherwise, or the parts leave a gap.
+fn copy_pieces(parts: &[Extent]) -> Option<Vec<Piece>> {
+    let mut pieces = Vec::with_capacity(parts.len());
+    let mut end = parts.first()?.offset;
+    for p in parts {
+        if p.offset != end {
+            return None;
+        }
+        end = p.end();
+        if p.kind.reads_as_zero() {
+            pieces.push(Piece::Zero {
+                offset: p.offset,
+                len: p.len,
+            });
+        } else {
+            pieces.push(Piece::Copy {
+                offset: p.offset,
+                host: p.host_offset.filter(|_| !p.compressed)?,
+                len: p.len,
+            });
+        }
+    }
+    Some(pieces)
 }
 
 /// A zero stretch of the source: nothing to store, unless the target's backing image
@@ -696,6 +758,12 @@ fn collect(
                         if zero_to_write {
                             writer.write_zeros(offset, len)?
                         }
+                    }
+                    Piece::Copy { offset, host, len } => {
+                        let file = src.plain_file().ok_or_else(|| {
+                            Error::Format("internal error: copy offloading without a file".into())
+                        })?;
+                        writer.copy_range(file, host, offset, len)?
                     }
                 }
             }

@@ -122,6 +122,16 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
 
+    /// Another process holds the image in a conflicting way (QEMU's image locking);
+    /// the message is QEMU's.
+    #[error("Failed to get {what} lock\nIs another process using the image [{}]?", path.display())]
+    Locked {
+        /// The image file.
+        path: PathBuf,
+        /// The permission, as QEMU words it: `"write"` or `shared "write"`.
+        what: String,
+    },
+
     /// A read needs a file the image refers to (a backing file, an extent, a data file)
     /// that was not opened: the image was opened for its metadata only
     /// ([`crate::OpenOptions::metadata_only`]).
@@ -199,6 +209,7 @@ impl Error {
                 Some(401 | 403) => io::ErrorKind::PermissionDenied,
                 _ => io::ErrorKind::Other,
             },
+            Error::Locked { .. } => io::ErrorKind::WouldBlock,
         }
     }
 

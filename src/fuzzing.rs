@@ -240,6 +240,50 @@ pub fn qcow2_check(data: &[u8]) {
     }
 }
 
+/// Changes arbitrary bytes in place as a qcow2 image (in a temporary file): opens a
+/// [`Qcow2Edit`](crate::format::qcow2::edit::Qcow2Edit) transaction on them, makes an
+/// internal snapshot, writes the first cluster, adds a persistent bitmap and commits.
+/// Errors are fine; a panic is a bug, and so is a committed image whose check finds
+/// corruption (every transaction must leave a consistent image).
+pub fn qcow2_edit(data: &[u8]) {
+    use crate::format::qcow2::{bitmap, check, edit::Qcow2Edit, snapshot_edit};
+    if data.len() > 8 << 20 {
+        return;
+    }
+    let path = std::env::temp_dir().join(format!(
+        "imgconv-fuzz-edit-{}-{:?}.qcow2",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let edited = (|| -> crate::Result<()> {
+        let mut e = Qcow2Edit::open(&path)?;
+        snapshot_edit::create(&mut e, "fuzz", (0, 0))?;
+        if e.size() > 0 {
+            let cluster = vec![0x5a; e.cluster_size() as usize];
+            e.write_cluster(0, &cluster)?;
+        }
+        // A bitmap costs one bit per 4 KiB or more: keep it small.
+        if e.size() <= 1 << 32 {
+            bitmap::add(&mut e, "fuzz", None)?;
+        }
+        e.commit()
+    })();
+    if edited.is_ok() {
+        if let Ok(storage) = crate::io::FileStorage::open_image(&path, true) {
+            let r = check::check(&storage).expect("an image this transaction wrote checks");
+            assert!(
+                r.corruptions == 0 && r.check_errors == 0,
+                "the edited image is not consistent: {:?}",
+                r.messages
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Runs the VMDK text descriptor parser on arbitrary bytes (decoded as the reader
 /// decodes them) and checks that a parsed descriptor renders to text that parses back
 /// the same.
@@ -471,6 +515,7 @@ pub fn replay(name: &str, data: &[u8]) {
         ("roundtrip", _) => return roundtrip(data),
         ("qcow2", "header") => qcow2_header(data),
         ("qcow2", "check") => qcow2_check(data),
+        ("qcow2", "edit") => return qcow2_edit(data),
         ("vmdk", "descriptor") => vmdk_descriptor(data),
         ("vmdk", "stream") => vmdk_stream(data),
         ("any", "compressed") => return compressed(data),

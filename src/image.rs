@@ -51,6 +51,9 @@ pub struct OpenOptions {
     /// comma-separated), or a bare ID or name (ID first). Formats without internal
     /// snapshots refuse it.
     pub snapshot: Option<String>,
+    /// Opens image files without QEMU's read locks and without asking whether another
+    /// process writes them (qemu-img's `-U` / `--force-share`); see [`crate::io::lock`].
+    pub force_share: bool,
     /// The parent of a differencing image, instead of the one the image finds itself: a
     /// name resolved like the image's own references (against its folder) and refused in
     /// untrusted mode. For VDI, whose parent is otherwise looked for by UUID. Applies to
@@ -102,6 +105,12 @@ impl OpenOptions {
     /// Reads the internal snapshot `id_or_name` of the top image (`convert -l`).
     pub fn snapshot(mut self, id_or_name: impl Into<String>) -> Self {
         self.snapshot = Some(id_or_name.into());
+        self
+    }
+
+    /// Reads without taking or testing QEMU's image locks (`-U`, see the field).
+    pub fn force_share(mut self) -> Self {
+        self.force_share = true;
         self
     }
 
@@ -448,7 +457,10 @@ impl OpenContext {
         if self.base_url.is_some() {
             return self.open_url_storage(&path);
         }
-        Ok(Arc::new(FileStorage::open(&path)?))
+        Ok(Arc::new(FileStorage::open_image(
+            &path,
+            self.options.force_share,
+        )?))
     }
 
     /// Opens the backing image `name` (format `fmt`, or probed), one level deeper.
@@ -487,11 +499,18 @@ impl OpenContext {
             let url = path.to_string_lossy();
             OpenContext::for_url(&url, &crate::io::remote::redact(&url), &self.options)
         } else {
-            let mut ctx = OpenContext::for_path(&path, &self.options);
-            ctx.filename = path.display().to_string();
-            ctx
+            OpenContext::for_path(&path, &self.options)
         };
         ctx.options.format = fmt;
+        if self.base_url.is_none() {
+            // Named as qemu names it: the referring image's folder as written, then the
+            // name (`base.qcow2`, `dir/base.qcow2`, never `./base.qcow2`).
+            ctx.filename = match self.filename.rfind('/') {
+                _ if Path::new(name).is_absolute() => name.to_string(),
+                Some(i) => format!("{}{name}", &self.filename[..=i]),
+                None => name.to_string(),
+            };
+        }
         ctx.depth = self.depth + 1;
         ctx.chain = self.chain.clone();
         ctx.chain.push(canon);
@@ -504,7 +523,7 @@ impl OpenContext {
         let storage: Arc<dyn Storage> = if self.base_url.is_some() {
             self.open_url_storage(&path)?
         } else {
-            Arc::new(FileStorage::open(&path)?)
+            Arc::new(FileStorage::open_image(&path, self.options.force_share)?)
         };
         opener(storage, &ctx).map(Some)
     }

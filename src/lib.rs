@@ -195,6 +195,7 @@ pub mod image;
 pub mod io;
 pub mod limits;
 pub mod open;
+pub mod ops;
 pub mod random;
 pub mod remote;
 pub mod writer;

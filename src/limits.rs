@@ -50,6 +50,10 @@
 //! | HTTP block cache (`io::http::storage`) | 32 blocks of 256 KiB; at most 8 requests at once per remote file | memory and connection bound of a remote reader |
 //! | HTTP tries (`RemoteOptions::retries`, `max_redirects`, `timeout`) | 5 tries after the first (pauses 0.25 s doubling, at most 8 s), 10 redirects, 30 s per connect and per read | every request; a body is resumed at most 5 times in a row without 1 MiB of progress and 100 times in all (`io::http::body`) |
 //! | registry manifests and indexes (`remote::registry`) | 4 MiB, 1024 layers | registry and OCI layout reads; token answers 1 MiB, error bodies 4 KiB |
+//! | qcow2 persistent bitmap (`qcow2::bitmap::MAX_BITMAP_BYTES`) | 512 MiB of bits (QEMU's) | `bitmap` add, load and merge |
+//! | qcow2 bitmap name (`qcow2::bitmap::MAX_NAME`) | 1023 bytes (QEMU's) | `bitmap --add` |
+//! | qcow2 snapshot name (`qcow2::snapshot_edit::MAX_SNAPSHOT_NAME`) | 255 bytes, longer names cut (QEMU's) | `snapshot -c` |
+//! | qcow2 in-place transaction (`qcow2::edit`) | one refcount per cluster of the file, as `check` counts them; 64 modified L2 tables held, the rest written to their new clusters | every in-place change of a qcow2 image |
 //!
 //! The fuzz targets in `fuzz/` check these bounds hold on arbitrary input: they run
 //! with a 512 MiB memory limit and a 10 s per-input timeout (see `fuzz/run-all.sh`).

@@ -158,7 +158,7 @@ fn four_kib_sector_images_read_identically_by_libvhdi_and_dissect() {
         imgconv_convert("vhdx", opts, &raw, &v);
         let j = info_json(&v);
         assert_eq!(j["virtual-size"], size);
-        assert_eq!(j["format-specific"]["data"]["logical-sector-size"], 4096);
+        assert_eq!(j["format-details"]["data"]["logical-sector-size"], 4096);
         assert_eq!(vhdiinfo_media_size(&v), size);
         assert!(libvhdi_read(&v, &[]) == content, "{opts}: libvhdi differs");
         assert!(dissect_read(&v) == content, "{opts}: dissect differs");
@@ -266,7 +266,7 @@ fn differencing_images_over_each_kind_of_parent() {
 
         let j = info_json(&child);
         assert_eq!(j["backing-filename"], format!(".\\{parent_name}"));
-        assert_eq!(j["format-specific"]["data"]["subformat"], "differencing");
+        assert_eq!(j["format-details"]["data"]["subformat"], "differencing");
         assert_eq!(j["references"][0]["field"], "parent locator relative_path");
         // The map tells the child's blocks from the parent's.
         let img = imgconv::open(&child, &OpenOptions::trusted()).unwrap();
@@ -517,7 +517,7 @@ fn corpus_dirty_log_reads_as_qemu_reads_it_after_replaying() {
     let j = info_json(&v);
     assert_eq!(j["virtual-size"], 10u64 << 30);
     assert_eq!(j["dirty-flag"], true);
-    assert_eq!(j["format-specific"]["data"]["log-entries-replayed"], 1);
+    assert_eq!(j["format-details"]["data"]["log-entries-replayed"], 1);
     // check: the log needing replay is a corruption (qemu-img check -r all counts it as
     // one, repaired); the replayed copy is clean.
     let (code, text) = check_code(&v);
@@ -549,9 +549,9 @@ fn corpus_differencing_image_names_its_missing_parent() {
     let j: serde_json::Value =
         serde_json::from_str(&imgconv(&["info", "--untrusted", "--output=json", s(&v)])).unwrap();
     assert_eq!(j["virtual-size"], 8u64 << 30);
-    assert_eq!(j["format-specific"]["data"]["subformat"], "differencing");
+    assert_eq!(j["format-details"]["data"]["subformat"], "differencing");
     assert_eq!(
-        j["format-specific"]["data"]["parent-linkage"],
+        j["format-details"]["data"]["parent-linkage"],
         "{ff34003b-11ed-4cf8-a166-b2be05e20b80}"
     );
     assert_eq!(j["references"].as_array().unwrap().len(), 3);
@@ -623,7 +623,7 @@ fn dirty_logs_replay_as_the_spec_says() {
     want[12288..16384].fill(0);
     assert!(read_all(&v) == want);
     assert_eq!(
-        info_json(&v)["format-specific"]["data"]["log-entries-replayed"],
+        info_json(&v)["format-details"]["data"]["log-entries-replayed"],
         3
     );
     // qemu-img's replay of a copy agrees.

@@ -519,7 +519,7 @@ fn differencing_image_reads_through_its_parent() {
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("parent locator W2ru"), "{err}");
-    let o = imgconv(&["info", "--untrusted", s(&cpath)]);
+    let o = imgconv(&["info", "--untrusted", "--details", s(&cpath)]);
     assert!(
         o.contains("parent locator W2ku: D:\\vms\\parent.vhd"),
         "{o}"

@@ -36,6 +36,10 @@ impl BlockDevice for RawDevice {
         self.storage.len()
     }
 
+    fn plain_file(&self) -> Option<&File> {
+        self.storage.plain_file()
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_bounds(offset, buf.len() as u64, self.size())?;
         self.storage
@@ -309,6 +313,20 @@ impl ImageWriter for RawWriter {
         }
     }
 
+    fn copy_range_supported(&self) -> bool {
+        matches!(self.sink, Sink::File { .. })
+    }
+
+    fn copy_range(&mut self, src: &File, src_offset: u64, offset: u64, len: u64) -> Result<()> {
+        let Sink::File { file, path } = &mut self.sink else {
+            return Err(Error::Format(
+                "internal error: copy offloading into a stream".into(),
+            ));
+        };
+        self.allocate_ahead.before_write(file, offset, len);
+        crate::io::copy_range(src, src_offset, file, offset, len).map_err(|e| Error::io(&*path, e))
+    }
+
     fn set_size(&mut self, size: u64) -> Result<()> {
         if !self.size_pending {
             return Err(Error::Format(
@@ -346,12 +364,57 @@ impl ImageWriter for RawWriter {
 /// Changes the size of the raw image at `path` to `new_size` bytes (a shrink cuts off
 /// the data beyond the new end; the caller asks for consent first).
 pub fn resize(path: &Path, new_size: u64) -> Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    f.set_len(new_size).map_err(|e| Error::io(path, e))?;
-    f.sync_data().map_err(|e| Error::io(path, e))
+    let f = crate::io::inplace::InPlaceFile::open(path)?;
+    f.set_len(new_size)?;
+    f.sync()
+}
+
+/// A raw image written in place (the base image of `commit`): writes go straight to
+/// the file, which holds QEMU's writer locks; `finish` flushes them.
+pub struct RawInPlace {
+    file: crate::io::inplace::InPlaceFile,
+    size: u64,
+}
+
+impl RawInPlace {
+    /// Opens the raw image at `path` for writing in place.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = crate::io::inplace::InPlaceFile::open(path)?;
+        let size = file.file_len()?;
+        Ok(RawInPlace { file, size })
+    }
+}
+
+impl crate::writer::InPlaceWriter for RawInPlace {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn grain_size(&self) -> u64 {
+        512
+    }
+
+    fn grow(&mut self, size: u64) -> Result<()> {
+        if size > self.size {
+            self.file.set_len(size)?;
+            self.size = size;
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        crate::device::check_bounds(offset, data.len() as u64, self.size)?;
+        self.file.write_at(data, offset)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        crate::device::check_bounds(offset, len, self.size)?;
+        self.file.zero_range(offset, len)
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.file.sync()
+    }
 }
 
 #[cfg(test)]

@@ -37,6 +37,12 @@ pub trait Storage: Send + Sync {
     fn allocated_bytes(&self) -> u64 {
         self.len()
     }
+
+    /// The file whose bytes this storage reads, at the same offsets, when it is one
+    /// (for copy offloading: `convert -C`).
+    fn plain_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// A regular file (or block device) read with `pread`, aware of its holes.
@@ -52,6 +58,19 @@ impl FileStorage {
     /// Opens `path` read-only.
     pub fn open(path: &Path) -> crate::error::Result<Self> {
         let file = File::open(path).map_err(|e| crate::error::Error::io(path, e))?;
+        Self::from_file(file, path.to_path_buf())
+    }
+
+    /// Opens the image file `path` read-only, holding QEMU's read locks on it unless
+    /// `force_share` (`-U`): fails with [`crate::Error::Locked`] while another process
+    /// writes the image (see [`super::lock`]).
+    pub fn open_image(path: &Path, force_share: bool) -> crate::Result<Self> {
+        let access = if force_share {
+            super::lock::Access::SharedRead
+        } else {
+            super::lock::Access::Read
+        };
+        let file = super::lock::open_read(path, access)?;
         Self::from_file(file, path.to_path_buf())
     }
 
@@ -93,6 +112,10 @@ impl FileStorage {
 impl Storage for FileStorage {
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn plain_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -103,11 +103,8 @@ impl OutputSet {
     /// Creates the file that will become `target`, empty, opened read-write.
     pub fn create(&mut self, target: &Path) -> Result<File> {
         if self.in_place {
-            return OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(target)
-                .map_err(|e| Error::io(target, e));
+            // Writing into an existing image: QEMU's writer locks, as `convert -n` takes.
+            return super::lock::open_write(target);
         }
         let dir = match target.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),

@@ -151,7 +151,7 @@ pub fn open_path(path: &Path, options: &OpenOptions) -> Result<Image> {
         return open_stream_input(Box::new(f), &path.display().to_string(), options);
     }
     let ctx = context_for_path(path, options);
-    let storage = Arc::new(FileStorage::open(path)?);
+    let storage = Arc::new(FileStorage::open_image(path, options.force_share)?);
     let n = storage.len().min(PROBE_LEN as u64) as usize;
     let mut head = vec![0u8; n];
     storage

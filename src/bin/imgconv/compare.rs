@@ -1,12 +1,18 @@
 //! `imgconv compare`: are two images' guest-visible contents the same?
+//!
+//! Walks both images as qemu-img does — by allocation status, reading 2 MiB at most at
+//! a time — so that messages, offsets (the first differing 512-byte sector), strict
+//! mode's allocation check and `-p` lines come out as qemu-img's.
 
 use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
 use imgconv::zero::is_zero;
-use imgconv::{BlockDevice, Format};
+use imgconv::{Format, Image};
 
-use crate::common::{open_input, parse_format, progress_bar, CmdResult, InputArgs};
+use crate::common::{check_cache_mode, describe, open_spec, parse_format, CmdResult, InputArgs};
+use crate::progress::Progress;
+use crate::status::{StatusReader, ALLOCATED, ZERO};
 
 /// Arguments of `imgconv compare`.
 #[derive(ClapArgs)]
@@ -14,24 +20,34 @@ pub struct Args {
     #[command(flatten)]
     input: InputArgs,
     /// Format of the first image (probed when omitted).
-    #[arg(short = 'f', value_parser = parse_format)]
+    #[arg(short = 'f', long = "a-format", value_parser = parse_format)]
     format_a: Option<Format>,
     /// Format of the second image (probed when omitted).
-    #[arg(short = 'F', value_parser = parse_format)]
+    #[arg(short = 'F', long = "b-format", value_parser = parse_format)]
     format_b: Option<Format>,
-    /// Strict: images of different sizes are different.
-    #[arg(short = 's')]
+    /// The images are option strings (`driver=qcow2,file.filename=x`), not file names.
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    /// Strict: images of different sizes, or with different allocation, differ.
+    #[arg(short = 's', long = "strict")]
     strict: bool,
-    /// Show a progress bar (on a terminal).
-    #[arg(short = 'p')]
+    /// Print progress lines `    (NN.NN/100%)` on stdout, as qemu-img.
+    #[arg(short = 'p', long = "progress")]
     progress: bool,
+    /// Cache mode (checked as qemu-img does, then irrelevant to imgconv).
+    #[arg(short = 'T', long = "cache")]
+    cache: Option<String>,
+    /// QEMU objects (refused: see `convert --object`).
+    #[arg(long = "object")]
+    objects: Vec<String>,
     /// Refuse references to other files (images from strangers).
     #[arg(long)]
     untrusted: bool,
-    /// Accepted for qemu-img compatibility and ignored.
-    #[arg(short = 'U', long = "force-share", hide = true)]
+    /// Read without QEMU's image locks (for an image another process is writing).
+    #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    #[arg(short = 'q', hide = true)]
+    /// Print nothing; the exit code tells.
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// First image.
     a: String,
@@ -39,116 +55,157 @@ pub struct Args {
     b: String,
 }
 
-const CHUNK: u64 = 1 << 20;
+/// At most this much is read at once (qemu's IO_BUF_SIZE).
+const CHUNK: u64 = 2 << 20;
 
-/// Runs `imgconv compare`: exit 0 identical, 1 different, 2 error.
+/// Runs `imgconv compare`: exit 0 identical, 1 different, 2 error opening, 3 error
+/// reading allocation, 4 error reading data.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
-    let ia = open_input(&a.a, a.format_a, a.untrusted, &a.input).map_err(|e| (2, e))?;
-    let ib = open_input(&a.b, a.format_b, a.untrusted, &a.input).map_err(|e| (2, e))?;
-    let (da, db) = (ia.device().as_ref(), ib.device().as_ref());
-    let (sa, sb) = (da.size(), db.size());
-    if sa != sb {
-        if a.strict {
-            println!("Strict mode: Image size mismatch!");
+    check_cache_mode(a.cache.as_deref(), true)?;
+    crate::spec::check_objects(&a.objects).map_err(|e| (2, e))?;
+    let open = |arg: &str, f| {
+        open_spec(arg, f, a.image_opts, a.untrusted, &a.input, a.force_share)
+            .map_err(|(_, e)| (2, e))
+    };
+    let ia = open(&a.a, a.format_a)?;
+    let ib = open(&a.b, a.format_b)?;
+    let mut progress = Progress::new(a.progress && !a.quiet, 2.0);
+    let r = compare(&a, &ia, &ib, &mut progress);
+    progress.end();
+    r
+}
+
+fn compare(a: &Args, ia: &Image, ib: &Image, progress: &mut Progress) -> CmdResult {
+    let say = |s: &str| {
+        if !a.quiet {
+            println!("{s}");
+        }
+    };
+    let (sa, sb) = (StatusReader::new(ia), StatusReader::new(ib));
+    let (size1, size2) = (sa.size(), sb.size());
+    let total = size1.min(size2);
+    let base = size1.max(size2);
+    progress.advance(0.0, 100);
+    if a.strict && size1 != size2 {
+        say("Strict mode: Image size mismatch!");
+        return Ok(ExitCode::from(1));
+    }
+    let step = |progress: &mut Progress, chunk: u64| {
+        progress.advance((chunk as f32 / base as f32) * 100.0, 100);
+    };
+    let mut buf1 = Vec::new();
+    let mut buf2 = Vec::new();
+    let mut offset = 0;
+    while offset < total {
+        let s1 = sa
+            .status(offset, size1 - offset)
+            .map_err(|e| alloc_failed(&a.a, e))?;
+        let s2 = sb
+            .status(offset, size2 - offset)
+            .map_err(|e| alloc_failed(&a.b, e))?;
+        let mut chunk = s1.len.min(s2.len);
+        if a.strict && s1.flags != s2.flags {
+            say(&format!(
+                "Strict mode: Offset {offset} block status mismatch!"
+            ));
             return Ok(ExitCode::from(1));
         }
-        if !a.quiet {
-            println!("Warning: Image size mismatch!");
-        }
-    }
-    let common = sa.min(sb);
-    let pb = progress_bar(a.progress);
-    if let Some(pb) = &pb {
-        pb.set_length(sa.max(sb));
-    }
-    let r = first_difference(da, db, common, &pb).map_err(|e| (2, e))?;
-    let r = match r {
-        Some(off) => Some(off),
-        None if sa != sb => {
-            let longer = if sa > sb { da } else { db };
-            first_nonzero(longer, common).map_err(|e| (2, e))?
-        }
-        None => None,
-    };
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
-    match r {
-        Some(off) => {
-            println!("Content mismatch at offset {off}!");
-            Ok(ExitCode::from(1))
-        }
-        None => {
-            if !a.quiet {
-                println!("Images are identical.");
+        let (alloc1, alloc2) = (s1.flags & ALLOCATED != 0, s2.flags & ALLOCATED != 0);
+        if s1.flags & ZERO != 0 && s2.flags & ZERO != 0 {
+            // Both read as zeros.
+        } else if alloc1 == alloc2 {
+            if alloc1 {
+                chunk = chunk.min(CHUNK);
+                read(ia, &a.a, offset, chunk, &mut buf1)?;
+                read(ib, &a.b, offset, chunk, &mut buf2)?;
+                if let Some(i) = first_difference(&buf1, &buf2) {
+                    say(&format!("Content mismatch at offset {}!", offset + i));
+                    return Ok(ExitCode::from(1));
+                }
             }
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-fn first_difference(
-    a: &dyn BlockDevice,
-    b: &dyn BlockDevice,
-    len: u64,
-    pb: &Option<indicatif::ProgressBar>,
-) -> imgconv::Result<Option<u64>> {
-    let mut pos = 0;
-    let mut ba = vec![0u8; CHUNK as usize];
-    let mut bb = vec![0u8; CHUNK as usize];
-    while pos < len {
-        let ea = a.map(pos, len - pos)?;
-        let eb = b.map(pos, len - pos)?;
-        let n = ea.len.min(eb.len).min(CHUNK);
-        if ea.kind.reads_as_zero() && eb.kind.reads_as_zero() {
-            pos += ea.len.min(eb.len);
         } else {
-            let (xa, xb) = (&mut ba[..n as usize], &mut bb[..n as usize]);
-            if ea.kind.reads_as_zero() {
-                xa.fill(0);
-            } else {
-                a.read_at(xa, pos)?;
+            chunk = chunk.min(CHUNK);
+            let (img, name) = if alloc1 { (ia, &a.a) } else { (ib, &a.b) };
+            read(img, name, offset, chunk, &mut buf1)?;
+            if let Some(i) = first_nonzero(&buf1) {
+                say(&format!("Content mismatch at offset {}!", offset + i));
+                return Ok(ExitCode::from(1));
             }
-            if eb.kind.reads_as_zero() {
-                xb.fill(0);
-            } else {
-                b.read_at(xb, pos)?;
-            }
-            if xa != xb {
-                let i = xa
-                    .iter()
-                    .zip(xb.iter())
-                    .position(|(x, y)| x != y)
-                    .unwrap_or(0);
-                return Ok(Some(pos + i as u64));
-            }
-            pos += n;
         }
-        if let Some(pb) = pb {
-            pb.set_position(pos);
+        offset += chunk;
+        step(progress, chunk);
+    }
+    if size1 != size2 {
+        say("Warning: Image size mismatch!");
+        let (over, img, name) = if size1 > size2 {
+            (&sa, ia, &a.a)
+        } else {
+            (&sb, ib, &a.b)
+        };
+        while offset < base {
+            let s = over
+                .status(offset, base - offset)
+                .map_err(|e| alloc_failed(name, e))?;
+            let mut chunk = s.len;
+            if s.flags & ALLOCATED != 0 && s.flags & ZERO == 0 {
+                chunk = chunk.min(CHUNK);
+                read(img, name, offset, chunk, &mut buf1)?;
+                if let Some(i) = first_nonzero(&buf1) {
+                    say(&format!("Content mismatch at offset {}!", offset + i));
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            offset += chunk;
+            step(progress, chunk);
         }
     }
-    Ok(None)
+    say("Images are identical.");
+    Ok(ExitCode::SUCCESS)
 }
 
-fn first_nonzero(d: &dyn BlockDevice, from: u64) -> imgconv::Result<Option<u64>> {
-    let size = d.size();
-    let mut pos = from;
-    let mut buf = vec![0u8; CHUNK as usize];
-    while pos < size {
-        let e = d.map(pos, size - pos)?;
-        if e.kind.reads_as_zero() {
-            pos = e.end();
-            continue;
-        }
-        let n = e.len.min(CHUNK) as usize;
-        d.read_at(&mut buf[..n], pos)?;
-        if !is_zero(&buf[..n]) {
-            let i = buf[..n].iter().position(|&x| x != 0).unwrap_or(0);
-            return Ok(Some(pos + i as u64));
-        }
-        pos += n as u64;
+fn alloc_failed(name: &str, e: imgconv::Error) -> crate::common::CmdError {
+    (
+        3,
+        imgconv::Error::Format(format!(
+            "Sector allocation test failed for {name}: {}",
+            describe(&e)
+        )),
+    )
+}
+
+fn read(
+    img: &Image,
+    name: &str,
+    offset: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), crate::common::CmdError> {
+    buf.resize(len as usize, 0);
+    img.device().read_at(buf, offset).map_err(|e| {
+        (
+            4,
+            imgconv::Error::Format(format!(
+                "Error while reading offset {offset} of {name}: {}",
+                describe(&e)
+            )),
+        )
+    })
+}
+
+/// Where the first differing 512-byte sector starts (qemu reports sectors).
+fn first_difference(a: &[u8], b: &[u8]) -> Option<u64> {
+    if a == b {
+        return None;
     }
-    Ok(None)
+    let i = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0);
+    Some((i as u64) & !511)
+}
+
+/// Where the first 512-byte sector holding a non-zero byte starts.
+fn first_nonzero(a: &[u8]) -> Option<u64> {
+    if is_zero(a) {
+        return None;
+    }
+    let i = a.iter().position(|&x| x != 0).unwrap_or(0);
+    Some((i as u64) & !511)
 }

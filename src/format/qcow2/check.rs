@@ -338,7 +338,7 @@ impl Checker<'_> {
     fn repair(
         &mut self,
         stored: &StoredRefcounts,
-        file: &std::fs::File,
+        file: &crate::io::inplace::InPlaceFile,
         storage: &dyn Storage,
         h: &Header,
     ) -> Result<u64> {
@@ -367,7 +367,7 @@ impl Checker<'_> {
                 highest = i;
             }
         }
-        file.sync_data().map_err(Error::Stream)?;
+        file.sync()?;
         Ok(highest)
     }
 
@@ -434,8 +434,74 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
 /// refcount of every leaked cluster to its number of references (`-r leaks`).
 pub fn check_and_repair(
     storage: &dyn Storage,
-    fix_leaks: Option<&std::fs::File>,
+    fix_leaks: Option<&crate::io::inplace::InPlaceFile>,
 ) -> Result<CheckReport> {
+    let (mut c, stored, h) = walk(storage)?;
+    let before = (c.r.corruptions, c.r.leaks);
+    let mut highest = c.compare(&stored);
+    let mut stored = stored;
+    if fix_leaks.is_some() && c.rebuild {
+        // QEMU refuses to repair anything then (only `-r all` rebuilds).
+        c.msg("ERROR need to rebuild refcount structures".into());
+        c.r.check_errors += 1;
+        c.r.repair_failed = true;
+        return Ok(c.r);
+    }
+    if let Some(file) = fix_leaks {
+        if c.r.leaks > 0 || c.r.corruptions > 0 {
+            // Second pass, as QEMU: repair leaks, report corruptions again.
+            (c.r.corruptions, c.r.leaks) = before;
+            highest = c.repair(&stored, file, storage, &h)?;
+            stored = read_refcounts(storage, &h, stored.counts.len() as u64)?;
+        }
+    }
+    finish(c, &stored, &h, highest)
+}
+
+/// The COPIED-flag pass and the end offset, after the refcounts were compared.
+fn finish(
+    mut c: Checker<'_>,
+    stored: &StoredRefcounts,
+    h: &Header,
+    highest: u64,
+) -> Result<CheckReport> {
+    let l1 = if h.l1_size > 0 {
+        c.read_table(h.l1_table_offset, h.l1_size as u64)?
+    } else {
+        Vec::new()
+    };
+    c.check_copied(&l1, stored)?;
+    c.r.image_end_offset = (highest + 1) * c.cs;
+    Ok(c.r)
+}
+
+/// What a check learns about an image, for the code that changes it in place.
+pub(crate) struct Analysis {
+    /// The check's verdict and counters.
+    pub report: CheckReport,
+    /// References found to each cluster (one per path from an L1 table, as QEMU counts).
+    pub refs: Vec<u64>,
+    /// The refcounts the image stores.
+    pub stored: StoredRefcounts,
+}
+
+/// Checks the image and keeps the references it counted.
+pub(crate) fn analyze(storage: &dyn Storage) -> Result<Analysis> {
+    let (mut c, stored, h) = walk(storage)?;
+    let highest = c.compare(&stored);
+    let refs = std::mem::take(&mut c.refs);
+    let mut report = finish(c, &stored, &h, highest)?;
+    report.messages.shrink_to_fit();
+    Ok(Analysis {
+        report,
+        refs,
+        stored,
+    })
+}
+
+/// Reads the header and counts every reference; returns the checker, the stored
+/// refcounts (covering every cluster referenced) and the header.
+fn walk(storage: &dyn Storage) -> Result<(Checker<'_>, StoredRefcounts, Header)> {
     let file_len = storage.len();
     let mut prefix = vec![0u8; 104.min(file_len as usize)];
     read_struct(storage, &mut prefix, 0, FMT, "header")?;
@@ -595,30 +661,5 @@ pub fn check_and_repair(
     } else {
         stored
     };
-    let before = (c.r.corruptions, c.r.leaks);
-    let mut highest = c.compare(&stored);
-    let mut stored = stored;
-    if fix_leaks.is_some() && c.rebuild {
-        // QEMU refuses to repair anything then (only `-r all` rebuilds).
-        c.msg("ERROR need to rebuild refcount structures".into());
-        c.r.check_errors += 1;
-        c.r.repair_failed = true;
-        return Ok(c.r);
-    }
-    if let Some(file) = fix_leaks {
-        if c.r.leaks > 0 || c.r.corruptions > 0 {
-            // Second pass, as QEMU: repair leaks, report corruptions again.
-            (c.r.corruptions, c.r.leaks) = before;
-            highest = c.repair(&stored, file, storage, &h)?;
-            stored = read_refcounts(storage, &h, stored.counts.len() as u64)?;
-        }
-    }
-    let l1 = if h.l1_size > 0 {
-        c.read_table(h.l1_table_offset, h.l1_size as u64)?
-    } else {
-        Vec::new()
-    };
-    c.check_copied(&l1, &stored)?;
-    c.r.image_end_offset = (highest + 1) * cs;
-    Ok(c.r)
+    Ok((c, stored, h))
 }

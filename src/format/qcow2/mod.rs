@@ -13,7 +13,15 @@
 // the tests, fuzz targets and benches, hidden from the documented (stable) API, which is
 // this module's items and its `DRIVER`.
 #[doc(hidden)]
+pub mod amend;
+#[doc(hidden)]
+pub mod bitmap;
+#[doc(hidden)]
 pub mod check;
+#[doc(hidden)]
+pub mod commit;
+#[doc(hidden)]
+pub mod edit;
 #[doc(hidden)]
 pub mod header;
 #[doc(hidden)]
@@ -21,11 +29,15 @@ pub mod measure;
 #[doc(hidden)]
 pub mod reader;
 #[doc(hidden)]
+pub mod rebase;
+#[doc(hidden)]
 pub mod refcount;
 #[doc(hidden)]
 pub mod resize;
 #[doc(hidden)]
 pub mod snapshot;
+#[doc(hidden)]
+pub mod snapshot_edit;
 #[doc(hidden)]
 pub mod writer;
 

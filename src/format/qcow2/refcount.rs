@@ -243,14 +243,13 @@ pub fn read_refcounts(storage: &dyn Storage, h: &Header, limit: u64) -> Result<S
 /// Sets the stored refcount of `cluster` in its refcount block (which must exist),
 /// through `file` opened for writing.
 pub fn write_refcount(
-    file: &std::fs::File,
+    file: &crate::io::inplace::InPlaceFile,
     storage: &dyn Storage,
     h: &Header,
     table: &[u64],
     cluster: u64,
     value: u64,
 ) -> Result<()> {
-    use std::os::unix::fs::FileExt;
     let per_block = refcount_block_entries(h.cluster_bits, h.refcount_order);
     let off = table
         .get((cluster / per_block) as usize)
@@ -267,7 +266,7 @@ pub fn write_refcount(
     let mut block = vec![0u8; h.cluster_size() as usize];
     read_struct(storage, &mut block, off, "qcow2", "refcount block")?;
     refcount_set(&mut block, cluster % per_block, h.refcount_order, value)?;
-    file.write_all_at(&block, off).map_err(Error::Stream)
+    file.write_at(&block, off)
 }
 
 /// Offset bits of a refcount table entry.

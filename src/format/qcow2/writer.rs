@@ -497,12 +497,32 @@ fn new_writer(
             what: "a qcow2 image".into(),
         });
     }
-    if out.is_in_place() {
-        return Err(Error::unsupported(
-            "qcow2",
-            "writing into an existing qcow2 image (-n)",
-        ));
-    }
+    // `-n`: the target exists. qemu-img creates nothing then, and afterwards the target
+    // reads as the source: it is written anew, in the same file, with the creation
+    // options its header records (qemu-img ignores -o with -n too).
+    let (o, size, existing) = if out.is_in_place() {
+        if size_pending {
+            return Err(Error::unsupported(
+                "qcow2",
+                "writing into an existing image (-n) from a source of unknown length",
+            ));
+        }
+        let file = out.create(target)?;
+        let (mut eo, esize) = existing_options(&file, target)?;
+        eo.compressed = o.compressed;
+        if esize < size {
+            return Err(Error::invalid(format!(
+                "{}: output image is smaller than the input ({esize} < {size} bytes)",
+                target.display()
+            )));
+        }
+        if file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            file.set_len(0).map_err(|e| Error::io(target, e))?;
+        }
+        (eo, esize, Some(file))
+    } else {
+        (o, size, None)
+    };
     if size > MAX_VIRTUAL_SIZE {
         return Err(Error::invalid(format!(
             "qcow2: virtual size {size} is too large"
@@ -517,7 +537,10 @@ fn new_writer(
     } else {
         Layout::new(&o, size)?
     };
-    let file = out.create(target)?;
+    let file = match existing {
+        Some(f) => f,
+        None => out.create(target)?,
+    };
     let encoder = o.compressed.then(|| {
         Arc::new(ClusterEncoder::new(
             o.cluster_size() as usize,
@@ -551,6 +574,49 @@ fn new_writer(
         layout,
         o,
     })
+}
+
+/// The creation options and virtual size an existing qcow2 image's header records, for
+/// writing it anew (`-n`). Images that depend on other files or keys are refused.
+fn existing_options(file: &File, path: &Path) -> Result<(Qcow2Options, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 4096];
+    let n = file.read_at(&mut buf, 0).map_err(|e| Error::io(path, e))?;
+    buf.truncate(n);
+    let h = Header::parse(&buf)?;
+    let refuse = |what: &str| {
+        Err(Error::unsupported(
+            "qcow2",
+            format!("writing into an existing image (-n) that {what}"),
+        ))
+    };
+    if h.backing_file_offset != 0 {
+        return refuse("has a backing file");
+    }
+    if h.crypt_method != super::header::CRYPT_NONE {
+        return refuse("is encrypted");
+    }
+    if h.has_external_data_file() {
+        return refuse("has an external data file");
+    }
+    if h.nb_snapshots > 0 {
+        return refuse("has internal snapshots");
+    }
+    let o = Qcow2Options {
+        version: h.version,
+        cluster_bits: h.cluster_bits,
+        refcount_order: h.refcount_order,
+        lazy_refcounts: h
+            .compatible_features
+            .contains(super::header::CompatibleFeatures::LAZY_REFCOUNTS),
+        extended_l2: h.extended_l2(),
+        prealloc: Prealloc::Off,
+        compression: h.compression().unwrap_or(CompressionType::Zlib),
+        compressed: false,
+        backing_file: None,
+        backing_format: None,
+    };
+    Ok((o, h.size))
 }
 
 const ALL_ALLOC: u64 = 0xffff_ffff;

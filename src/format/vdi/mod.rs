@@ -5,7 +5,8 @@
 //!   search for a differencing image's parent by UUID;
 //! - [`check`]: `check`, the block map's consistency as qemu-img verifies it;
 //! - [`writer`]: images laid out as VirtualBox lays them out (`-o static=on|off`,
-//!   `-o uuid=…`).
+//!   `-o uuid=…`);
+//! - [`inplace`]: an existing image written in place (the base of `commit`).
 
 // The modules below hold on-disk structures and the logic that walks them: public for
 // the tests, fuzz targets and benches, hidden from the documented (stable) API, which is
@@ -14,6 +15,8 @@
 pub mod check;
 #[doc(hidden)]
 pub mod header;
+#[doc(hidden)]
+pub mod inplace;
 #[doc(hidden)]
 pub mod reader;
 #[doc(hidden)]

@@ -215,7 +215,7 @@ const MAP_READ_CHUNK: usize = 1 << 20;
 
 /// Reads the block map and checks every entry: inside the image's blocks, unique, and
 /// its data inside the file.
-fn read_block_map(storage: &dyn Storage, h: &Header) -> Result<Vec<u32>> {
+pub(crate) fn read_block_map(storage: &dyn Storage, h: &Header) -> Result<Vec<u32>> {
     let file_len = storage.len();
     // `validate` has checked that the map lies inside the file, so its size is bounded
     // by the file's.

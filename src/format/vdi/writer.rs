@@ -18,7 +18,6 @@ use crate::error::{Error, Result};
 use crate::io::{write_all_at, AllocateAhead, OutputSet};
 use crate::limits::{MAX_VDI_BLOCKS, MAX_VIRTUAL_SIZE};
 use crate::writer::{parse_bool, parse_size, DataRun, ImageWriter, WriteOptions};
-use crate::zero::is_zero;
 
 /// Default block size (VirtualBox's and the only one QEMU reads).
 pub const DEFAULT_BLOCK_SIZE: u32 = 1 << 20;
@@ -236,17 +235,13 @@ impl ImageWriter for VdiWriter {
             )));
         }
         let first = run.offset / bs as u64;
-        // Coalesce consecutive non-zero blocks into one write.
+        // Coalesce consecutive blocks into one write. Zero blocks come here only when
+        // the engine is asked to write everything (`-S 0`): they are stored too, as
+        // qemu-img stores them then.
         let mut pending: Option<(u64, usize, usize)> = None; // (phys, start, end) in data
         for (k, chunk) in run.data.chunks(bs).enumerate() {
             let idx = first + k as u64;
             let s = k * bs;
-            if is_zero(chunk) {
-                if let Some((p, a, b)) = pending.take() {
-                    self.put(p, &run.data[a..b])?;
-                }
-                continue;
-            }
             let phys = if self.fixed {
                 idx
             } else {

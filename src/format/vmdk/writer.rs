@@ -208,7 +208,7 @@ fn parent_cid(b: &str, target: &Path) -> Result<u32> {
     // The parent's own header is all that is needed: its parent is not followed.
     let options = OpenOptions::trusted().format(Format::Vmdk).metadata_only();
     let ctx = OpenContext::for_path(&path, &options);
-    let storage = Arc::new(FileStorage::open(&path)?);
+    let storage = Arc::new(FileStorage::open_image(&path, false)?);
     let parent = super::open(storage, &ctx)?;
     match parent.info.format_specific {
         Some(FormatDetails::Vmdk(p)) => Ok(p.cid),
