@@ -4,78 +4,10 @@
 mod common;
 use common::*;
 
+use common::watch::watched;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// Result of one imgconv run under watch.
-struct Watched {
-    code: Option<i32>,
-    stderr: String,
-    elapsed: Duration,
-    max_rss_kib: i64,
-}
-
-impl Watched {
-    /// Asserts the run did not panic; `what` names it in the message.
-    fn assert_no_panic(&self, what: impl std::fmt::Debug) {
-        assert!(
-            !self.stderr.contains("panicked"),
-            "{what:?} panicked: {}",
-            self.stderr
-        );
-    }
-
-    /// Asserts the run took less than `limit`.
-    fn assert_faster_than(&self, what: impl std::fmt::Debug, limit: Duration) {
-        assert!(self.elapsed < limit, "{what:?} took {:?}", self.elapsed);
-    }
-
-    /// Asserts the run's peak memory stayed under 256 MiB.
-    fn assert_small(&self, what: impl std::fmt::Debug) {
-        assert!(
-            self.max_rss_kib < 256 * 1024,
-            "{what:?} used {} KiB",
-            self.max_rss_kib
-        );
-    }
-}
-
-/// Runs imgconv with `args`, measuring wall time and peak memory (wait4's rusage).
-#[allow(clippy::zombie_processes)] // reaped with wait4 below, to read its rusage
-fn watched(args: &[&str]) -> Watched {
-    let t = Instant::now();
-    let child = Command::new(imgconv_bin())
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut stderr = child.stderr.unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        use std::io::Read;
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let mut status = 0;
-    // SAFETY: plain wait4 on our own child; rusage is a POD out-parameter.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    assert_eq!(r, pid);
-    let code = if libc::WIFEXITED(status) {
-        Some(libc::WEXITSTATUS(status))
-    } else {
-        None
-    };
-    Watched {
-        code,
-        stderr: reader.join().unwrap(),
-        elapsed: t.elapsed(),
-        max_rss_kib: ru.ru_maxrss,
-    }
-}
 
 /// Asserts a clean refusal: exit code 1 (or 2 for compare), a message, fast, small.
 fn assert_clean_error(args: &[&str], expect_in_msg: &str) {

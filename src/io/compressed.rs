@@ -531,6 +531,26 @@ fn xz_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
     None
 }
 
+/// Bytes read at a time while walking backwards over xz stream padding.
+const PADDING_PIECE: usize = 1 << 20;
+
+/// How many zero bytes come right before `end` in `file`: read backwards in 1 MiB
+/// pieces (256 MiB of padding is 256 reads, not 64 million).
+fn trailing_zeros(file: &File, end: u64) -> Result<u64> {
+    let mut buf = vec![0u8; (end as usize).min(PADDING_PIECE)];
+    let mut pos = end;
+    while pos > 0 {
+        let n = (pos as usize).min(buf.len());
+        let piece = &mut buf[..n];
+        read_at(file, piece, pos - n as u64, "stream padding", "xz")?;
+        match piece.iter().rposition(|&b| b != 0) {
+            Some(i) => return Ok(end - (pos - n as u64 + i as u64 + 1)),
+            None => pos -= n as u64,
+        }
+    }
+    Ok(end)
+}
+
 /// Walks the streams of an xz file backwards through their footers and indexes, and
 /// adds up the uncompressed sizes of all blocks.
 fn xz_size(file: &File, len: u64) -> Result<u64> {
@@ -539,14 +559,7 @@ fn xz_size(file: &File, len: u64) -> Result<u64> {
     let mut total = 0u64;
     while pos > 0 {
         // Stream padding: zero bytes in multiples of four between and after streams.
-        let mut word = [0u8; 4];
-        while pos >= 4 {
-            read_at(file, &mut word, pos - 4, "stream padding", F)?;
-            if word != [0; 4] {
-                break;
-            }
-            pos -= 4;
-        }
+        pos -= trailing_zeros(file, pos)? / 4 * 4;
         if pos == 0 {
             break;
         }

@@ -2,6 +2,8 @@
 //! scratch folders and the corpus of images made by other tools.
 #![allow(dead_code)]
 
+pub mod watch;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -535,8 +535,9 @@ pub fn check_and_repair(
     } else {
         V2_HEADER_LEN as u64
     };
-    let exts = if (ext_start as usize) < first.len() {
-        parse_extensions(&first, ext_start).unwrap_or_default()
+    let ext_end = h.extensions_end(first.len() as u64);
+    let exts = if ext_start < ext_end {
+        parse_extensions(&first[..ext_end as usize], ext_start).unwrap_or_default()
     } else {
         Vec::new()
     };

@@ -102,13 +102,8 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
     let h = Header::parse(&first)?;
 
     let ext_start = h.extensions_offset();
-    // Extensions end where the backing file name starts, or with the first cluster.
-    let ext_end = if h.backing_file_offset > ext_start {
-        h.backing_file_offset.min(first.len() as u64)
-    } else {
-        first.len() as u64
-    };
-    let extensions = if h.version >= 3 || ext_start + 8 <= ext_end {
+    let ext_end = h.extensions_end(first.len() as u64);
+    let extensions = if ext_start < ext_end {
         parse_extensions(&first[..ext_end as usize], ext_start)?
     } else {
         Vec::new()

@@ -1,0 +1,205 @@
+//! Running imgconv under watch: wall time, peak memory (`wait4`'s rusage), an optional
+//! address-space limit (as `prlimit --as`), a file-size limit, a timeout and stdin.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Result of one imgconv run under watch.
+#[derive(Debug)]
+pub struct Watched {
+    /// Exit code, `None` when killed by a signal.
+    pub code: Option<i32>,
+    /// The signal that ended it, if any.
+    pub signal: Option<i32>,
+    /// Everything it printed on stdout.
+    pub stdout: String,
+    /// Everything it printed on stderr.
+    pub stderr: String,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Peak resident memory.
+    pub max_rss_kib: i64,
+    /// It was killed for running past the timeout.
+    pub timed_out: bool,
+}
+
+impl Watched {
+    /// Asserts the run did not panic; `what` names it in the message.
+    pub fn assert_no_panic(&self, what: impl std::fmt::Debug) {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "{what:?} panicked: {}",
+            self.stderr
+        );
+    }
+
+    /// Asserts the run took less than `limit`.
+    pub fn assert_faster_than(&self, what: impl std::fmt::Debug, limit: Duration) {
+        assert!(
+            self.elapsed < limit && !self.timed_out,
+            "{what:?} took {:?}",
+            self.elapsed
+        );
+    }
+
+    /// Asserts the run's peak memory stayed under 256 MiB.
+    pub fn assert_small(&self, what: impl std::fmt::Debug) {
+        self.assert_rss_below(what, 256 << 10);
+    }
+
+    /// Asserts the run's peak memory stayed under `kib` KiB.
+    pub fn assert_rss_below(&self, what: impl std::fmt::Debug, kib: i64) {
+        assert!(
+            self.max_rss_kib < kib,
+            "{what:?} used {} KiB (limit {kib} KiB); stderr: {}",
+            self.max_rss_kib,
+            self.stderr
+        );
+    }
+
+    /// Asserts an exit with `code` (not a signal).
+    pub fn assert_code(&self, what: impl std::fmt::Debug, code: i32) {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "{what:?}: signal {:?}, stderr: {}",
+            self.signal,
+            self.stderr
+        );
+    }
+}
+
+/// How to run imgconv under watch.
+#[derive(Default, Clone)]
+pub struct Watch<'a> {
+    /// Address-space limit in bytes (`prlimit --as`).
+    pub address_space: Option<u64>,
+    /// File-size limit in bytes (`prlimit --fsize`: SIGXFSZ past it).
+    pub file_size: Option<u64>,
+    /// Killed (SIGKILL) after this long.
+    pub timeout: Option<Duration>,
+    /// Bytes fed on stdin (stdin is /dev/null otherwise).
+    pub stdin: Option<&'a [u8]>,
+    /// Environment variables set.
+    pub env: Vec<(&'a str, &'a Path)>,
+    /// Working folder.
+    pub cwd: Option<&'a Path>,
+}
+
+impl Watch<'_> {
+    /// Runs imgconv with `args`.
+    #[allow(clippy::zombie_processes)] // reaped with wait4 below, to read its rusage
+    pub fn run(&self, args: &[&str]) -> Watched {
+        use std::io::{Read, Write};
+        use std::os::unix::process::CommandExt;
+        let t = Instant::now();
+        let mut cmd = Command::new(super::imgconv_bin());
+        cmd.args(args)
+            .envs(self.env.iter().copied())
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(d) = self.cwd {
+            cmd.current_dir(d);
+        }
+        let (address_space, file_size) = (self.address_space, self.file_size);
+        // SAFETY: only setrlimit (async-signal-safe) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                for (res, v) in [
+                    (libc::RLIMIT_AS, address_space),
+                    (libc::RLIMIT_FSIZE, file_size),
+                ] {
+                    if let Some(v) = v {
+                        let l = libc::rlimit {
+                            rlim_cur: v,
+                            rlim_max: v,
+                        };
+                        if libc::setrlimit(res, &l) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let pid = child.id() as libc::pid_t;
+        let feeder = self.stdin.map(|data| {
+            let data = data.to_vec();
+            let mut stdin = child.stdin.take().unwrap();
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&data);
+            })
+        });
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let out_reader = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = out.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        let err_reader = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = err.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let killer = self.timeout.map(|limit| {
+            let (timed_out, done) = (timed_out.clone(), done.clone());
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                while start.elapsed() < limit {
+                    if done.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
+                    // SAFETY: signalling our own child, not reaped yet.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            })
+        });
+        let mut status = 0;
+        // SAFETY: plain wait4 on our own child; rusage is a POD out-parameter.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(r, pid);
+        if let Some(k) = killer {
+            let _ = k.join();
+        }
+        if let Some(f) = feeder {
+            let _ = f.join();
+        }
+        let (code, signal) = if libc::WIFEXITED(status) {
+            (Some(libc::WEXITSTATUS(status)), None)
+        } else if libc::WIFSIGNALED(status) {
+            (None, Some(libc::WTERMSIG(status)))
+        } else {
+            (None, None)
+        };
+        Watched {
+            code,
+            signal,
+            stdout: out_reader.join().unwrap(),
+            stderr: err_reader.join().unwrap(),
+            elapsed: t.elapsed(),
+            max_rss_kib: ru.ru_maxrss,
+            timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
+}
+
+/// Runs imgconv with `args`, measuring wall time and peak memory.
+pub fn watched(args: &[&str]) -> Watched {
+    Watch::default().run(args)
+}
