@@ -120,8 +120,10 @@ pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<
         ))),
         Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(counted)),
         Compression::Xz => Box::new(XzMulti {
+            // 1 MiB reads: stream padding between and after streams is skipped a
+            // buffer at a time.
             dec: Some(xz_stream(BufReader::with_capacity(
-                1 << 16,
+                1 << 20,
                 Box::new(counted),
             ))?),
         }),
@@ -185,7 +187,11 @@ impl Read for XzMulti {
                 if b.is_empty() {
                     break;
                 }
-                let z = b.iter().take_while(|&&x| x == 0).count();
+                let z = if crate::convert::is_zero(b) {
+                    b.len()
+                } else {
+                    b.iter().take_while(|&&x| x == 0).count()
+                };
                 let all = z == b.len();
                 input.consume(z);
                 zeros += z as u64;
@@ -543,10 +549,12 @@ fn trailing_zeros(file: &File, end: u64) -> Result<u64> {
         let n = (pos as usize).min(buf.len());
         let piece = &mut buf[..n];
         read_at(file, piece, pos - n as u64, "stream padding", "xz")?;
-        match piece.iter().rposition(|&b| b != 0) {
-            Some(i) => return Ok(end - (pos - n as u64 + i as u64 + 1)),
-            None => pos -= n as u64,
+        if crate::convert::is_zero(piece) {
+            pos -= n as u64;
+            continue;
         }
+        let last = piece.iter().rposition(|&b| b != 0).unwrap_or(0);
+        return Ok(end - (pos - n as u64 + last as u64 + 1));
     }
     Ok(end)
 }

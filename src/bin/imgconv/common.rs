@@ -124,16 +124,32 @@ pub fn human_size(n: u64) -> String {
     format!("{s} {}", UNITS[u])
 }
 
-/// Removes temporary outputs and exits on SIGINT / SIGTERM / SIGHUP.
+/// Signals that end imgconv after removing its temporary files: interruption and
+/// termination, the CPU-time limit (`prlimit --cpu`), alarms, user signals, and a
+/// closed output pipe (`imgconv info … | head -1`).
+const CLEANUP_SIGNALS: [libc::c_int; 8] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGXCPU,
+    libc::SIGALRM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGPIPE,
+];
+
+/// Removes temporary outputs and exits on every signal of [`CLEANUP_SIGNALS`]; ignores
+/// SIGXFSZ, so that a write past the file-size limit (`prlimit --fsize`, `ulimit -f`)
+/// fails with EFBIG and the conversion cleans up like on any other write error.
 pub fn install_signal_handlers() {
     extern "C" fn on_signal(sig: libc::c_int) {
         imgconv::io::output::remove_pending_files();
         // SAFETY: _exit is async-signal-safe.
         unsafe { libc::_exit(128 + sig) };
     }
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+    for sig in CLEANUP_SIGNALS {
         // SAFETY: installing a handler that only calls async-signal-safe functions
-        // (unlink via remove_file, _exit).
+        // (unlink, _exit).
         unsafe {
             libc::signal(
                 sig,
@@ -141,4 +157,6 @@ pub fn install_signal_handlers() {
             );
         }
     }
+    // SAFETY: ignoring a signal.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
 }
