@@ -3,7 +3,7 @@
 //! file the test builds; limits asserted with generous margins.
 
 mod common;
-use common::watch::{watched, Watch};
+use common::watch::{watched, OpenWatch, Watch};
 use common::*;
 
 use std::path::Path;
@@ -284,5 +284,196 @@ fn finding10_resource_limits_and_other_signals_leave_nothing() {
             "signal {sig} left {:?}",
             names_in(&out_dir)
         );
+    }
+}
+
+/// `mkfifo PATH`.
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(s(p)).unwrap();
+    // SAFETY: a plain system call on a path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// A qcow2 overlay `name` over the backing file `backing` (not checked), and a qcow2
+/// `data` whose external data file is `data_file`, both in `dir`.
+fn qcow2_with_references(
+    dir: &Path,
+    backing: &str,
+    data_file: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let top = dir.join("top.qcow2");
+    qemu_img(&overlay_args("qcow2", &["-u"], backing, &top, "1M"));
+    // qemu-img creates the data file; any name it is given is then patched in.
+    let data = dir.join("data.qcow2");
+    let stand_in = "d".repeat(data_file.len());
+    let o = std::process::Command::new("qemu-img")
+        .current_dir(dir)
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={stand_in}"),
+            "data.qcow2",
+            "1M",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let _ = std::fs::remove_file(dir.join(&stand_in));
+    let mut bytes = std::fs::read(&data).unwrap();
+    let i = bytes
+        .windows(stand_in.len())
+        .position(|w| w == stand_in.as_bytes())
+        .unwrap();
+    bytes[i..i + stand_in.len()].copy_from_slice(data_file.as_bytes());
+    std::fs::write(&data, bytes).unwrap();
+    (top, data)
+}
+
+/// Finding 8: as qemu-img's, `info` opens no backing file and no data file unless
+/// `--backing-chain` asks for the chain (inotify sees every open, as strace would).
+#[test]
+fn finding8_info_opens_no_backing_or_data_file() {
+    let d = scratch();
+    let base = d.path().join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    let data_raw = d.path().join("data.raw");
+    make_raw(&data_raw, 1 << 20, &[(0, 4096, 1)]);
+    let (top, data) = qcow2_with_references(d.path(), "base.qcow2", "data.raw");
+    let watch = OpenWatch::new(&[&base, &data_raw]);
+    for img in [&top, &data] {
+        for args in [vec!["info", s(img)], vec!["info", "--output=json", s(img)]] {
+            let w = watched(&args);
+            w.assert_code(&args, 0);
+            assert!(
+                w.stdout.contains("base.qcow2") || w.stdout.contains("data.raw"),
+                "{args:?}: {}",
+                w.stdout
+            );
+            assert_eq!(watch.opened(), Vec::<std::path::PathBuf>::new(), "{args:?}");
+        }
+    }
+    // The control: the chain is opened when asked for.
+    imgconv(&["info", "--backing-chain", s(&top)]);
+    assert_eq!(watch.opened(), std::slice::from_ref(&base));
+    imgconv(&["convert", "-O", "raw", s(&data), s(&d.path().join("o.raw"))]);
+    assert_eq!(watch.opened(), std::slice::from_ref(&data_raw));
+}
+
+/// Findings 7 and 8: a reference is only ever opened as a regular file or a block
+/// device — a FIFO (which would hang a reader), a character device, a socket or a
+/// directory is refused with a typed error, in trusted mode too, by every command.
+#[test]
+fn finding7_references_to_fifos_and_devices_are_refused_without_hanging() {
+    let d = scratch();
+    let fifo = d.path().join("fifo");
+    mkfifo(&fifo);
+    let dir = d.path().join("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    let sock_path = d.path().join("sock");
+    let _sock = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
+    for (target, kind) in [
+        (s(&fifo), "FIFO"),
+        ("/dev/zero", "character device"),
+        (s(&sock_path), "socket"),
+        (s(&dir), "directory"),
+    ] {
+        let sub = d.path().join(kind.replace(' ', "-"));
+        std::fs::create_dir(&sub).unwrap();
+        let (top, data) = qcow2_with_references(&sub, target, target);
+        let vmdk = sub.join("flat.vmdk");
+        std::fs::write(
+            &vmdk,
+            format!(
+                "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+                 createType=\"monolithicFlat\"\n\nRW 2048 FLAT \"{target}\" 0\n"
+            ),
+        )
+        .unwrap();
+        let out = sub.join("out.raw");
+        let runs: Vec<Vec<&str>> = vec![
+            vec!["info", "--backing-chain", s(&top)],
+            vec!["convert", "-O", "raw", s(&top), s(&out)],
+            vec!["convert", "-O", "raw", s(&data), s(&out)],
+            vec!["map", s(&top)],
+            vec!["compare", s(&top), s(&data)],
+            vec!["measure", "-O", "qcow2", s(&data)],
+            vec!["info", s(&vmdk)],
+            vec!["check", s(&vmdk)],
+            vec!["convert", "-O", "raw", s(&vmdk), s(&out)],
+        ];
+        for args in runs {
+            let w = Watch {
+                timeout: Some(Duration::from_secs(20)),
+                ..Watch::default()
+            }
+            .run(&args);
+            assert!(!w.timed_out, "{kind}: {args:?} hung");
+            assert!(
+                matches!(w.code, Some(1) | Some(2)),
+                "{kind}: {args:?}: {w:?}"
+            );
+            assert!(w.stderr.contains(kind), "{kind}: {args:?}: {}", w.stderr);
+            w.assert_no_panic(&args);
+            assert!(!out.exists());
+        }
+        // Without the chain, info names the references and opens none.
+        for img in [&top, &data] {
+            let w = watched(&["info", s(img)]);
+            w.assert_code("info", 0);
+            assert!(w.stdout.contains(target), "{}", w.stdout);
+        }
+    }
+}
+
+/// Finding 7: `check --untrusted` refuses an extent file outside the image (the check
+/// used to open `/etc/shadow` and find "No errors"), and never opens it.
+#[test]
+fn finding7_check_untrusted_refuses_other_files() {
+    let d = scratch();
+    let secret = d.path().join("secret.raw");
+    make_raw(&secret, 1 << 20, &[(0, 4096, 7)]);
+    let img_dir = d.path().join("upload");
+    std::fs::create_dir(&img_dir).unwrap();
+    let watch = OpenWatch::new(&[&secret]);
+    for (name, extent) in [("abs.vmdk", s(&secret)), ("rel.vmdk", "../secret.raw")] {
+        let vmdk = img_dir.join(name);
+        std::fs::write(
+            &vmdk,
+            format!(
+                "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+                 createType=\"monolithicFlat\"\n\nRW 2048 FLAT \"{extent}\" 0\n"
+            ),
+        )
+        .unwrap();
+        for cmd in ["check", "map", "measure", "convert", "compare"] {
+            let mut args = vec![cmd, "--untrusted"];
+            match cmd {
+                "measure" => args.extend(["-O", "qcow2"]),
+                "convert" => args.extend(["-O", "raw"]),
+                _ => {}
+            }
+            args.push(s(&vmdk));
+            let out = d.path().join("out.raw");
+            if cmd == "convert" {
+                args.push(s(&out));
+            } else if cmd == "compare" {
+                args.push(s(&vmdk));
+            }
+            let w = watched(&args);
+            assert!(matches!(w.code, Some(1) | Some(2)), "{args:?}: {w:?}");
+            assert!(
+                w.stderr.contains(extent) && w.stderr.contains("untrusted"),
+                "{args:?}: {}",
+                w.stderr
+            );
+            assert_eq!(watch.opened(), Vec::<std::path::PathBuf>::new(), "{args:?}");
+        }
+        // Trusted, the check reads the extent, as qemu-img's does.
+        let w = watched(&["check", s(&vmdk)]);
+        w.assert_code("trusted check", 0);
+        assert_eq!(watch.opened(), std::slice::from_ref(&secret));
     }
 }

@@ -94,7 +94,13 @@ fn open_compressed_file(
         Some(n) => RawLen::Known(n),
         None => RawLen::Unknown,
     };
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    // The file already open, not the name again (which may have been swapped since).
+    let mut f = file.try_clone().map_err(|e| Error::io(path, e))?;
+    {
+        use std::io::Seek;
+        f.seek(io::SeekFrom::Start(0))
+            .map_err(|e| Error::io(path, e))?;
+    }
     let mut dec = match c {
         Compression::Bzip2 => bzip2_file_decoder(f, len)?,
         _ => decoder(c, Box::new(f))?,

@@ -203,3 +203,69 @@ impl Watch<'_> {
 pub fn watched(args: &[&str]) -> Watched {
     Watch::default().run(args)
 }
+
+/// Notices every `open` of some files (inotify `IN_OPEN`), by any process: the test's
+/// way of asserting that imgconv never opened a file, as strace would show.
+pub struct OpenWatch {
+    fd: libc::c_int,
+    watches: Vec<(libc::c_int, std::path::PathBuf)>,
+}
+
+impl OpenWatch {
+    /// Starts watching `paths` (which must exist).
+    pub fn new(paths: &[&Path]) -> Self {
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain system calls; the path buffers outlive them.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(
+            fd >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut watches = Vec::new();
+        for p in paths {
+            let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+            let wd = unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_OPEN) };
+            assert!(
+                wd >= 0,
+                "inotify_add_watch {}: {}",
+                p.display(),
+                std::io::Error::last_os_error()
+            );
+            watches.push((wd, p.to_path_buf()));
+        }
+        OpenWatch { fd, watches }
+    }
+
+    /// The watched files opened since the last call (each once).
+    pub fn opened(&self) -> Vec<std::path::PathBuf> {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: reading into a buffer we own.
+            let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            let mut at = 0usize;
+            while at + 16 <= n as usize {
+                let wd = i32::from_ne_bytes(buf[at..at + 4].try_into().unwrap());
+                let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+                if let Some((_, p)) = self.watches.iter().find(|w| w.0 == wd) {
+                    if !seen.contains(p) {
+                        seen.push(p.clone());
+                    }
+                }
+                at += 16 + len;
+            }
+        }
+        seen
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        // SAFETY: closing our own descriptor.
+        unsafe { libc::close(self.fd) };
+    }
+}

@@ -22,6 +22,9 @@ pub struct Args {
     /// Repair: `leaks` lowers the refcounts of leaked clusters (`all` is refused).
     #[arg(short = 'r')]
     repair: Option<String>,
+    /// Refuse references to other files (VMDK extent files other than the image).
+    #[arg(long)]
+    untrusted: bool,
     /// Accepted for qemu-img compatibility and ignored.
     #[arg(short = 'q', hide = true)]
     quiet: bool,
@@ -60,10 +63,15 @@ pub fn run(a: Args) -> CmdResult {
             Format::Vdi => imgconv::format::vdi::check::check(&storage).map_err(could_not)?,
             _ => {
                 // Extents are opened, the parent of a delta disk is not: as qemu-img,
-                // the check covers this image only.
-                let o = imgconv::OpenOptions::trusted()
-                    .format(format)
-                    .metadata_only();
+                // the check covers this image only. Untrusted, any other file named
+                // is refused (the parent too, as everywhere).
+                let o = if a.untrusted {
+                    imgconv::OpenOptions::untrusted().format(format)
+                } else {
+                    imgconv::OpenOptions::trusted()
+                        .format(format)
+                        .metadata_only()
+                };
                 let img = imgconv::open(Path::new(&a.file), &o).map_err(|e| {
                     (
                         1,

@@ -130,8 +130,12 @@ pub fn run(a: Args) -> CmdResult {
         } else {
             path
         };
-        let backing = open_image(&path.to_string_lossy(), opts.write.backing_format, false)
-            .map_err(fail(1))?;
+        let backing = open_image(
+            &path.to_string_lossy(),
+            opts.write.backing_format,
+            a.untrusted,
+        )
+        .map_err(fail(1))?;
         if opts.write.backing_format.is_none() {
             opts.write.backing_format = Some(backing.format());
         }

@@ -34,6 +34,9 @@ pub struct Args {
     /// Print nothing.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Refuse references to other files in the backing image (`-b`).
+    #[arg(long)]
+    untrusted: bool,
     /// The new image.
     file: String,
     /// Virtual size (defaults to the backing file's size).
@@ -68,8 +71,12 @@ pub fn run(a: Args) -> CmdResult {
                     .map(|d| d.join(p))
                     .unwrap_or_else(|| p.to_path_buf())
             };
-            let backing = open_image(&path.to_string_lossy(), opts.write.backing_format, false)
-                .map_err(fail(1))?;
+            let backing = open_image(
+                &path.to_string_lossy(),
+                opts.write.backing_format,
+                a.untrusted,
+            )
+            .map_err(fail(1))?;
             if opts.write.backing_format.is_none() {
                 opts.write.backing_format = Some(backing.format());
             }

@@ -18,7 +18,8 @@ pub struct Args {
     /// Output format: human or json.
     #[arg(long = "output", default_value = "human", value_parser = ["human", "json"])]
     output: String,
-    /// Show every image of the backing chain.
+    /// Show every image of the backing chain (opens the backing files; without it, as
+    /// qemu-img, no backing or data file is opened).
     #[arg(long = "backing-chain")]
     backing_chain: bool,
     /// Refuse references to other files; report them without opening them.
@@ -34,10 +35,14 @@ pub struct Args {
 /// Runs `imgconv info`.
 pub fn run(a: Args) -> CmdResult {
     let _ = a.force_share;
+    // As qemu-img's info: backing and data files are named, not opened, unless the
+    // chain is asked for (VMDK extents, part of the image itself, are opened).
     let mut o = if a.untrusted {
         imgconv::OpenOptions::untrusted().metadata_only()
-    } else {
+    } else if a.backing_chain {
         imgconv::OpenOptions::trusted()
+    } else {
+        imgconv::OpenOptions::trusted().metadata_only()
     };
     o.format = a.format;
     a.input.apply(&mut o);

@@ -22,6 +22,9 @@ pub struct Args {
     /// Print nothing.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Refuse references to other files in the image.
+    #[arg(long)]
+    untrusted: bool,
     /// The image.
     file: String,
     /// New size, or +SIZE / -SIZE relative to the current one.
@@ -41,9 +44,13 @@ pub fn run(a: Args) -> CmdResult {
         Format::Raw => imgconv::io::Storage::len(&storage),
         _ => imgconv::open(
             path,
-            &imgconv::OpenOptions::trusted()
-                .format(format)
-                .metadata_only(),
+            &if a.untrusted {
+                imgconv::OpenOptions::untrusted()
+            } else {
+                imgconv::OpenOptions::trusted()
+            }
+            .format(format)
+            .metadata_only(),
         )
         .map_err(fail(1))?
         .size(),

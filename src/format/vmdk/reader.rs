@@ -297,6 +297,27 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     open_descriptor(d, storage, ctx)
 }
 
+/// Untrusted images must say they are one file: a descriptor whose `createType` is
+/// anything but monolithicSparse or streamOptimized (the single-file subformats) is
+/// refused when the image is read (listing its metadata, `info`, is still allowed),
+/// also when it names no other file (ZERO extents) or is embedded in a sparse extent
+/// that imgconv would read alone. OpenStack's format inspector refuses the same.
+fn refuse_multi_file_type(d: &Descriptor, ctx: &OpenContext) -> Result<()> {
+    let single = ["monolithicSparse", "streamOptimized"]
+        .iter()
+        .any(|t| d.create_type.eq_ignore_ascii_case(t));
+    if ctx.options.untrusted && !ctx.options.metadata_only && !single {
+        return Err(Error::unsupported(
+            FMT,
+            format!(
+                "createType {:?} in untrusted mode (only the single-file monolithicSparse and streamOptimized are read)",
+                d.create_type
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn create_type_of(h: &SparseHeader) -> &'static str {
     if h.has_markers() {
         "streamOptimized"
@@ -311,6 +332,9 @@ fn open_monolithic(
     desc: Option<Descriptor>,
     ctx: &OpenContext,
 ) -> Result<Opened> {
+    if let Some(d) = &desc {
+        refuse_multi_file_type(d, ctx)?;
+    }
     let ext = Arc::new(SparseExtent::open(storage.clone(), h)?);
     let size = ext.capacity_bytes();
     let desc = desc.unwrap_or_else(|| Descriptor {
@@ -461,6 +485,8 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
     info.cluster_size = cluster;
     info.dirty_flag = Some(false);
     info.references = refs;
+    // After the extents: a reference to another file is refused naming it.
+    refuse_multi_file_type(&d, ctx)?;
     finish(d, parts, total, extent_info, info, ctx)
 }
 
