@@ -36,6 +36,7 @@
 //! | [`XZ_THREADING_MEMORY`], [`MAX_XZ_DECODER_MEMORY`] | 128 MiB, 1 GiB | the xz decoder (one thread above the first, refused above the second) |
 //! | [`MAX_TAR_META_BYTES`] | 1 MiB | tar GNU long names and pax headers |
 //! | [`MAX_TAR_SPARSE_ENTRIES`] | 2^20 | tar sparse member maps |
+//! | [`MAX_TAR_NAMES_LISTED`], [`MAX_TAR_NAME_SHOWN`] | 16 names, 256 bytes each | tar member names kept for messages; members passed over are skipped as they are read, one header at a time |
 //! | [`STREAM_RETAIN_BYTES`] | 32 MiB | a raw disk read from a stream keeps this much behind the reader |
 //! | format probing (`detect::PROBE_LEN`) | first 4 KiB | format and compression detection |
 //!
@@ -86,6 +87,13 @@ pub const MAX_TAR_META_BYTES: u64 = 1 << 20;
 /// Decoded bytes a sequential (stream) device keeps behind the latest position asked
 /// for, so that the engine can read what it has just mapped.
 pub const STREAM_RETAIN_BYTES: u64 = 32 << 20;
+
+/// Member names a tar error message lists (the others are counted): a tar reader keeps
+/// no more, whatever the number of members.
+pub const MAX_TAR_NAMES_LISTED: usize = 16;
+
+/// Bytes of one member name shown in a message.
+pub const MAX_TAR_NAME_SHOWN: usize = 256;
 
 /// Most stretches a sparse tar member's map may list.
 pub const MAX_TAR_SPARSE_ENTRIES: usize = 1 << 20;

@@ -157,11 +157,17 @@ fn open_decoded(
 
 /// Opens the chosen member of an uncompressed tar file in place (a window, no copy).
 fn open_tar_storage(storage: Arc<FileStorage>, ctx: &OpenContext) -> Result<Image> {
-    let entries = tar::list(&mut StorageInput {
+    let wanted = ctx.options.member.as_deref();
+    let mut input = StorageInput {
         storage: storage.as_ref(),
         pos: 0,
-    })?;
-    let e = tar::choose(&entries, ctx.options.member.as_deref())?;
+    };
+    let e = tar::find_member(&mut input, wanted)?;
+    if wanted.is_none() {
+        // Skipping is free here: make sure no other image follows.
+        tar::skip_data(&mut input, &e, 0)?;
+        tar::check_rest(&mut input, &e, false)?;
+    }
     let member: Arc<dyn Storage> = if e.kind == tar::EntryKind::Sparse {
         Arc::new(tar::SparseWindow::new(storage.clone(), &e)?)
     } else {
@@ -181,34 +187,7 @@ fn open_tar_stream(mut stream: Box<dyn Read + Send>, ctx: &OpenContext) -> Resul
         reader: &mut stream,
         pos: 0,
     };
-    let mut names = Vec::new();
-    let entry = loop {
-        match tar::next_entry(&mut input)? {
-            None => {
-                return Err(match &wanted {
-                    Some(w) => Error::invalid(format!(
-                        "tar archive has no member '{w}' (members: {})",
-                        names.join(", ")
-                    )),
-                    None => Error::Format(
-                        "tar archive holds no disk image (no non-empty regular file)".into(),
-                    ),
-                })
-            }
-            Some(e) => {
-                let hit = match &wanted {
-                    Some(w) => e.matches(w),
-                    None => e.is_candidate(),
-                };
-                if hit {
-                    tar::check_usable(&e)?;
-                    break e;
-                }
-                names.push(e.name.clone());
-                tar::skip_data(&mut input, &e, 0)?;
-            }
-        }
-    };
+    let entry = tar::find_member(&mut input, wanted.as_deref())?;
     let pos = input.pos;
     let member = TarMember {
         inner: stream,
@@ -251,20 +230,13 @@ impl TarMember {
             pos: self.pos,
         };
         tar::skip_data(&mut input, &self.entry, self.entry.size)?;
-        let mut others = Vec::new();
-        while let Some(e) = tar::next_entry(&mut input)? {
-            if self.check_others && e.is_candidate() {
-                others.push(e.name.clone());
-            }
-            tar::skip_data(&mut input, &e, 0)?;
+        let rest = tar::check_rest(&mut input, &self.entry, !self.check_others);
+        if matches!(rest, Err(Error::Format(_))) || rest.is_ok() {
+            // Drained so that the decompressor checks its trailing checksums (before
+            // naming the other images: a damaged stream is the bigger news).
+            io::copy(&mut self.inner, &mut io::sink()).map_err(from_io)?;
         }
-        io::copy(&mut self.inner, &mut io::sink()).map_err(from_io)?;
-        if !others.is_empty() {
-            let mut all = vec![self.entry.name.clone()];
-            all.extend(others);
-            return Err(tar::ambiguous(&all));
-        }
-        Ok(())
+        rest
     }
 }
 
