@@ -588,3 +588,276 @@ fn finding1_tar_member_names_are_not_kept() {
         w.assert_rss_below("absent member", 48 << 10);
     }
 }
+
+/// A VDI header (from a real image imgconv made) declaring `blocks` blocks of 1 MiB,
+/// with its block map at 0x200 and the data after it; the file bytes up to the data.
+fn vdi_with_blocks(dir: &Path, blocks: u32) -> Vec<u8> {
+    use imgconv::format::vdi::header::{Header, MAX_HEADER_BYTES};
+    let small = dir.join("small.vdi");
+    imgconv(&["create", "-q", "-f", "vdi", s(&small), "1M"]);
+    let mut b = std::fs::read(&small).unwrap();
+    let mut h = Header::parse(&b[..MAX_HEADER_BYTES]).unwrap();
+    h.blocks = blocks;
+    h.blocks_allocated = 0;
+    h.disk_size = u64::from(blocks) << 20;
+    h.blocks_offset = 0x200;
+    let data = (0x200 + u64::from(blocks) * 4).next_multiple_of(1 << 20);
+    h.data_offset = data as u32;
+    b.truncate(0x200);
+    h.serialize(&mut b);
+    b
+}
+
+/// Finding 4: a VDI header alone (2^28 block-map entries, the map a hole or a little
+/// gzip) no longer forces a 1 GiB allocation: the map is walked a page at a time,
+/// within 64 MiB and under a 1 GiB address-space limit.
+#[test]
+fn finding4_a_vdi_block_map_is_walked_not_loaded() {
+    let d = scratch();
+    // The map is a hole: every entry reads 0, so block 1 shares block 0's data.
+    let head = vdi_with_blocks(d.path(), 1 << 28);
+    let hole = d.path().join("hole.vdi");
+    std::fs::write(&hole, &head).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&hole).unwrap();
+    f.set_len((0x200u64 + (4 << 28)).next_multiple_of(1 << 20))
+        .unwrap();
+    drop(f);
+    let limited = Watch {
+        address_space: Some(1 << 30),
+        timeout: Some(Duration::from_secs(60)),
+        ..Watch::default()
+    };
+    let out = d.path().join("out.qcow2");
+    for args in [
+        vec!["info", s(&hole)],
+        vec!["map", "--untrusted", s(&hole)],
+        vec!["convert", "--untrusted", "-O", "qcow2", s(&hole), s(&out)],
+    ] {
+        let w = limited.run(&args);
+        w.assert_code(&args, 1);
+        assert!(w.stderr.contains("block map entry"), "{}", w.stderr);
+        w.assert_rss_below(&args, 64 << 10);
+        w.assert_faster_than(&args, Duration::from_secs(2));
+    }
+    // check reports the problems (counted; 100000 listed) in bounded memory.
+    let w = limited.run(&["check", "--untrusted", s(&hole)]);
+    w.assert_code("check", 2);
+    w.assert_rss_below("check", 64 << 10);
+    assert!(
+        w.stderr.lines().count() < 100_100,
+        "{} lines",
+        w.stderr.lines().count()
+    );
+
+    // A valid map of 2^25 free entries (128 MiB) in 128 KiB of gzip.
+    let blocks = 1u32 << 25;
+    let head = vdi_with_blocks(d.path(), blocks);
+    let gz = d.path().join("free.vdi.gz");
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    enc.write_all(&head).unwrap();
+    let ff = vec![0xffu8; 1 << 20];
+    for _ in 0..(u64::from(blocks) * 4) >> 20 {
+        enc.write_all(&ff).unwrap();
+    }
+    let pad =
+        (0x200 + u64::from(blocks) * 4).next_multiple_of(1 << 20) - 0x200 - (u64::from(blocks) * 4);
+    enc.write_all(&vec![0u8; pad as usize]).unwrap();
+    enc.finish().unwrap();
+    assert!(std::fs::metadata(&gz).unwrap().len() < 1 << 20);
+    let tmp = d.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    for args in [
+        vec!["info", "--untrusted", "--tmpdir", s(&tmp), s(&gz)],
+        vec!["map", "--untrusted", "--tmpdir", s(&tmp), s(&gz)],
+        vec![
+            "convert",
+            "--untrusted",
+            "--tmpdir",
+            s(&tmp),
+            "-O",
+            "qcow2",
+            s(&gz),
+            s(&out),
+        ],
+    ] {
+        let w = limited.run(&args);
+        w.assert_code(&args, 0);
+        w.assert_rss_below(&args, 64 << 10);
+    }
+    assert_eq!(qemu_info(&out)["virtual-size"], u64::from(blocks) << 20);
+}
+
+/// `data` compressed by `tool -c ARGS` into `path`.
+fn compress_to(path: &Path, tool: &str, args: &[&str], data: &[u8]) {
+    let mut a = vec!["-c"];
+    a.extend_from_slice(args);
+    std::fs::write(path, pipe_through(tool, &a, data)).unwrap();
+}
+
+/// Finding 3 (raw): `info`, `map` and `compare` of a raw disk in a gzip stream (length
+/// recorded nowhere) decode and count it without a temporary file (the temporary
+/// folder given does not even exist), in bounded memory; `--max-size` caps it.
+#[test]
+fn finding3_raw_streams_are_measured_not_spooled() {
+    let d = scratch();
+    // 96 MiB: data that is not zeros (so a spool would have to write it) and a hole.
+    let mut disk = vec![0x5au8; 96 << 20];
+    disk[(40 << 20)..(72 << 20)].fill(0);
+    let raw = d.path().join("disk.raw");
+    std::fs::write(&raw, &disk).unwrap();
+    let gz = d.path().join("disk.raw.gz");
+    compress_to(&gz, "gzip", &["-1"], &disk);
+    drop(disk);
+    let nowhere = d.path().join("no-such-folder");
+    let limited = Watch {
+        address_space: Some(1 << 30),
+        ..Watch::default()
+    };
+    for untrusted in [false, true] {
+        let mut base = vec!["--tmpdir", s(&nowhere)];
+        if untrusted {
+            base.push("--untrusted");
+        }
+        let with = |cmd: &str, rest: &[&str]| {
+            let mut v = vec![cmd.to_string()];
+            v.extend(base.iter().map(|x| x.to_string()));
+            v.extend(rest.iter().map(|x| x.to_string()));
+            v
+        };
+        for args in [
+            with("info", &["--output=json", s(&gz)]),
+            with("map", &["--output=json", s(&gz)]),
+            with("compare", &[s(&gz), s(&raw)]),
+            with("compare", &[s(&raw), s(&gz)]),
+        ] {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let w = limited.run(&args);
+            w.assert_code(&args, 0);
+            w.assert_rss_below(&args, 64 << 10);
+            match args[0] {
+                "info" => assert!(
+                    w.stdout.contains("\"virtual-size\": 100663296"),
+                    "{}",
+                    w.stdout
+                ),
+                "map" => {
+                    let m: serde_json::Value = serde_json::from_str(&w.stdout).unwrap();
+                    let zero = m
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|e| e["zero"] == true)
+                        .expect("a zero stretch");
+                    assert_eq!(zero["start"], 40 << 20, "{}", w.stdout);
+                    assert_eq!(zero["length"], 32 << 20, "{}", w.stdout);
+                }
+                _ => assert!(w.stdout.contains("Images are identical"), "{}", w.stdout),
+            }
+        }
+    }
+    // A disk one byte shorter compares as different sizes, in either order.
+    let short = d.path().join("short.raw");
+    let mut disk = std::fs::read(&raw).unwrap();
+    disk.pop();
+    std::fs::write(&short, &disk).unwrap();
+    for pair in [[s(&gz), s(&short)], [s(&short), s(&gz)]] {
+        let w = watched(&["compare", "-s", pair[0], pair[1]]);
+        w.assert_code("strict compare", 1);
+        assert!(w.stdout.contains("size mismatch"), "{}", w.stdout);
+    }
+    // --max-size: an error naming it, in one pass as in a measure.
+    let out = d.path().join("out.qcow2");
+    for args in [
+        vec!["info", "--max-size", "64M", s(&gz)],
+        vec!["map", "--max-size", "64M", s(&gz)],
+        vec![
+            "convert",
+            "--max-size",
+            "64M",
+            "-O",
+            "qcow2",
+            s(&gz),
+            s(&out),
+        ],
+        vec!["convert", "--max-size", "64M", "-O", "vdi", s(&gz), s(&out)],
+    ] {
+        let w = limited.run(&args);
+        w.assert_code(&args, 1);
+        assert!(w.stderr.contains("--max-size"), "{args:?}: {}", w.stderr);
+        assert!(!out.exists());
+    }
+}
+
+/// Finding 3 (spool): a qcow2 (1 MiB virtual) followed by 256 MiB of junk in one zstd
+/// stream is refused once the temporary copy passes twice the declared size plus
+/// 64 MiB — under a file-size limit a little above that cap, so no temporary file ever
+/// grew past it — and `--max-spool` sets another cap.
+#[test]
+fn finding3_spooling_stops_at_a_cap() {
+    let d = scratch();
+    let q = d.path().join("small.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&q), "1M"]);
+    let mut data = std::fs::read(&q).unwrap();
+    data.resize(data.len() + (256 << 20), 0x5a);
+    let zst = d.path().join("junk.qcow2.zst");
+    compress_to(&zst, "zstd", &["-q", "-1"], &data);
+    let tmp = d.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let cap = (2 << 20) + (64 << 20);
+    let fenced = Watch {
+        file_size: Some(cap + (8 << 20)),
+        address_space: Some(1 << 30),
+        ..Watch::default()
+    };
+    let out = d.path().join("out.raw");
+    for args in [
+        vec!["info", "--untrusted", "--tmpdir", s(&tmp), s(&zst)],
+        vec!["map", "--untrusted", "--tmpdir", s(&tmp), s(&zst)],
+        vec![
+            "compare",
+            "--untrusted",
+            "--tmpdir",
+            s(&tmp),
+            s(&zst),
+            s(&q),
+        ],
+        vec![
+            "convert",
+            "--untrusted",
+            "--tmpdir",
+            s(&tmp),
+            "-O",
+            "raw",
+            s(&zst),
+            s(&out),
+        ],
+    ] {
+        let w = fenced.run(&args);
+        assert!(matches!(w.code, Some(1) | Some(2)), "{args:?}: {w:?}");
+        assert!(
+            w.stderr.contains("twice the declared virtual size")
+                && w.stderr.contains(&cap.to_string()),
+            "{args:?}: {}",
+            w.stderr
+        );
+        w.assert_rss_below(&args, 64 << 10);
+        assert!(names_in(&tmp).is_empty());
+        assert!(!out.exists());
+    }
+    // An explicit cap, trusted or not.
+    let w = watched(&["info", "--max-spool", "8M", "--tmpdir", s(&tmp), s(&zst)]);
+    w.assert_code("--max-spool", 1);
+    assert!(
+        w.stderr.contains("--max-spool") && w.stderr.contains("8388608"),
+        "{}",
+        w.stderr
+    );
+    // The image alone, compressed, is well within the default cap.
+    let zst_ok = d.path().join("ok.qcow2.zst");
+    compress_to(&zst_ok, "zstd", &["-q"], &std::fs::read(&q).unwrap());
+    let w = fenced.run(&["info", "--untrusted", "--tmpdir", s(&tmp), s(&zst_ok)]);
+    w.assert_code("a complete image", 0);
+}

@@ -19,6 +19,7 @@ use crate::detect::{probe, Format};
 use crate::error::Result;
 use crate::image::ImageInfo;
 use crate::image::{Image, OpenContext, Opened};
+use crate::io::spool::SpoolCap;
 use crate::io::{OutputSet, Storage};
 use crate::writer::{ImageWriter, WriteOptions};
 
@@ -82,8 +83,16 @@ pub fn open_stream(
             info: ImageInfo::new(ctx.filename.clone(), Format::Raw, len),
         });
     }
+    if format == Format::Raw && ctx.options.metadata_only {
+        // `info`: the size is all that is needed — decoded and counted, not kept.
+        return measured_raw_stream(reader, ctx);
+    }
     if format == Format::Raw && ctx.options.stream_unknown_length {
-        let device = crate::io::stream::StreamDevice::unknown_length(reader, ctx.filename.clone())?;
+        let device = crate::io::stream::StreamDevice::unknown_length_at_most(
+            reader,
+            ctx.filename.clone(),
+            ctx.options.max_size,
+        )?;
         return Ok(Opened {
             device: Arc::new(device),
             // The size is unknown until the stream has been read.
@@ -104,6 +113,35 @@ pub fn open_stream(
         return spool_and_open(format, reader, ctx);
     }
     spool_and_open(format, reader, ctx)
+}
+
+/// A raw disk on a stream of unrecorded length, measured by decoding it to its end
+/// (within `--max-size`): its size, and no data (nothing is written anywhere).
+fn measured_raw_stream(mut reader: Box<dyn Read + Send>, ctx: &OpenContext) -> Result<Opened> {
+    let limit = ctx
+        .options
+        .max_size
+        .unwrap_or(crate::limits::MAX_VIRTUAL_SIZE);
+    let n = crate::io::compressed::count(&mut (&mut reader).take(limit.saturating_add(1)))?;
+    if n > limit {
+        return Err(crate::error::Error::TooLarge {
+            format: "raw",
+            structure: if ctx.options.max_size.is_some() {
+                "raw disk read from a stream of unrecorded length (cap: --max-size)"
+            } else {
+                "disk read from a stream"
+            },
+            size: n,
+            limit,
+        });
+    }
+    Ok(Opened {
+        device: Arc::new(crate::io::stream::MeasuredDevice::new(
+            n,
+            ctx.filename.clone(),
+        )),
+        info: ImageInfo::new(ctx.filename.clone(), Format::Raw, n),
+    })
 }
 
 /// Refuses a snapshot selection (`convert -l`) for formats without internal snapshots;
@@ -132,7 +170,7 @@ fn is_stream_optimized(head: &[u8]) -> bool {
 /// Spools `reader` to a sparse temporary file and opens it as `format`.
 fn spool_and_open(
     format: Format,
-    mut reader: Box<dyn Read + Send>,
+    reader: Box<dyn Read + Send>,
     ctx: &OpenContext,
 ) -> Result<Opened> {
     let dir = crate::io::spool::spool_dir(ctx.options.tmpdir.as_deref());
@@ -140,13 +178,79 @@ fn spool_and_open(
         .path
         .clone()
         .unwrap_or_else(|| ctx.filename.clone().into());
-    let storage: Arc<dyn Storage> = Arc::new(crate::io::spool::spool(&mut reader, &dir, &name)?);
+    let mut reader = reader;
+    let head = crate::io::compressed::peek(&mut reader, crate::detect::PROBE_LEN)
+        .map_err(crate::io::compressed::from_io)?;
+    let cap = spool_cap(format, &head, ctx);
+    let mut reader = crate::io::compressed::replay(head, reader);
+    let storage: Arc<dyn Storage> =
+        Arc::new(crate::io::spool::spool(&mut reader, &dir, &name, cap)?);
     match format {
         Format::Raw => raw::open(storage, ctx),
         Format::Qcow2 => qcow2::open(storage, ctx),
         Format::Vmdk => vmdk::open(storage, ctx),
         Format::Vdi => vdi::open(storage, ctx),
     }
+}
+
+/// The virtual size the first bytes of an image of `format` declare, if they say.
+fn declared_size(format: Format, head: &[u8]) -> Option<u64> {
+    match format {
+        Format::Qcow2 => qcow2::header::Header::parse(head).ok().map(|h| h.size),
+        Format::Vdi => head
+            .get(..vdi::header::MAX_HEADER_BYTES)
+            .and_then(|b| vdi::header::Header::parse(b).ok())
+            .map(|h| h.disk_size),
+        Format::Vmdk => head
+            .get(..512)
+            .and_then(|b| b.try_into().ok())
+            .and_then(|b| vmdk::header::SparseHeader::parse(b, 0).ok())
+            .map(|h| h.capacity.saturating_mul(512)),
+        Format::Raw => None,
+    }
+}
+
+/// Spooled bytes allowed beyond twice the declared virtual size, and for an input whose
+/// first bytes declare none (a VMDK descriptor).
+pub const SPOOL_SLACK: u64 = 64 << 20;
+
+/// The cap on the temporary copy of an untrusted input that does not set one: twice the
+/// virtual size its header declares (a complete image holds the disk's data and its
+/// metadata, and internal snapshots rarely double it), plus [`SPOOL_SLACK`]. A stream
+/// that goes on past that is not a complete image of that size: an error, not a bigger
+/// temporary file. `head` is the image's first bytes.
+pub fn default_spool_cap(format: Format, head: &[u8]) -> u64 {
+    declared_size(format, head)
+        .map_or(0, |v| v.saturating_mul(2))
+        .saturating_add(SPOOL_SLACK)
+}
+
+/// The cap on the temporary copy of an input of `format` that starts with `head`:
+/// `--max-spool`; for a raw disk (its length recorded nowhere) also `--max-size`; for an
+/// untrusted image of another format, [`default_spool_cap`].
+fn spool_cap(format: Format, head: &[u8], ctx: &OpenContext) -> Option<SpoolCap> {
+    let o = &ctx.options;
+    let mut caps = Vec::new();
+    if let Some(b) = o.max_spool {
+        caps.push(SpoolCap {
+            bytes: b,
+            set_by: "temporary copy of a compressed or piped input (cap: --max-spool)",
+        });
+    }
+    if format == Format::Raw {
+        if let Some(b) = o.max_size {
+            caps.push(SpoolCap {
+                bytes: b,
+                set_by: "raw disk read from a stream of unrecorded length (cap: --max-size)",
+            });
+        }
+    } else if o.untrusted && o.max_spool.is_none() {
+        caps.push(SpoolCap {
+            bytes: default_spool_cap(format, head),
+            set_by: "temporary copy of an untrusted compressed or piped input (cap: twice the declared virtual size plus 64 MiB; --max-spool sets another)",
+        });
+    }
+    caps.into_iter().min_by_key(|c| c.bytes)
 }
 
 /// Creates the writer for `format` that will write an image of `size` bytes to `target`.

@@ -7,6 +7,7 @@ pub mod output;
 pub mod source;
 pub mod spool;
 pub mod stream;
+pub mod table;
 pub mod tar;
 
 pub use file::{FileStorage, MemStorage, Storage};

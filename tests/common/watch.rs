@@ -89,13 +89,29 @@ pub struct Watch<'a> {
 
 impl Watch<'_> {
     /// Runs imgconv with `args`.
-    #[allow(clippy::zombie_processes)] // reaped with wait4 below, to read its rusage
+    ///
+    /// imgconv is started by GNU time (which reports its exit status and peak memory,
+    /// `wait4`'s rusage, to a file), itself under prlimit(1) when limits are asked for:
+    /// started straight from the test process, the child's maxrss would include the
+    /// test process's own peak (exec folds the old address space's into it).
     pub fn run(&self, args: &[&str]) -> Watched {
         use std::io::{Read, Write};
         use std::os::unix::process::CommandExt;
         let t = Instant::now();
-        let mut cmd = Command::new(super::imgconv_bin());
-        cmd.args(args)
+        let report = tempfile::NamedTempFile::new().unwrap();
+        let mut cmd = Command::new("prlimit");
+        if let Some(v) = self.address_space {
+            cmd.arg(format!("--as={v}"));
+        }
+        if let Some(v) = self.file_size {
+            cmd.arg(format!("--fsize={v}"));
+        }
+        cmd.arg("/usr/bin/time")
+            .arg("-o")
+            .arg(report.path())
+            .args(["-f", "%x %M"])
+            .arg(super::imgconv_bin())
+            .args(args)
             .envs(self.env.iter().copied())
             .stdin(if self.stdin.is_some() {
                 Stdio::piped()
@@ -103,30 +119,11 @@ impl Watch<'_> {
                 Stdio::null()
             })
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // Its own process group, so that a timeout kills imgconv too.
+            .process_group(0);
         if let Some(d) = self.cwd {
             cmd.current_dir(d);
-        }
-        let (address_space, file_size) = (self.address_space, self.file_size);
-        // SAFETY: only setrlimit (async-signal-safe) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                for (res, v) in [
-                    (libc::RLIMIT_AS, address_space),
-                    (libc::RLIMIT_FSIZE, file_size),
-                ] {
-                    if let Some(v) = v {
-                        let l = libc::rlimit {
-                            rlim_cur: v,
-                            rlim_max: v,
-                        };
-                        if libc::setrlimit(res, &l) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                }
-                Ok(())
-            });
         }
         let mut child = cmd.spawn().unwrap();
         let pid = child.id() as libc::pid_t;
@@ -163,37 +160,47 @@ impl Watch<'_> {
                 }
                 if !done.load(std::sync::atomic::Ordering::SeqCst) {
                     timed_out.store(true, std::sync::atomic::Ordering::SeqCst);
-                    // SAFETY: signalling our own child, not reaped yet.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    // SAFETY: signalling our own child's process group.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
                 }
             })
         });
-        let mut status = 0;
-        // SAFETY: plain wait4 on our own child; rusage is a POD out-parameter.
-        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        let status = child.wait().unwrap();
         done.store(true, std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(r, pid);
         if let Some(k) = killer {
             let _ = k.join();
         }
         if let Some(f) = feeder {
             let _ = f.join();
         }
-        let (code, signal) = if libc::WIFEXITED(status) {
-            (Some(libc::WEXITSTATUS(status)), None)
-        } else if libc::WIFSIGNALED(status) {
-            (None, Some(libc::WTERMSIG(status)))
-        } else {
-            (None, None)
+        // "Command terminated by signal N" (or "… exited with non-zero status N"),
+        // then "STATUS MAXRSS".
+        let reported = std::fs::read_to_string(report.path()).unwrap_or_default();
+        let signal = reported
+            .lines()
+            .find_map(|l| l.strip_prefix("Command terminated by signal "))
+            .and_then(|n| n.trim().parse::<i32>().ok());
+        let last: Vec<i64> = reported
+            .lines()
+            .last()
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let (code, signal, max_rss_kib) = match (&last[..], signal) {
+            (&[_, rss], Some(sig)) => (None, Some(sig), rss),
+            (&[c, rss], None) => (Some(c as i32), None, rss),
+            // GNU time itself was killed (timeout).
+            _ => (None, Some(libc::SIGKILL), 0),
         };
+        let _ = status;
         Watched {
             code,
             signal,
             stdout: out_reader.join().unwrap(),
             stderr: err_reader.join().unwrap(),
             elapsed: t.elapsed(),
-            max_rss_kib: ru.ru_maxrss,
+            max_rss_kib,
             timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
         }
     }

@@ -32,6 +32,14 @@ pub struct InputArgs {
     /// The member to open when the input is a tar archive holding several images.
     #[arg(long = "member", value_name = "NAME")]
     pub member: Option<String>,
+    /// Largest temporary copy of a compressed or piped input (with --untrusted, default
+    /// twice the virtual size the image declares plus 64 MiB).
+    #[arg(long = "max-spool", value_name = "SIZE", value_parser = parse_size_arg)]
+    pub max_spool: Option<u64>,
+    /// Largest raw disk read from a stream that records its length nowhere (gzip,
+    /// bzip2, zstd without content size, a pipe).
+    #[arg(long = "max-size", value_name = "SIZE", value_parser = parse_size_arg)]
+    pub max_size: Option<u64>,
 }
 
 impl InputArgs {
@@ -39,11 +47,20 @@ impl InputArgs {
     pub fn apply(&self, o: &mut OpenOptions) {
         o.tmpdir = self.tmpdir.clone();
         o.member = self.member.clone();
+        o.max_spool = self.max_spool;
+        o.max_size = self.max_size;
     }
 }
 
+/// Parses a size argument (`512M`, `2G`, bytes).
+pub fn parse_size_arg(s: &str) -> Result<u64, String> {
+    imgconv::writer::parse_size(s).map_err(|e| e.to_string())
+}
+
 /// Opens a source image (`-` = standard input) with an optional format, trust mode,
-/// spooling folder and tar member.
+/// spooling folder and tar member, for a command that walks it once in order (`map`,
+/// `compare`): a raw disk on a stream of unrecorded length is read in that one pass,
+/// not copied to a temporary file first.
 pub fn open_input(
     path: &str,
     format: Option<Format>,
@@ -56,6 +73,7 @@ pub fn open_input(
         OpenOptions::trusted()
     };
     o.format = format;
+    o.stream_unknown_length = true;
     input.apply(&mut o);
     imgconv::open(Path::new(path), &o)
 }

@@ -42,13 +42,17 @@ pub struct Args {
 const CHUNK: u64 = 1 << 20;
 
 /// Runs `imgconv compare`: exit 0 identical, 1 different, 2 error.
+///
+/// A raw disk on a stream of unrecorded length is compared in one pass: its size is
+/// known when its end is reached, so a size mismatch is then told after the walk.
 pub fn run(a: Args) -> CmdResult {
     let _ = a.force_share;
     let ia = open_input(&a.a, a.format_a, a.untrusted, &a.input).map_err(|e| (2, e))?;
     let ib = open_input(&a.b, a.format_b, a.untrusted, &a.input).map_err(|e| (2, e))?;
     let (da, db) = (ia.device().as_ref(), ib.device().as_ref());
-    let (sa, sb) = (da.size(), db.size());
-    if sa != sb {
+    let known = da.length_known() && db.length_known();
+    let mut warned = false;
+    if known && da.size() != db.size() {
         if a.strict {
             println!("Strict mode: Image size mismatch!");
             return Ok(ExitCode::from(1));
@@ -56,20 +60,34 @@ pub fn run(a: Args) -> CmdResult {
         if !a.quiet {
             println!("Warning: Image size mismatch!");
         }
+        warned = true;
     }
-    let common = sa.min(sb);
     let pb = progress_bar(a.progress);
     if let Some(pb) = &pb {
-        pb.set_length(sa.max(sb));
+        if known {
+            pb.set_length(da.size().max(db.size()));
+        }
     }
-    let r = first_difference(da, db, common, &pb).map_err(|e| (2, e))?;
+    let r = first_difference(da, db, &pb).map_err(|e| (2, e))?;
     let r = match r {
         Some(off) => Some(off),
-        None if sa != sb => {
-            let longer = if sa > sb { da } else { db };
+        None => {
+            // At the end of the shorter one (a stream's size is exact once its end is
+            // reached; one that goes on is longer).
+            if !known && da.size() != db.size() {
+                if a.strict {
+                    println!("Strict mode: Image size mismatch!");
+                    return Ok(ExitCode::from(1));
+                }
+                if !a.quiet && !warned {
+                    println!("Warning: Image size mismatch!");
+                }
+            }
+            // The rest of the longer one must read as zeros.
+            let common = da.size().min(db.size());
+            let longer = if da.size() > common { da } else { db };
             first_nonzero(longer, common).map_err(|e| (2, e))?
         }
-        None => None,
     };
     if let Some(pb) = pb {
         pb.finish_and_clear();
@@ -88,16 +106,18 @@ pub fn run(a: Args) -> CmdResult {
     }
 }
 
+/// The first offset where `a` and `b` differ, up to the end of the shorter one (sizes
+/// re-read as the walk goes: a stream's is exact once its end is reached).
 fn first_difference(
     a: &dyn BlockDevice,
     b: &dyn BlockDevice,
-    len: u64,
     pb: &Option<indicatif::ProgressBar>,
 ) -> imgconv::Result<Option<u64>> {
     let mut pos = 0;
     let mut ba = vec![0u8; CHUNK as usize];
     let mut bb = vec![0u8; CHUNK as usize];
-    while pos < len {
+    while pos < a.size().min(b.size()) {
+        let len = a.size().min(b.size());
         let ea = a.map(pos, len - pos)?;
         let eb = b.map(pos, len - pos)?;
         let n = ea.len.min(eb.len).min(CHUNK);
@@ -133,11 +153,10 @@ fn first_difference(
 }
 
 fn first_nonzero(d: &dyn BlockDevice, from: u64) -> imgconv::Result<Option<u64>> {
-    let size = d.size();
     let mut pos = from;
     let mut buf = vec![0u8; CHUNK as usize];
-    while pos < size {
-        let e = d.map(pos, size - pos)?;
+    while pos < d.size() {
+        let e = d.map(pos, d.size() - pos)?;
         if e.kind.reads_as_zero() {
             pos = e.end();
             continue;

@@ -60,11 +60,11 @@ pub fn run(a: Args) -> CmdResult {
     let _ = a.force_share;
     let img = open_input(&a.file, a.format, a.untrusted, &a.input).map_err(fail(1))?;
     let dev = img.device();
-    let size = dev.size();
     let mut extents: Vec<Extent> = Vec::new();
     let mut pos = 0;
-    while pos < size {
-        let e = dev.map(pos, size - pos).map_err(fail(1))?;
+    // The size is re-read: a raw stream of unrecorded length learns it at its end.
+    while pos < dev.size() {
+        let e = dev.map(pos, dev.size() - pos).map_err(fail(1))?;
         pos = e.end();
         match extents.last_mut() {
             Some(p) if mergeable(p, &e) => p.len += e.len,

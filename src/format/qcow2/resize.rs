@@ -231,16 +231,7 @@ fn relocate_l1(
     let cs = h.cluster_size();
     let order = h.refcount_order;
     let file_clusters = storage.len().div_ceil(cs);
-    let stored = read_refcounts(storage, h, file_clusters)?;
-    if !stored.unreadable.is_empty() {
-        return Err(Error::corrupt(
-            FMT,
-            "refcount table",
-            h.refcount_table_offset,
-            "a refcount block offset is not aligned",
-        ));
-    }
-    let mut counts = stored.counts;
+    let (mut counts, table) = read_refcounts(storage, h, file_clusters)?;
     let free = |counts: &mut Vec<u64>, off: u64, len: u64| {
         for c in off / cs..(off + len).div_ceil(cs) {
             if let Some(x) = counts.get_mut(c as usize) {
@@ -256,7 +247,7 @@ fn relocate_l1(
         h.refcount_table_offset,
         h.refcount_table_clusters as u64 * cs,
     );
-    for &e in &stored.table {
+    for &e in &table {
         let off = e & OFFSET_MASK_REFTABLE;
         if off != 0 {
             free(&mut counts, off, cs);

@@ -53,13 +53,13 @@ pub fn check(image: &Image) -> CheckReport {
 fn report(r: &mut CheckReport, sector: u64, e: &Error) {
     match e {
         Error::Corrupt { reason, .. } if reason.contains("past the end") => {
-            r.messages.push(format!(
+            r.message(format!(
                 "ERROR: cluster offset for sector {sector} points after EOF"
             ));
             r.failed = Some("Invalid argument".into());
         }
         other => {
-            r.messages.push(format!(
+            r.message(format!(
                 "ERROR: could not get cluster_offset for sector {sector}"
             ));
             r.failed = Some(format!("Operation not permitted ({other})"));

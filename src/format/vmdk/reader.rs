@@ -17,7 +17,7 @@ use super::descriptor::NO_PARENT_CID;
 use super::descriptor::{decode_text, looks_like_descriptor, Access, Descriptor, ExtentType};
 use super::header::{SparseHeader, COWD_MAGIC, FMT, SECTOR, SESPARSE_MAGIC, SPARSE_MAGIC};
 use super::sesparse::SeSparseExtent;
-use super::sparse::{Grain, GrainSource, SparseExtent};
+use super::sparse::{Grain, GrainSource, SparseExtent, CACHE_BYTES};
 
 /// Where the bytes of one extent come from.
 enum Source {
@@ -208,17 +208,30 @@ fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// Opens a grain-mapped extent file of any kind (KDMV, COWD, seSparse) by its magic.
-fn open_grain_extent(storage: Arc<dyn Storage>) -> Result<Arc<dyn GrainSource>> {
+/// Cache memory for each of the `extents` grain-mapped extents of an image: the top
+/// image shares [`CACHE_BYTES`] among its extents, each image of a parent chain an
+/// eighth of that.
+fn cache_share(ctx: &OpenContext, extents: usize) -> u64 {
+    let image = if ctx.depth == 0 {
+        CACHE_BYTES
+    } else {
+        CACHE_BYTES / 8
+    };
+    image / extents.max(1) as u64
+}
+
+/// Opens a grain-mapped extent file of any kind (KDMV, COWD, seSparse) by its magic;
+/// its caches may take `cache_bytes`.
+fn open_grain_extent(storage: Arc<dyn Storage>, cache_bytes: u64) -> Result<Arc<dyn GrainSource>> {
     let head = sniff(storage.as_ref())?;
     if is_sesparse(&head) {
-        return Ok(Arc::new(SeSparseExtent::open(storage)?));
+        return Ok(Arc::new(SeSparseExtent::open(storage, cache_bytes)?));
     }
     if le32(&head) == COWD_MAGIC {
-        return Ok(Arc::new(SparseExtent::open_cowd(storage)?));
+        return Ok(Arc::new(SparseExtent::open_cowd(storage, cache_bytes)?));
     }
     let h = SparseHeader::parse(&head, 0)?;
-    Ok(Arc::new(SparseExtent::open(storage, h)?))
+    Ok(Arc::new(SparseExtent::open(storage, h, cache_bytes)?))
 }
 
 fn is_sesparse(b: &[u8; 512]) -> bool {
@@ -335,7 +348,7 @@ fn open_monolithic(
     if let Some(d) = &desc {
         refuse_multi_file_type(d, ctx)?;
     }
-    let ext = Arc::new(SparseExtent::open(storage.clone(), h)?);
+    let ext = Arc::new(SparseExtent::open(storage.clone(), h, cache_share(ctx, 1))?);
     let size = ext.capacity_bytes();
     let desc = desc.unwrap_or_else(|| Descriptor {
         version: 1,
@@ -363,7 +376,7 @@ fn open_extent_alone(
     create_type: &str,
     kind: &str,
 ) -> Result<Opened> {
-    let ext = open_grain_extent(storage.clone())?;
+    let ext = open_grain_extent(storage.clone(), cache_share(ctx, 1))?;
     let size = ext.capacity_bytes();
     let desc = Descriptor {
         version: 1,
@@ -456,7 +469,7 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
                         storage,
                     },
                     _ => {
-                        let ext = open_grain_extent(storage)?;
+                        let ext = open_grain_extent(storage, cache_share(ctx, d.extents.len()))?;
                         ei["cluster-size"] = json!(ext.grain_bytes());
                         if ext.compressed() {
                             ei["compressed"] = json!(true);
