@@ -861,3 +861,86 @@ fn finding3_spooling_stops_at_a_cap() {
     let w = fenced.run(&["info", "--untrusted", "--tmpdir", s(&tmp), s(&zst_ok)]);
     w.assert_code("a complete image", 0);
 }
+
+/// Finding 4 (writer side): a huge declared size costs the writers no memory — the VDI
+/// block map and the streamOptimized grain directory are written a piece at a time —
+/// and a split VMDK of more extent files than a reader takes is refused, not made.
+#[test]
+fn finding4_writers_of_huge_disks_stay_small() {
+    let d = scratch();
+    // 32 TiB: a 128 MiB block map, a 4 MiB grain directory.
+    let vdi = d.path().join("big.vdi");
+    let w = watched(&["create", "-q", "-f", "vdi", s(&vdi), "32T"]);
+    w.assert_code("create vdi", 0);
+    w.assert_rss_below("create vdi", 48 << 10);
+    assert_eq!(qemu_info(&vdi)["virtual-size"], 32u64 << 40);
+    qemu_img(&["check", s(&vdi)]);
+    std::fs::remove_file(&vdi).unwrap();
+
+    // Data on both sides of the pieces' boundaries (2^18 VDI blocks = 256 GiB;
+    // 2^17 grain tables = 4 TiB) lands where qemu-img reads it.
+    let raw = d.path().join("big.raw");
+    let at = [
+        0u64,
+        (256 << 30) - (1 << 20),
+        256 << 30,
+        (299 << 30) + 12345,
+    ];
+    make_raw(
+        &raw,
+        300 << 30,
+        &at.iter().map(|&o| (o, 4096, 0x41)).collect::<Vec<_>>(),
+    );
+    let w = watched(&["convert", "-O", "vdi", s(&raw), s(&vdi)]);
+    w.assert_code("convert vdi", 0);
+    w.assert_rss_below("convert vdi", 48 << 10);
+    assert_same(&raw, &vdi);
+
+    let raw = d.path().join("huge.raw");
+    let at = [0u64, (4 << 40) - (64 << 10), 4 << 40, (5 << 40) - 4096];
+    make_raw(&raw, 5 << 40, &[(at[0], 4096, 0x41)]);
+    let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    for (k, &o) in at.iter().enumerate().skip(1) {
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0x50 + k as u8; 4096], o).unwrap();
+    }
+    drop(f);
+    let vmdk = d.path().join("huge.vmdk");
+    let w = watched(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&raw),
+        s(&vmdk),
+    ]);
+    w.assert_code("convert streamOptimized", 0);
+    w.assert_rss_below("convert streamOptimized", 48 << 10);
+    for (k, &o) in at.iter().enumerate().skip(1) {
+        let cmd = format!("read -P {:#x} {o} 4096", 0x50 + k);
+        let out = qemu_io(&["-r", "-f", "vmdk", "-c", &cmd, s(&vmdk)]);
+        assert!(!out.contains("Pattern verification failed"), "{cmd}: {out}");
+    }
+
+    // 9 TiB in 2 GiB extents would be 4608 files.
+    let split = d.path().join("split.vmdk");
+    let w = watched(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentFlat",
+        s(&split),
+        "9T",
+    ]);
+    w.assert_code("create split", 1);
+    assert!(w.stderr.contains("extent files"), "{}", w.stderr);
+    assert_eq!(
+        names_in(d.path())
+            .iter()
+            .filter(|n| n.starts_with("split"))
+            .count(),
+        0
+    );
+}
