@@ -14,7 +14,9 @@ use crate::io::{read_struct, Storage};
 use crate::limits::{MAX_DESCRIPTOR_BYTES, MAX_VIRTUAL_SIZE};
 
 use super::descriptor::NO_PARENT_CID;
-use super::descriptor::{decode_text, looks_like_descriptor, Access, Descriptor, ExtentType};
+use super::descriptor::{
+    decode_text, looks_like_descriptor, Access, Descriptor, ExtentLine, ExtentType,
+};
 use super::header::{SparseHeader, COWD_MAGIC, FMT, SECTOR, SESPARSE_MAGIC, SPARSE_MAGIC};
 use super::sesparse::SeSparseExtent;
 use super::sparse::{Grain, GrainSource, SparseExtent, CACHE_BYTES};
@@ -331,6 +333,33 @@ fn refuse_multi_file_type(d: &Descriptor, ctx: &OpenContext) -> Result<()> {
     Ok(())
 }
 
+/// The extent lines of a descriptor embedded in a sparse file are not read (the file
+/// is its own single extent, as in QEMU), but an untrusted file whose embedded
+/// descriptor names anything else — a second extent, another kind, a path — is
+/// refused when read: no tool writes one, and OpenStack's inspector refuses it too.
+fn refuse_other_embedded_extents(d: &Descriptor, ctx: &OpenContext) -> Result<()> {
+    if !ctx.options.untrusted || ctx.options.metadata_only {
+        return Ok(());
+    }
+    let own = |e: &ExtentLine| {
+        e.kind == ExtentType::Sparse
+            && e.filename
+                .as_deref()
+                .is_some_and(|n| !n.contains(['/', '\\']))
+    };
+    match d.extents.as_slice() {
+        [] => Ok(()),
+        [e] if own(e) => Ok(()),
+        _ => Err(Error::unsupported(
+            FMT,
+            format!(
+                "an embedded descriptor naming other extents ({} lines) in untrusted mode",
+                d.extents.len()
+            ),
+        )),
+    }
+}
+
 fn create_type_of(h: &SparseHeader) -> &'static str {
     if h.has_markers() {
         "streamOptimized"
@@ -347,6 +376,7 @@ fn open_monolithic(
 ) -> Result<Opened> {
     if let Some(d) = &desc {
         refuse_multi_file_type(d, ctx)?;
+        refuse_other_embedded_extents(d, ctx)?;
     }
     let ext = Arc::new(SparseExtent::open(storage.clone(), h, cache_share(ctx, 1))?);
     let size = ext.capacity_bytes();
