@@ -138,7 +138,7 @@ fn every_single_file_image_imgconv_writes_passes_the_inspector() {
         imgconv(&args);
         files.push((p, fmt, opts, 3 << 30));
     }
-    // A qcow2 resized, and with an internal snapshot left by qemu-img.
+    // A qcow2 resized by imgconv.
     let p = d.path().join("resized.qcow2");
     imgconv_convert("qcow2", "", &src, &p);
     imgconv(&["resize", s(&p), "10G"]);

@@ -1,7 +1,7 @@
 //! Hostile input, the property (issue 13): random valid images of every format (raw,
 //! qcow2, VMDK, VDI — made by qemu-img or by imgconv, some wrapped in gzip) and random
-//! mutations of their headers and metadata. Every command (`info`, `map`, `check`,
-//! `compare`, `convert`) ends within 2 s, by success or by a typed error (its exit code,
+//! mutations of their headers and metadata. Every command that reads an image (`info`,
+//! `map`, `check`, `compare`, `convert`, `measure`, `resize`) ends within 2 s, by success or by a typed error (its exit code,
 //! an `imgconv:` message, no panic, no signal), within 64 MiB of peak memory and under a
 //! 1 GiB address-space limit (`prlimit --as`); a failed convert leaves nothing behind;
 //! valid images are read without error.
@@ -712,7 +712,15 @@ fn run_commands(rng: &mut Rng, sample: &Sample, valid: bool, case: &Case<'_>) {
         ("check", vec!["check"]),
         ("compare", vec!["compare"]),
         ("convert", vec!["convert", "-O", out_fmt]),
+        ("measure", vec!["measure", "-O", "qcow2"]),
+        ("resize", vec!["resize", "-q"]),
     ];
+    // resize works on a copy.
+    let copy = out_dir.join(format!(
+        "resized-{}",
+        sample.path.file_name().unwrap().to_string_lossy()
+    ));
+    let grow = *rng.pick(&["+1M", "+1G", "+3"]);
     for (cmd, mut args) in commands {
         if untrusted {
             args.push("--untrusted");
@@ -720,11 +728,14 @@ fn run_commands(rng: &mut Rng, sample: &Sample, valid: bool, case: &Case<'_>) {
         if name_format && cmd != "compare" {
             args.extend(["-f", sample.format]);
         }
-        args.push(img);
         match cmd {
-            "compare" => args.push(s(reference)),
-            "convert" => args.push(s(&out)),
-            _ => {}
+            "compare" => args.extend([img, s(reference)]),
+            "convert" => args.extend([img, s(&out)]),
+            "resize" => {
+                std::fs::copy(&sample.path, &copy).unwrap();
+                args.extend([s(&copy), grow]);
+            }
+            _ => args.push(img),
         }
         let mut w: Watched = watch.run(&args);
         if w.elapsed >= TIME_LIMIT && !w.timed_out {
@@ -759,7 +770,10 @@ fn run_commands(rng: &mut Rng, sample: &Sample, valid: bool, case: &Case<'_>) {
             }
             // A valid image is read without error (but an untrusted run refuses
             // references, and checks of raw or gzip-wrapped images are not done).
-            let refused = untrusted && sample.references;
+            // resize changes raw and qcow2 images only, and refuses qcow2 images with
+            // snapshots or a size in bytes (as qemu-img does, mostly): only raw must work.
+            let refused =
+                untrusted && sample.references || cmd == "resize" && sample.format != "raw";
             if valid
                 && !refused
                 && !match cmd {
@@ -769,9 +783,22 @@ fn run_commands(rng: &mut Rng, sample: &Sample, valid: bool, case: &Case<'_>) {
             {
                 problems.push(format!("valid image: exit code {code}"));
             }
+            // A valid qcow2 resized is still clean for qemu-img.
+            if valid && cmd == "resize" && code == 0 && sample.format == "qcow2" {
+                let before = qemu_check_code(&sample.path);
+                let after = qemu_check_code(&copy);
+                if after != before {
+                    problems.push(format!(
+                        "qemu-img check: {before:?} before, {after:?} after"
+                    ));
+                }
+            }
         }
         if w.max_rss_kib >= RSS_BUDGET_KIB {
             problems.push(format!("peak memory {} KiB", w.max_rss_kib));
+        }
+        if cmd == "resize" {
+            let _ = std::fs::remove_file(&copy);
         }
         if cmd == "convert" {
             let left: Vec<_> = std::fs::read_dir(out_dir)

@@ -194,6 +194,17 @@ impl Watch<'_> {
             _ => (None, Some(libc::SIGKILL), 0),
         };
         let _ = status;
+        // IMGCONV_TEST_RSS_LOG=FILE: one line per run (command, peak KiB), for the
+        // README's memory table.
+        if let Some(log) = std::env::var_os("IMGCONV_TEST_RSS_LOG") {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+            {
+                let _ = writeln!(f, "{} {max_rss_kib}", args.first().copied().unwrap_or(""));
+            }
+        }
         Watched {
             code,
             signal,
