@@ -944,3 +944,60 @@ fn finding4_writers_of_huge_disks_stay_small() {
         0
     );
 }
+
+/// The memory budget with many workers: `convert -m 64` (more than the cores) runs under
+/// `prlimit --as=1GiB` (glibc's per-thread arenas are capped); the default worker count
+/// (the cores, at most 16) keeps compressed outputs under 256 MiB; threads that cannot
+/// be started are a typed error or fewer workers, never a panic or a left-over file.
+#[test]
+fn many_workers_fit_the_address_space_limit() {
+    let d = scratch();
+    let raw = d.path().join("noise.raw");
+    let mut x = 0x1234_5678_9abc_def1u64;
+    let noise: Vec<u8> = (0..(24 << 20) / 8)
+        .flat_map(|_| xorshift64(&mut x).to_le_bytes())
+        .collect();
+    std::fs::write(&raw, &noise).unwrap();
+    drop(noise);
+    let out_dir = d.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = out_dir.join("out.img");
+    let gib = Watch {
+        address_space: Some(1 << 30),
+        timeout: Some(Duration::from_secs(120)),
+        ..Watch::default()
+    };
+    for (threads, opts) in [
+        ("64", vec!["-c", "-O", "qcow2"]),
+        ("64", vec!["-O", "vmdk", "-o", "subformat=streamOptimized"]),
+        ("16", vec!["-O", "vmdk", "-o", "subformat=streamOptimized"]),
+        ("64", vec!["-O", "vdi"]),
+    ] {
+        let mut args = vec!["convert", "-m", threads];
+        args.extend(&opts);
+        args.extend([s(&raw), s(&out)]);
+        let w = gib.run(&args);
+        w.assert_code(&args, 0);
+        if threads == "16" {
+            w.assert_small(&args);
+        }
+        assert_same(&raw, &out);
+        std::fs::remove_file(&out).unwrap();
+    }
+    // Too little address space for 64 workers: fewer workers, or a typed error.
+    let tight = Watch {
+        address_space: Some(256 << 20),
+        timeout: Some(Duration::from_secs(120)),
+        ..Watch::default()
+    };
+    let args = ["convert", "-m", "64", "-O", "qcow2", s(&raw), s(&out)];
+    let w = tight.run(&args);
+    w.assert_no_panic(args);
+    assert!(
+        w.code == Some(0) || w.code == Some(1) && w.stderr.contains("cannot start"),
+        "{w:?}"
+    );
+    if w.code != Some(0) {
+        assert_eq!(names_in(&out_dir), Vec::<String>::new());
+    }
+}

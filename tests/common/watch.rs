@@ -202,7 +202,8 @@ impl Watch<'_> {
                 .append(true)
                 .open(log)
             {
-                let _ = writeln!(f, "{} {max_rss_kib}", args.first().copied().unwrap_or(""));
+                let line = format!("{} {max_rss_kib}\n", args.first().copied().unwrap_or(""));
+                let _ = f.write_all(line.as_bytes()); // one write: appends do not interleave
             }
         }
         Watched {

@@ -35,7 +35,7 @@ pub struct Args {
     /// Smallest run of zeros left unwritten (default 4k; 0 writes everything).
     #[arg(short = 'S', default_value = "4k")]
     sparse_size: String,
-    /// Worker threads (default: the number of cores).
+    /// Worker threads (default: the number of cores, at most 16).
     #[arg(short = 'm')]
     threads: Option<usize>,
     /// Backing file of the output (only data that differs from it is written).
