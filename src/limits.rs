@@ -41,6 +41,7 @@
 //! | [`MAX_TAR_NAMES_LISTED`], [`MAX_TAR_NAME_SHOWN`] | 16 names, 256 bytes each | tar member names kept for messages; members passed over are skipped as they are read, one header at a time |
 //! | [`STREAM_RETAIN_BYTES`] | 32 MiB | a raw disk read from a stream keeps this much behind the reader |
 //! | format probing (`detect::PROBE_LEN`) | first 4 KiB | format and compression detection |
+//! | default conversion workers ([`DEFAULT_MAX_THREADS`](crate::convert::DEFAULT_MAX_THREADS)) | the cores, at most 16 (`-m` up to 64) | the conversion engine; the binary caps glibc's malloc arenas at 4 so that `-m 64` fits `prlimit --as=1GiB` |
 //!
 //! The fuzz targets in `fuzz/` check these bounds hold on arbitrary input: they run
 //! with a 512 MiB memory limit and a 10 s per-input timeout (see `fuzz/run-all.sh`).

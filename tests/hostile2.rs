@@ -868,9 +868,14 @@ fn finding3_spooling_stops_at_a_cap() {
 #[test]
 fn finding4_writers_of_huge_disks_stay_small() {
     let d = scratch();
+    let limited = Watch {
+        address_space: Some(1 << 30),
+        timeout: Some(Duration::from_secs(60)),
+        ..Watch::default()
+    };
     // 32 TiB: a 128 MiB block map, a 4 MiB grain directory.
     let vdi = d.path().join("big.vdi");
-    let w = watched(&["create", "-q", "-f", "vdi", s(&vdi), "32T"]);
+    let w = limited.run(&["create", "-q", "-f", "vdi", s(&vdi), "32T"]);
     w.assert_code("create vdi", 0);
     w.assert_rss_below("create vdi", 48 << 10);
     assert_eq!(qemu_info(&vdi)["virtual-size"], 32u64 << 40);
@@ -891,7 +896,7 @@ fn finding4_writers_of_huge_disks_stay_small() {
         300 << 30,
         &at.iter().map(|&o| (o, 4096, 0x41)).collect::<Vec<_>>(),
     );
-    let w = watched(&["convert", "-O", "vdi", s(&raw), s(&vdi)]);
+    let w = limited.run(&["convert", "-O", "vdi", s(&raw), s(&vdi)]);
     w.assert_code("convert vdi", 0);
     w.assert_rss_below("convert vdi", 48 << 10);
     assert_same(&raw, &vdi);
@@ -905,7 +910,7 @@ fn finding4_writers_of_huge_disks_stay_small() {
     }
     drop(f);
     let vmdk = d.path().join("huge.vmdk");
-    let w = watched(&[
+    let w = limited.run(&[
         "convert",
         "-O",
         "vmdk",
@@ -924,7 +929,7 @@ fn finding4_writers_of_huge_disks_stay_small() {
 
     // 9 TiB in 2 GiB extents would be 4608 files.
     let split = d.path().join("split.vmdk");
-    let w = watched(&[
+    let w = limited.run(&[
         "create",
         "-q",
         "-f",
