@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
-use imgconv::convert::{convert_to, is_zero, run, ConvertOptions, EngineOptions};
+use imgconv::convert::{convert_to, run, ConvertOptions, EngineOptions};
 use imgconv::device::MemDevice;
 use imgconv::io::OutputSet;
 use imgconv::writer::{DataRun, GrainEncoder, ImageWriter};
+use imgconv::zero::is_zero;
 use imgconv::{BlockDevice, Format, OpenOptions, Result};
 
 const CLUSTER: usize = 64 * 1024;

@@ -19,7 +19,7 @@ corpus=${IMGCONV_CORPUS:-}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT INT TERM
 
-for t in qcow2 qcow2_header qcow2_check vmdk vmdk_descriptor vmdk_stream vdi open_any compressed roundtrip; do
+for t in qcow2 qcow2_header qcow2_check vmdk vmdk_descriptor vmdk_stream vdi vpc vhdx open_any compressed roundtrip; do
     mkdir -p "$out/$t" "$big/$t"
 done
 
@@ -151,6 +151,53 @@ put open_any empty.vdi "$tmp/empty.vdi"
 img create -q -f vdi -o static=on "$tmp/static.vdi" 64k 2>/dev/null &&
     put vdi static.vdi "$tmp/static.vdi"
 
+# --- VHD (vpc) -----------------------------------------------------------------------
+img create -q -f vpc "$tmp/empty.vhd" 4M
+put vpc empty.vhd "$tmp/empty.vhd"
+put open_any empty.vhd "$tmp/empty.vhd"
+img create -q -f vpc -o subformat=fixed,force_size=on "$tmp/fixed.vhd" 8k
+io -f vpc -c 'write -P 0x44 1k 2k' "$tmp/fixed.vhd"
+put vpc fixed.vhd "$tmp/fixed.vhd"
+put open_any fixed.vhd "$tmp/fixed.vhd"
+# qemu writes 2 MiB blocks only: dynamic and differencing images with small blocks,
+# partial sector bitmaps and parent locators are made here.
+python3 - "$out/vpc" <<'EOF'
+import struct, sys, uuid
+def csum(b, at):
+    return ~(sum(b[:at]) + sum(b[at + 4:])) & 0xffffffff
+def vhd(kind, size, bs, blocks, locators=(), parent=b"\0" * 16):
+    entries = -(-size // bs)
+    out = bytearray(1536)
+    locs = b""
+    for code, path in locators:
+        data = path.encode("utf-16-le")
+        locs += struct.pack(">4sIIIQ", code, 512, len(data), 0, len(out))
+        out += data + bytes(512 - len(data) % 512)
+    bat_at = len(out)
+    out += b"\xff" * (-(-entries * 4 // 512) * 512)
+    bm = max(512, -(-(bs // 512 // 8) // 512) * 512)
+    for i, bits, byte in blocks:
+        struct.pack_into(">I", out, bat_at + 4 * i, len(out) // 512)
+        out += bits + bytes(bm - len(bits)) + bytes([byte]) * bs
+    name = "parent.vhd".encode("utf-16-be").ljust(512, b"\0") if locators else bytes(512)
+    h = bytearray(struct.pack(">8sQQIIII16sII", b"cxsparse", 2**64 - 1, bat_at, 0x10000,
+                              entries, bs, 0, parent, 0, 0) + name + locs.ljust(192, b"\0") + bytes(256))
+    struct.pack_into(">I", h, 36, csum(h, 36))
+    out[512:1536] = h
+    c = size // 512
+    f = bytearray(struct.pack(">8sIIQI4sI4sQQHBBII16sB", b"conectix", 2, 0x10000, 512, 0, b"win ",
+                              0xa0000, b"Wi2k", size, size, min(c // 68, 65535), 4, 17, kind, 0,
+                              uuid.uuid4().bytes, 0).ljust(512, b"\0"))
+    struct.pack_into(">I", f, 64, csum(f, 64))
+    out[:512] = f
+    return bytes(out + f)
+d = sys.argv[1]
+open(d + "/dynamic-4k.vhd", "wb").write(vhd(3, 16384, 4096, [(0, b"\xff", 0x11), (2, b"\xa5", 0x22)]))
+open(d + "/dynamic-512.vhd", "wb").write(vhd(3, 4096, 512, [(1, b"\x80", 0x33), (7, b"\x00", 0x44)]))
+open(d + "/differencing.vhd", "wb").write(vhd(4, 8192, 4096, [(1, b"\x0f", 0x55)],
+    [(b"W2ru", ".\\parent.vhd"), (b"W2ku", "C:\\parent.vhd")]))
+EOF
+
 # --- shared corpus and testdata --------------------------------------------------------
 if [ -n "$corpus" ] && [ -d "$corpus" ]; then
     x() { # x TARGET NAME COMPRESSED-FILE: decompressed into TARGET's seeds if small
@@ -169,6 +216,7 @@ if [ -n "$corpus" ] && [ -d "$corpus" ]; then
     x qcow2 large-json.img "$corpus/cdi-malicious/invalid-qcow-large-json.img.xz"
     x vmdk_stream vbox-stream.vmdk "$corpus/vagrant-mutate/virtualbox-box-disk1.vmdk.xz"
     x open_any afl5.img "$corpus/qemu-iotests/afl5.img.bz2"
+    x vpc afl5.img "$corpus/qemu-iotests/afl5.img.bz2"
     # The compressed wrappers themselves.
     for f in "$corpus"/virtualbox/*.xz "$corpus"/qemu-iotests/afl5.img.bz2 \
         "$corpus"/qemu-iotests/empty.bochs.bz2 "$corpus"/vagrant-mutate/*.xz; do
@@ -194,10 +242,17 @@ head -c 4096 "$tmp/pat.raw" | gzip -c >"$out/compressed/raw.gz"
 cp "$out/compressed/qcow2.gz" "$out/open_any/qcow2.gz"
 cp "$out/compressed/qcow2.zst" "$out/open_any/qcow2.zst"
 
+# --- vhdx --------------------------------------------------------------------------------
+# The target reads a sparse file described by sector records (imgconv::fuzzing::vhdx):
+# tests/vhdx.rs makes qemu-img's and imgconv's images, a dirty log, a differencing image
+# and (with the corpus) QEMU's dirty log, and encodes them.
+(cd "$here/.." && VHDX_SEED_DIR="$out/vhdx" cargo test -q --test vhdx make_fuzz_seeds \
+    -- --ignored >/dev/null)
+
 # --- round trip --------------------------------------------------------------------------
 # Config byte, size (2 bytes), then (offset: 3 bytes, length byte) pieces.
 i=0
-while [ $i -lt 13 ]; do
+while [ $i -lt 16 ]; do
     printf "$(printf '\\%03o' $i)\377\177\001\002\003\040\200\000\000\010\377\377\377\001" \
         >"$out/roundtrip/config-$i"
     i=$((i + 1))

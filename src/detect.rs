@@ -1,13 +1,16 @@
-//! Image formats and how they are recognised: by magic bytes, never by file name.
+//! The names of image formats and compressions, and how compressions and tar archives are
+//! recognised: by magic bytes, never by file name. Disk formats are recognised by their
+//! drivers' probes, asked in turn by [`crate::format::probe`].
 
 use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::io::Storage;
 
-/// The disk-image formats imgconv knows.
+/// The disk-image formats imgconv knows: those it reads and writes, and those it only
+/// recognises (so that such a file is named, and refused, rather than taken for raw).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum Format {
     /// The disk's bytes, nothing else.
     Raw,
@@ -17,19 +20,60 @@ pub enum Format {
     Vmdk,
     /// VirtualBox disk image.
     Vdi,
+    /// Microsoft Virtual PC / Hyper-V VHD (qemu's name: `vpc`).
+    Vpc,
+    /// Hyper-V VHDX.
+    Vhdx,
+    /// QEMU copy-on-write version 1 (recognised only).
+    Qcow,
+    /// QEMU enhanced disk (recognised only).
+    Qed,
+    /// Apple disk image (recognised only).
+    Dmg,
+    /// Parallels disk image (recognised only).
+    Parallels,
+    /// Bochs growing image (recognised only).
+    Bochs,
+    /// Linux compressed loop image (recognised only).
+    Cloop,
+    /// LUKS encrypted volume (recognised only).
+    Luks,
 }
 
 impl Format {
-    /// Every format, in probing order (raw last: it matches anything).
-    pub const ALL: [Format; 4] = [Format::Qcow2, Format::Vmdk, Format::Vdi, Format::Raw];
+    /// Every format, as qemu-img names them.
+    pub const ALL: [Format; 13] = [
+        Format::Raw,
+        Format::Qcow2,
+        Format::Vmdk,
+        Format::Vdi,
+        Format::Vpc,
+        Format::Vhdx,
+        Format::Qcow,
+        Format::Qed,
+        Format::Dmg,
+        Format::Parallels,
+        Format::Bochs,
+        Format::Cloop,
+        Format::Luks,
+    ];
 
-    /// The name qemu-img uses (`raw`, `qcow2`, `vmdk`, `vdi`).
+    /// The name qemu-img uses (`raw`, `qcow2`, `vmdk`, `vdi`, `vpc`, `vhdx`, …).
     pub fn name(self) -> &'static str {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Vmdk => "vmdk",
             Format::Vdi => "vdi",
+            Format::Vpc => "vpc",
+            Format::Vhdx => "vhdx",
+            Format::Qcow => "qcow",
+            Format::Qed => "qed",
+            Format::Dmg => "dmg",
+            Format::Parallels => "parallels",
+            Format::Bochs => "bochs",
+            Format::Cloop => "cloop",
+            Format::Luks => "luks",
         }
     }
 }
@@ -49,53 +93,29 @@ impl serde::Serialize for Format {
 impl FromStr for Format {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "raw" => Ok(Format::Raw),
-            "qcow2" => Ok(Format::Qcow2),
-            "vmdk" => Ok(Format::Vmdk),
-            "vdi" => Ok(Format::Vdi),
-            other => Err(Error::invalid(format!(
-                "unknown format '{other}' (known: raw, qcow2, vmdk, vdi)"
-            ))),
-        }
+        let lower = s.to_ascii_lowercase();
+        Format::ALL
+            .into_iter()
+            .find(|f| f.name() == lower)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
+                Error::invalid(format!(
+                    "unknown format '{lower}' (known: {})",
+                    known.join(", ")
+                ))
+            })
     }
 }
 
-/// How many leading bytes [`probe`] looks at.
+/// How many leading bytes the format probes look at.
 pub const PROBE_LEN: usize = 4096;
 
-/// Recognises the format of the bytes in `head` (the first bytes of a file; shorter is
-/// fine). Raw is the fallback.
-pub fn probe_bytes(head: &[u8]) -> Format {
-    for f in Format::ALL {
-        let hit = match f {
-            Format::Qcow2 => head.starts_with(b"QFI\xfb"),
-            Format::Vmdk => crate::format::vmdk::probe(head),
-            Format::Vdi => head.len() >= 0x44 && head[0x40..0x44] == [0x7f, 0x10, 0xda, 0xbe],
-            Format::Raw => true,
-        };
-        if hit {
-            return f;
-        }
-    }
-    Format::Raw
-}
-
-/// Recognises the format of a storage's contents.
-pub fn probe(storage: &dyn Storage) -> Result<Format> {
-    let n = (storage.len() as usize).min(PROBE_LEN);
-    let mut head = vec![0u8; n];
-    storage
-        .read_exact_at(&mut head, 0)
-        .map_err(|e| match storage.path() {
-            Some(p) => Error::io(p, e),
-            None => Error::Stream(e),
-        })?;
-    Ok(probe_bytes(&head))
-}
+/// How many trailing bytes the format probes look at (a VHD footer, a DMG trailer).
+pub const PROBE_TAIL_LEN: usize = 512;
 
 /// A compression wrapped around an image file, found by magic bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Compression {
     /// gzip (RFC 1952), possibly several concatenated members.
     Gzip,
@@ -116,6 +136,12 @@ impl Compression {
             Compression::Xz => "xz",
             Compression::Zstd => "zstd",
         }
+    }
+}
+
+impl serde::Serialize for Compression {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 
@@ -156,17 +182,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn probes_magics() {
-        assert_eq!(probe_bytes(b"QFI\xfb\0\0\0\x03"), Format::Qcow2);
-        assert_eq!(probe_bytes(b"KDMV\x01\0\0\0"), Format::Vmdk);
-        assert_eq!(probe_bytes(b"# Disk DescriptorFile\n"), Format::Vmdk);
-        let mut vdi = vec![0u8; 0x48];
-        vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
-        assert_eq!(probe_bytes(&vdi), Format::Vdi);
-        assert_eq!(probe_bytes(b""), Format::Raw);
-        assert_eq!(probe_bytes(&[0u8; 512]), Format::Raw);
+    fn format_names_round_trip() {
+        for f in Format::ALL {
+            assert_eq!(f.name().parse::<Format>().unwrap(), f);
+        }
         assert_eq!("QCOW2".parse::<Format>().unwrap(), Format::Qcow2);
-        assert!("vhd".parse::<Format>().is_err());
+        assert!("vhdz".parse::<Format>().is_err());
     }
 
     #[test]

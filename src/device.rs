@@ -88,6 +88,12 @@ pub trait BlockDevice: Send + Sync {
     fn length_known(&self) -> bool {
         true
     }
+
+    /// The file that holds this disk's plainly stored data at the extents'
+    /// `host_offset`s (a raw image's own file), for copy offloading (`convert -C`).
+    fn plain_file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
@@ -106,6 +112,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Arc<T> {
     fn length_known(&self) -> bool {
         (**self).length_known()
     }
+    fn plain_file(&self) -> Option<&std::fs::File> {
+        (**self).plain_file()
+    }
 }
 
 impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
@@ -123,6 +132,55 @@ impl<T: BlockDevice + ?Sized> BlockDevice for Box<T> {
     }
     fn length_known(&self) -> bool {
         (**self).length_known()
+    }
+    fn plain_file(&self) -> Option<&std::fs::File> {
+        (**self).plain_file()
+    }
+}
+
+/// Walks a device's map from offset 0 to its end: one [`Extent`] per item, ascending and
+/// adjacent. After an error the walk ends. Made by [`extents`] (or
+/// [`Image::extents`](crate::Image::extents)).
+pub struct Extents<'a> {
+    device: &'a dyn BlockDevice,
+    pos: u64,
+    failed: bool,
+}
+
+/// The extents of `device`, from offset 0 to its end.
+pub fn extents(device: &dyn BlockDevice) -> Extents<'_> {
+    Extents {
+        device,
+        pos: 0,
+        failed: false,
+    }
+}
+
+impl Iterator for Extents<'_> {
+    type Item = Result<Extent>;
+
+    fn next(&mut self) -> Option<Result<Extent>> {
+        let size = self.device.size();
+        if self.failed || self.pos >= size {
+            return None;
+        }
+        match self.device.map(self.pos, size - self.pos) {
+            Ok(e) if e.offset == self.pos && e.len > 0 => {
+                self.pos = e.end();
+                Some(Ok(e))
+            }
+            Ok(e) => {
+                self.failed = true;
+                Some(Err(Error::Format(format!(
+                    "the device mapped offset {:#x} to the extent {e:?}",
+                    self.pos
+                ))))
+            }
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+        }
     }
 }
 
@@ -225,9 +283,9 @@ impl<D: BlockDevice> Read for DeviceReader<D> {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(size - self.pos) as usize;
-        self.device
-            .read_at(&mut buf[..n], self.pos)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        // The crate's error travels inside the io::Error (its kind from Error::kind) and
+        // comes back out with `imgconv::Error::from`.
+        self.device.read_at(&mut buf[..n], self.pos)?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -269,6 +327,14 @@ mod tests {
         assert_eq!(r.read(&mut b).unwrap(), 2);
         assert_eq!(&b[..2], &[254, 255]);
         assert_eq!(r.read(&mut b).unwrap(), 0);
+    }
+
+    #[test]
+    fn extents_cover_the_disk() {
+        let dev = ZeroDevice::new(1000);
+        let all: Vec<Extent> = extents(&dev).collect::<Result<_>>().unwrap();
+        assert_eq!(all, vec![Extent::new(0, 1000, ExtentKind::Unallocated)]);
+        assert_eq!(extents(&ZeroDevice::new(0)).count(), 0);
     }
 
     #[test]

@@ -25,8 +25,10 @@ pub enum Error {
     },
 
     /// An operating-system error not tied to a named file (pipes, in-memory buffers).
+    /// (An [`io::Error`] that carries an [`Error`], as [`crate::DeviceReader`] makes them,
+    /// converts back to that error, not to this variant.)
     #[error("{0}")]
-    Stream(#[from] io::Error),
+    Stream(io::Error),
 
     /// The image's metadata is malformed.
     #[error("{format}: invalid {structure} at offset {offset:#x}: {reason}")]
@@ -106,7 +108,8 @@ pub enum Error {
         size: u64,
     },
 
-    /// The input is not in the format that was asked for, or in no known format.
+    /// The input is not what was asked for or promised: not in the format asked for, a
+    /// stream longer or shorter than declared, a device that broke its contract.
     #[error("{0}")]
     Format(String),
 
@@ -117,9 +120,99 @@ pub enum Error {
     /// The operation was interrupted (Ctrl-C / SIGTERM) or cancelled by the caller.
     #[error("interrupted")]
     Interrupted,
+
+    /// Another process holds the image in a conflicting way (QEMU's image locking);
+    /// the message is QEMU's.
+    #[error("Failed to get {what} lock\nIs another process using the image [{}]?", path.display())]
+    Locked {
+        /// The image file.
+        path: PathBuf,
+        /// The permission, as QEMU words it: `"write"` or `shared "write"`.
+        what: String,
+    },
+
+    /// A read needs a file the image refers to (a backing file, an extent, a data file)
+    /// that was not opened: the image was opened for its metadata only
+    /// ([`crate::OpenOptions::metadata_only`]).
+    #[error("{format}: {reference} was not opened (the image was opened for its metadata only)")]
+    NotOpened {
+        /// Format name.
+        format: &'static str,
+        /// The reference, e.g. `backing file "base.qcow2"`.
+        reference: String,
+    },
+
+    /// The output format needs a seekable file (its tables come before, or point back
+    /// into, the data), and the target is a stream (a pipe, stdout, any `Write`).
+    #[error("{format}: {what} cannot be written to a stream; it needs a seekable file")]
+    NeedsSeekableOutput {
+        /// Format name.
+        format: &'static str,
+        /// What was asked for, e.g. `a monolithicSparse VMDK`.
+        what: String,
+    },
+}
+
+impl From<io::Error> for Error {
+    /// Unwraps an [`Error`] carried through `Read`/`Write` plumbing (see
+    /// [`From<Error> for io::Error`](#impl-From%3CError%3E-for-Error)); any other I/O error
+    /// becomes [`Error::Stream`].
+    fn from(e: io::Error) -> Self {
+        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            if let Some(inner) = e.into_inner() {
+                if let Ok(err) = inner.downcast::<Error>() {
+                    return *err;
+                }
+            }
+            return Error::Format("an error was lost on its way through an I/O layer".into());
+        }
+        Error::Stream(e)
+    }
+}
+
+impl From<Error> for io::Error {
+    /// Carries the error through `Read`/`Write` plumbing: the [`io::Error`] has the kind
+    /// [`Error::kind`] gives and converts back to the same [`Error`].
+    fn from(e: Error) -> Self {
+        match e {
+            // Already an I/O error with no more to say: keep it as it is.
+            Error::Stream(inner) => inner,
+            other => io::Error::new(other.kind(), other),
+        }
+    }
 }
 
 impl Error {
+    /// The [`io::ErrorKind`] that best describes the error: `InvalidData` for malformed
+    /// images, `Unsupported`, `PermissionDenied` for refused references, `InvalidInput`
+    /// for bad arguments, the operating system's kind for I/O errors, and so on. An
+    /// [`io::Error`] made from an [`Error`] has this kind.
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Error::Io { source, .. } => source.kind(),
+            Error::Stream(e) => e.kind(),
+            Error::Corrupt { .. } | Error::BackingChain { .. } | Error::Format(_) => {
+                io::ErrorKind::InvalidData
+            }
+            Error::TooLarge { .. } => io::ErrorKind::InvalidData,
+            Error::Unsupported { .. } | Error::NeedsSeekableOutput { .. } => {
+                io::ErrorKind::Unsupported
+            }
+            Error::UntrustedReference { .. } => io::ErrorKind::PermissionDenied,
+            Error::OutOfBounds { .. } => io::ErrorKind::UnexpectedEof,
+            Error::InvalidArgument(_) | Error::NotAFile { .. } => io::ErrorKind::InvalidInput,
+            Error::Interrupted => io::ErrorKind::Interrupted,
+            Error::NotOpened { .. } => io::ErrorKind::NotFound,
+            Error::Locked { .. } => io::ErrorKind::WouldBlock,
+        }
+    }
+
+    /// True when the image's metadata is malformed ([`Error::Corrupt`]) or asks for more
+    /// than the limits allow ([`Error::TooLarge`]): the image is bad, not the system.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, Error::Corrupt { .. } | Error::TooLarge { .. })
+    }
+
     /// Shorthand for [`Error::Corrupt`].
     pub fn corrupt(
         format: &'static str,
@@ -154,5 +247,31 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_survive_io_plumbing() {
+        let e = Error::corrupt("qcow2", "L2 table", 0x30000, "entry past the end");
+        let io_err: io::Error = e.into();
+        assert_eq!(io_err.kind(), io::ErrorKind::InvalidData);
+        let back = Error::from(io_err);
+        assert!(back.is_corrupt());
+        assert!(matches!(
+            back,
+            Error::Corrupt {
+                offset: 0x30000,
+                ..
+            }
+        ));
+        let plain = Error::from(io::Error::new(io::ErrorKind::BrokenPipe, "gone"));
+        assert!(matches!(plain, Error::Stream(_)));
+        assert_eq!(plain.kind(), io::ErrorKind::BrokenPipe);
+        let io_again: io::Error = plain.into();
+        assert_eq!(io_again.kind(), io::ErrorKind::BrokenPipe);
     }
 }

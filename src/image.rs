@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::detect::Format;
+use crate::details::FormatDetails;
+use crate::detect::{Compression, Format};
 use crate::device::{BlockDevice, DeviceReader};
 use crate::error::{Error, Result};
 use crate::io::{FileStorage, Storage};
@@ -26,7 +27,9 @@ pub struct OpenOptions {
     pub untrusted: bool,
     /// Read metadata only (for `info`): references are recorded in [`ImageInfo`] but
     /// not opened, and a raw disk on a stream of unrecorded length is measured by
-    /// decoding it, not kept. Reads through a reference, or of such a disk, then fail.
+    /// decoding it, not kept. [`BlockDevice::map`] still describes the image itself
+    /// (what falls through to an unopened backing file is `Unallocated`); a read that
+    /// needs a reference fails with [`Error::NotOpened`], and so does reading such a disk.
     pub metadata_only: bool,
     /// Folder for spooling compressed inputs that need random access (`$TMPDIR` if unset).
     pub tmpdir: Option<PathBuf>,
@@ -47,11 +50,24 @@ pub struct OpenOptions {
     /// Largest raw disk read from a stream that records its length nowhere
     /// (`--max-size`): decoding stops with an error past it.
     pub max_size: Option<u64>,
+    /// Makes every image readable in any order: a source that can only be read forward
+    /// (a raw disk or a streamOptimized VMDK arriving through a pipe or a compressed
+    /// file) is decoded once into a sparse, already unlinked temporary file in
+    /// [`tmpdir`](Self::tmpdir) (else `$TMPDIR`), which is gone when the image is dropped.
+    pub random_access: bool,
     /// The internal snapshot to read instead of the current state of the top image, as
     /// qemu-img's `convert -l`: `snapshot.id=ID`, `snapshot.name=NAME` (or both,
     /// comma-separated), or a bare ID or name (ID first). Formats without internal
     /// snapshots refuse it.
     pub snapshot: Option<String>,
+    /// Opens image files without QEMU's read locks and without asking whether another
+    /// process writes them (qemu-img's `-U` / `--force-share`); see [`crate::io::lock`].
+    pub force_share: bool,
+    /// The parent of a differencing image, instead of the one the image finds itself: a
+    /// name resolved like the image's own references (against its folder) and refused in
+    /// untrusted mode. For VDI, whose parent is otherwise looked for by UUID. Applies to
+    /// the top image; formats that cannot take it refuse it at open.
+    pub parent: Option<String>,
 }
 
 impl OpenOptions {
@@ -107,6 +123,25 @@ impl OpenOptions {
     /// Reads the internal snapshot `id_or_name` of the top image (`convert -l`).
     pub fn snapshot(mut self, id_or_name: impl Into<String>) -> Self {
         self.snapshot = Some(id_or_name.into());
+        self
+    }
+
+    /// Reads without taking or testing QEMU's image locks (`-U`, see the field).
+    pub fn force_share(mut self) -> Self {
+        self.force_share = true;
+        self
+    }
+
+    /// Spools forward-only sources so that the image can be read in any order (see
+    /// [`OpenOptions::random_access`]).
+    pub fn random_access(mut self) -> Self {
+        self.random_access = true;
+        self
+    }
+
+    /// Opens a differencing image on the parent `name` (see [`OpenOptions::parent`]).
+    pub fn parent(mut self, name: impl Into<String>) -> Self {
+        self.parent = Some(name.into());
         self
     }
 
@@ -180,12 +215,14 @@ pub struct ImageInfo {
     /// Internal snapshots.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotInfo>,
-    /// Format-specific details in qemu-img's shape: `{"type": FMT, "data": {...}}`.
+    /// Format-specific details (serialised in qemu-img's shape: `{"type": FMT, "data":
+    /// {...}}`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub format_specific: Option<serde_json::Value>,
-    /// Compression wrapping the image file (`gzip`, `xz`…), if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub compression: Option<String>,
+    pub format_specific: Option<FormatDetails>,
+    /// The compression wrapped around the image file (`gzip`, `bzip2`, `xz`, `zstd`), if
+    /// any — not compressed clusters inside the image (`compression` in `info`'s JSON).
+    #[serde(rename = "compression", skip_serializing_if = "Option::is_none")]
+    pub wrapper: Option<Compression>,
     /// The tar archive member holding the image, when the input is a tar archive.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_member: Option<String>,
@@ -212,7 +249,7 @@ impl ImageInfo {
             backing_filename_format: None,
             snapshots: Vec::new(),
             format_specific: None,
-            compression: None,
+            wrapper: None,
             archive_member: None,
             references: Vec::new(),
             backing: None,
@@ -276,8 +313,32 @@ impl Image {
     }
 
     /// `Read + Seek` over the guest-visible bytes.
+    ///
+    /// An image read straight from a stream (a raw disk or a streamOptimized VMDK in a
+    /// pipe or a compressed file: [`BlockDevice::sequential_only`] is true) can only be
+    /// read forward, once: a backward seek then fails with
+    /// [`Error::Unsupported`](crate::Error::Unsupported) (and so does a second
+    /// conversion of it). Open it with [`OpenOptions::random_access`] to read it in any
+    /// order, as often as you like. Errors come out as [`std::io::Error`]s that carry
+    /// the crate's [`Error`]: `imgconv::Error::from(io_error)` gives it back.
     pub fn reader(&self) -> DeviceReader<Arc<dyn BlockDevice>> {
         DeviceReader::new(self.device.clone())
+    }
+
+    /// The extents of the virtual disk, from offset 0 to its end (data, zeros,
+    /// unallocated), as [`BlockDevice::map`] describes them.
+    pub fn extents(&self) -> crate::device::Extents<'_> {
+        crate::device::extents(self.device.as_ref())
+    }
+
+    /// An image over any [`BlockDevice`] of your own (a raw disk, as far as `info` and
+    /// the writers are concerned): to convert it, read it, or walk its extents.
+    pub fn from_device(device: impl BlockDevice + 'static) -> Self {
+        let size = device.size();
+        Image {
+            device: Arc::new(device),
+            info: ImageInfo::new("(device)", Format::Raw, size),
+        }
     }
 }
 
@@ -297,7 +358,15 @@ pub struct OpenContext {
     pub depth: u32,
     /// Canonical paths of the images above this one (loop detection).
     pub chain: Vec<PathBuf>,
+    /// Opens the images this one refers to (backing files, parents): the front door's
+    /// `open_storage`, handed down so that a format driver never calls the layer above
+    /// it. `None` in a context made outside the front door: references are then refused.
+    pub opener: Option<Opener>,
 }
+
+/// Opens an image from storage in a given context: probes (or takes) its format and runs
+/// that format's driver. The front door fills [`OpenContext::opener`] with it.
+pub type Opener = fn(Arc<dyn Storage>, &OpenContext) -> Result<Image>;
 
 impl OpenContext {
     /// Context for the top image at `path`.
@@ -316,6 +385,7 @@ impl OpenContext {
             filename: path.display().to_string(),
             depth: 0,
             chain: path.canonicalize().into_iter().collect(),
+            opener: None,
         }
     }
 
@@ -329,6 +399,7 @@ impl OpenContext {
             filename: name.to_string(),
             depth: 0,
             chain: Vec::new(),
+            opener: None,
         }
     }
 
@@ -379,7 +450,10 @@ impl OpenContext {
         name: &str,
     ) -> Result<Arc<dyn Storage>> {
         let path = self.resolve_reference(format, field, name)?;
-        Ok(Arc::new(FileStorage::open(&path)?))
+        Ok(Arc::new(FileStorage::open_image(
+            &path,
+            self.options.force_share,
+        )?))
     }
 
     /// Opens the backing image `name` (format `fmt`, or probed), one level deeper.
@@ -412,38 +486,30 @@ impl OpenContext {
         }
         let mut ctx = OpenContext::for_path(&path, &self.options);
         ctx.options.format = fmt;
-        ctx.filename = path.display().to_string();
+        // Named as qemu names it: the referring image's folder as written, then the
+        // name (`base.qcow2`, `dir/base.qcow2`, never `./base.qcow2`).
+        ctx.filename = match self.filename.rfind('/') {
+            _ if Path::new(name).is_absolute() => name.to_string(),
+            Some(i) => format!("{}{name}", &self.filename[..=i]),
+            None => name.to_string(),
+        };
         ctx.depth = self.depth + 1;
         ctx.chain = self.chain.clone();
         ctx.chain.push(canon);
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(&path)?);
-        crate::format::open_storage(storage, &ctx).map(Some)
+        ctx.opener = self.opener;
+        let opener = self.opener.ok_or_else(|| {
+            Error::Format(format!(
+                "{format}: {field} {name:?} cannot be opened from this context (made outside imgconv::open)"
+            ))
+        })?;
+        let storage: Arc<dyn Storage> =
+            Arc::new(FileStorage::open_image(&path, self.options.force_share)?);
+        opener(storage, &ctx).map(Some)
     }
-}
 
-/// Opens the image at `path`: finds its format (unless `options` names it) and returns the
-/// virtual disk with its backing chain.
-///
-/// Compressed files (gzip, bzip2, xz, zstd) and tar archives are unwrapped first, found
-/// by magic bytes; `options.format` then names the inner format. The path `-` reads
-/// standard input (see [`open_reader`]).
-pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
-    let path = path.as_ref();
-    if path.as_os_str() == "-" {
-        return crate::io::source::open_stream_input(Box::new(std::io::stdin()), "-", options);
+    /// This context with `opener` to follow references.
+    pub fn with_opener(mut self, opener: Opener) -> Self {
+        self.opener = Some(opener);
+        self
     }
-    crate::io::source::open_path(path, options)
-}
-
-/// Opens an image from any byte stream: compressed or not, a tar archive or not. A raw
-/// disk in a tar member is read straight from the stream, and so is a raw disk of
-/// unknown length with [`OpenOptions::stream_unknown_length`]; otherwise raw disks of
-/// unknown length, and formats that need random access, are spooled to a sparse
-/// temporary file in `options.tmpdir` (else `$TMPDIR`), removed when the image is
-/// dropped.
-pub fn open_reader(
-    reader: impl std::io::Read + Send + 'static,
-    options: &OpenOptions,
-) -> Result<Image> {
-    crate::io::source::open_stream_input(Box::new(reader), "(stream)", options)
 }

@@ -51,8 +51,11 @@
 //! - [`io`]: positional file reads, atomic and sparse outputs.
 
 pub mod convert;
+pub mod details;
 pub mod detect;
 pub mod device;
+pub mod driver;
+pub mod engine;
 pub mod error;
 pub mod format;
 #[doc(hidden)]
@@ -60,13 +63,17 @@ pub mod fuzzing;
 pub mod image;
 pub mod io;
 pub mod limits;
+pub mod open;
+pub mod ops;
+pub mod random;
 pub mod writer;
+pub mod zero;
 
 pub use convert::{convert, convert_to_writer, ConvertOptions, EngineOptions};
 pub use detect::Compression;
 pub use detect::Format;
 pub use device::{BlockDevice, DeviceReader, Extent, ExtentKind};
 pub use error::{Error, Result};
-pub use image::open_reader;
-pub use image::{open, Image, ImageInfo, OpenOptions};
+pub use image::{Image, ImageInfo, OpenOptions};
+pub use open::{open, open_reader};
 pub use writer::{ImageWriter, WriteOptions};

@@ -33,6 +33,15 @@
 //! | VMDK stream buffer (`stream.rs`) | 256 MiB decoded grains held between `map` and `read_at` | streamOptimized reader from a pipe |
 //! | [`MAX_VDI_BLOCKS`] | 2^28 entries (1 GiB block map) | VDI header check and writer |
 //! | [`MAX_VDI_PARENT_SCAN`], [`MAX_VDI_PARENT_CANDIDATES`] | 65536 entries, 1024 headers | the search for a differencing VDI's parent |
+//! | VHD virtual size (`vpc::header::MAX_SECTORS`) | 2040 GiB (qemu's) | VHD open (`reader::virtual_size`) and writer (`header::new_size`) |
+//! | VHD BAT | inside the file (4 bytes per entry), entries × block size covering the disk | `vpc::reader::check_table_bounds`, before the BAT is allocated |
+//! | VHD block size | a power of two, 512 B to 2 GiB (u32) | `DynamicHeader::validate` |
+//! | [`MAX_VPC_LOCATOR_BYTES`] | 64 KiB | VHD parent locator data (a path) |
+//! | [`MAX_VPC_BITMAP_CACHE_BYTES`] | 16 MiB | partial sector bitmaps kept by the VHD reader (memory bound) |
+//! | [`MAX_VHDX_BAT_ENTRIES`] | 2^27 entries (1 GiB BAT; a 64 TiB disk of 1 MiB blocks needs 2^26 + 2^14) | VHDX open and check, after the BAT's size is checked against its region and the file |
+//! | [`MAX_VHDX_LOG_BYTES`] | 32 MiB | a VHDX log that must be replayed (read whole into memory; Hyper-V and QEMU write 1 MiB logs) |
+//! | VHDX region table, metadata table, parent locator | 2047 entries, 2047 entries, items ≤ 1 MiB inside the region | `vhdx::header::RegionTable::parse`, `vhdx::metadata::MetadataTable::parse`, `ParentLocator::parse` |
+//! | VHDX replayed view (`vhdx/replay.rs`) | one 4 KiB copy per data descriptor, one range per zero descriptor | bounded by the log's size |
 //! | [`MAX_XZ_INDEX_BYTES`] | 64 MiB | xz index read to learn a compressed file's size |
 //! | [`XZ_THREADING_MEMORY`], [`MAX_XZ_DECODER_MEMORY`] | 128 MiB, 1 GiB | the xz decoder (one thread above the first, refused above the second) |
 //! | [`MAX_TAR_META_BYTES`] | 1 MiB | tar GNU long names and pax headers |
@@ -41,7 +50,11 @@
 //! | [`MAX_TAR_NAMES_LISTED`], [`MAX_TAR_NAME_SHOWN`] | 16 names, 256 bytes each | tar member names kept for messages; members passed over are skipped as they are read, one header at a time |
 //! | [`STREAM_RETAIN_BYTES`] | 32 MiB | a raw disk read from a stream keeps this much behind the reader |
 //! | format probing (`detect::PROBE_LEN`) | first 4 KiB | format and compression detection |
-//! | default conversion workers ([`DEFAULT_MAX_THREADS`](crate::convert::DEFAULT_MAX_THREADS)) | the cores, at most 16 (`-m` up to 64) | the conversion engine; the binary caps glibc's malloc arenas at 4 so that `-m 64` fits `prlimit --as=1GiB` |
+//! | default conversion workers ([`DEFAULT_MAX_THREADS`](crate::convert::DEFAULT_MAX_THREADS)) | the cores, at most 16 (`-m` up to 16, qemu-img's range; the library takes up to 64) | the conversion engine; the binary caps glibc's malloc arenas at 4 so that many workers fit `prlimit --as=1GiB` |
+//! | qcow2 persistent bitmap (`qcow2::bitmap::MAX_BITMAP_BYTES`) | 512 MiB of bits (QEMU's) | `bitmap` add, load and merge |
+//! | qcow2 bitmap name (`qcow2::bitmap::MAX_NAME`) | 1023 bytes (QEMU's) | `bitmap --add` |
+//! | qcow2 snapshot name (`qcow2::snapshot_edit::MAX_SNAPSHOT_NAME`) | 255 bytes, longer names cut (QEMU's) | `snapshot -c` |
+//! | qcow2 in-place transaction (`qcow2::edit`) | one refcount per cluster of the file, as `check` counts them; 64 modified L2 tables held, the rest written to their new clusters | every in-place change of a qcow2 image |
 //!
 //! The fuzz targets in `fuzz/` check these bounds hold on arbitrary input: they run
 //! with a 512 MiB memory limit and a 10 s per-input timeout (see `fuzz/run-all.sh`).
@@ -77,6 +90,13 @@ pub const MAX_VMDK_GD_ENTRIES: u64 = 1 << 24;
 
 /// Most extents a VMDK descriptor may list.
 pub const MAX_VMDK_EXTENTS: usize = 4096;
+
+/// Most BAT entries of a VHDX image (the BAT is read whole, as QEMU reads it).
+pub const MAX_VHDX_BAT_ENTRIES: u64 = 1 << 27;
+
+/// Largest VHDX log replayed: it is read whole into memory, and the replayed view holds
+/// at most a copy of its data sectors.
+pub const MAX_VHDX_LOG_BYTES: u64 = 32 << 20;
 
 /// Largest xz index read to find a compressed file's uncompressed size (a record is a
 /// few bytes per block; 64 MiB covers millions of blocks).
@@ -114,3 +134,10 @@ pub const MAX_VDI_PARENT_SCAN: usize = 65536;
 
 /// Most `*.vdi` files whose headers are read while searching for a VDI parent.
 pub const MAX_VDI_PARENT_CANDIDATES: usize = 1024;
+
+/// Largest VHD parent locator data (a path: 32767 UTF-16 units fit).
+pub const MAX_VPC_LOCATOR_BYTES: u64 = 64 * 1024;
+
+/// Bytes of partial sector bitmaps the VHD reader keeps in memory (a cache: full and
+/// empty bitmaps take one byte of state per block).
+pub const MAX_VPC_BITMAP_CACHE_BYTES: u64 = 16 << 20;

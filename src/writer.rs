@@ -38,6 +38,27 @@ pub trait ImageWriter: Send {
     /// Stores guest data.
     fn write_data(&mut self, run: DataRun<'_>) -> Result<()>;
 
+    /// True when [`copy_range`](Self::copy_range) works: copy offloading (`convert -C`).
+    fn copy_range_supported(&self) -> bool {
+        false
+    }
+
+    /// Stores `len` bytes of `src` from `src_offset` at guest `offset`, letting the
+    /// kernel copy them (`copy_file_range`) instead of passing them through memory.
+    /// Called instead of `write_data`, with the same ordering rules, when
+    /// [`copy_range_supported`](Self::copy_range_supported).
+    fn copy_range(
+        &mut self,
+        _src: &std::fs::File,
+        _src_offset: u64,
+        offset: u64,
+        _len: u64,
+    ) -> Result<()> {
+        Err(Error::Format(format!(
+            "internal error: copy offloading at {offset:#x} into a writer without it"
+        )))
+    }
+
     /// Records that `[offset, offset + len)` must read as zeros. On a fresh target with no
     /// backing file this usually costs nothing.
     fn write_zeros(&mut self, offset: u64, len: u64) -> Result<()>;
@@ -52,6 +73,29 @@ pub trait ImageWriter: Send {
     }
 
     /// Writes the remaining metadata and flushes. The engine then commits the output.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Writes into an existing image in place (the base image of `commit`), at any
+/// offset, in one transaction that [`finish`](InPlaceWriter::finish) makes durable.
+pub trait InPlaceWriter {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+
+    /// Granularity of the format's allocation: writes and zeroed ranges are aligned to
+    /// it (or end at the end of the disk).
+    fn grain_size(&self) -> u64;
+
+    /// Grows the virtual disk to `size` bytes; the new space reads as zeros.
+    fn grow(&mut self, size: u64) -> Result<()>;
+
+    /// Writes `data` at guest `offset`.
+    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes `[offset, offset + len)` read as zeros.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
+
+    /// Makes the writes durable (and, for formats with metadata, visible).
     fn finish(self: Box<Self>) -> Result<()>;
 }
 

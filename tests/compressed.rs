@@ -551,7 +551,7 @@ fn library_opens_any_reader() {
     let zst = compress(&["zstd", "-q", "-c"], "zst", &raw);
     let f = std::fs::File::open(&zst).unwrap();
     let img = imgconv::open_reader(f, &imgconv::OpenOptions::default()).unwrap();
-    assert_eq!(img.info().compression.as_deref(), Some("zstd"));
+    assert_eq!(img.info().wrapper, Some(imgconv::Compression::Zstd));
     assert_eq!(img.format(), imgconv::Format::Raw);
     let mut all = Vec::new();
     img.reader().read_to_end(&mut all).unwrap();
@@ -641,6 +641,12 @@ fn corpus_images_straight_from_their_compressed_files() {
         args.extend([s(&plain), s(&a)]);
         if imgconv_out(&args).status.success() {
             let mut args = untrusted.to_vec();
+            // A fixed VHD has its only footer at its end, which a stream does not show in
+            // advance: inside a compressed file it is named with -f (see the README).
+            let info = imgconv(&["info", "--output=json", s(&plain)]);
+            if info.contains("\"format\": \"vpc\"") && !info.contains("cluster-size") {
+                args.extend(["-f", "vpc"]);
+            }
             args.extend([s(&p), s(&b)]);
             let o = imgconv_out(&args);
             assert!(

@@ -2,6 +2,7 @@
 //! images, no files left behind, and the fuzzers' regression inputs.
 
 mod common;
+mod vhd_builder;
 use common::*;
 
 use common::watch::watched;
@@ -354,6 +355,7 @@ fn fuzz_regressions_do_not_panic() {
             Some("qcow2") => Some(imgconv::Format::Qcow2),
             Some("vmdk") => Some(imgconv::Format::Vmdk),
             Some("vdi") => Some(imgconv::Format::Vdi),
+            Some("vpc") => Some(imgconv::Format::Vpc),
             Some("roundtrip") => {
                 imgconv::fuzzing::roundtrip(&data);
                 continue;
@@ -461,4 +463,436 @@ fn a_zero_bomb_of_unrecorded_length_converts_in_bounded_memory() {
             assert_qemu_check_clean(&out);
         }
     }
+}
+
+#[test]
+fn truncated_vpc_images_fail_cleanly() {
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    for o in ["subformat=dynamic", "subformat=fixed"] {
+        let v = d.path().join("t.vhd");
+        qemu_convert("vpc", o, &raw, &v);
+        truncations(&v, "vpc");
+    }
+}
+
+/// One hostile change to a VHD file.
+type VhdPatch = Box<dyn Fn(&Path)>;
+
+#[test]
+fn hostile_vpc_metadata_is_refused_quickly() {
+    use vhd_builder::{patch_bat, patch_footer, patch_header, read_bat};
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    let v = d.path().join("base.vhd");
+    qemu_convert("vpc", "", &raw, &v);
+    let bat = read_bat(&v);
+    let used: Vec<usize> = (0..bat.len()).filter(|&i| bat[i] != u32::MAX).collect();
+    let (i0, i1) = (used[0], used[1]);
+    let other = bat[i1];
+    let cases: Vec<(&str, VhdPatch, &str)> = vec![
+        (
+            "BAT entry into the footer copy",
+            Box::new(move |p| patch_bat(p, i0, 0)),
+            "overlaps the footer copy",
+        ),
+        (
+            "BAT entry into the header",
+            Box::new(move |p| patch_bat(p, i0, 2)),
+            "overlaps the dynamic disk header",
+        ),
+        (
+            "BAT entry into the BAT",
+            Box::new(move |p| patch_bat(p, i0, 3)),
+            "overlaps the BAT",
+        ),
+        (
+            "BAT entry past the end",
+            Box::new(move |p| patch_bat(p, i0, 0xFFFF_FFF0)),
+            "past the end",
+        ),
+        (
+            "two blocks in one place",
+            Box::new(move |p| patch_bat(p, i0, other)),
+            "overlaps block",
+        ),
+        (
+            "block size 3",
+            Box::new(|p| patch_header(p, true, |h| h.block_size = 3)),
+            "block size",
+        ),
+        (
+            "block size 256",
+            Box::new(|p| patch_header(p, true, |h| h.block_size = 256)),
+            "block size",
+        ),
+        (
+            "block size 2 GiB",
+            Box::new(|p| patch_header(p, true, |h| h.block_size = 1 << 31)),
+            "past the end",
+        ),
+        (
+            "2^30 BAT entries",
+            Box::new(|p| patch_header(p, true, |h| h.max_table_entries = 0x4000_0001)),
+            "BAT",
+        ),
+        (
+            "too few BAT entries",
+            Box::new(|p| patch_header(p, true, |h| h.max_table_entries = 1)),
+            "cover less",
+        ),
+        (
+            "BAT at the end of u64",
+            Box::new(|p| patch_header(p, true, |h| h.table_offset = u64::MAX - 3)),
+            "BAT",
+        ),
+        (
+            "header far away",
+            Box::new(|p| patch_footer(p, |f| f.data_offset = 1 << 60)),
+            "dynamic disk header",
+        ),
+        (
+            "header checksum",
+            Box::new(|p| patch_header(p, false, |h| h.version = 2)),
+            "checksum",
+        ),
+        (
+            "footer checksum",
+            Box::new(|p| {
+                let mut b = std::fs::read(p).unwrap();
+                b[100] ^= 1;
+                std::fs::write(p, b).unwrap();
+            }),
+            "checksum",
+        ),
+        (
+            "disk type 5",
+            Box::new(|p| patch_footer(p, |f| f.disk_type = 5)),
+            "disk type",
+        ),
+        (
+            "a disk of 2^50 bytes",
+            Box::new(|p| {
+                patch_footer(p, |f| {
+                    f.creator_app = *b"win ";
+                    f.current_size = 1 << 50;
+                })
+            }),
+            "too large",
+        ),
+        (
+            "a differencing image without parent",
+            Box::new(|p| patch_footer(p, |f| f.disk_type = 4)),
+            "names no parent",
+        ),
+    ];
+    for (what, patch, msg) in cases {
+        let p = d.path().join("bad.vhd");
+        std::fs::copy(&v, &p).unwrap();
+        patch(&p);
+        let out = d.path().join("out.raw");
+        assert_clean_error(&["convert", "-f", "vpc", "-O", "raw", s(&p), s(&out)], msg);
+        assert!(!out.exists(), "{what}");
+        assert_clean_error(&["info", s(&p)], msg);
+        let w = watched(&["check", s(&p)]);
+        w.assert_no_panic(what);
+        w.assert_faster_than(what, Duration::from_secs(2));
+        assert!(
+            matches!(w.code, Some(0..=2)),
+            "{what}: check gave {:?}",
+            w.code
+        );
+    }
+}
+
+#[test]
+fn vpc_parent_locator_loops_and_deep_chains_are_refused() {
+    use imgconv::format::vpc::header::Uuid;
+    use vhd_builder::Vhd;
+    let d = scratch();
+    let (ua, ub) = (Uuid::random(), Uuid::random());
+    let mut a = Vhd::differencing(1 << 20, 64 << 10, ub).windows_locator(b"W2ru", ".\\b.vhd");
+    a.uuid = ua;
+    let mut b = Vhd::differencing(1 << 20, 64 << 10, ua).windows_locator(b"W2ru", ".\\a.vhd");
+    b.uuid = ub;
+    a.write(&d.path().join("a.vhd"));
+    b.write(&d.path().join("b.vhd"));
+    // Plain info opens no parent (as qemu-img); the chain is followed with --backing-chain.
+    assert_clean_error(
+        &["info", "--backing-chain", s(&d.path().join("a.vhd"))],
+        "loops",
+    );
+    let mut me =
+        Vhd::differencing(1 << 20, 64 << 10, Uuid::default()).windows_locator(b"W2ru", "me.vhd");
+    me.parent_uuid = me.uuid;
+    me.write(&d.path().join("me.vhd"));
+    assert_clean_error(
+        &["info", "--backing-chain", s(&d.path().join("me.vhd"))],
+        "loops",
+    );
+    // A chain deeper than the limit: c0 → c1 → … → c20 (a dynamic base).
+    let mut uuids: Vec<Uuid> = (0..=20).map(|_| Uuid::random()).collect();
+    uuids[20] = Uuid::random();
+    for i in 0..20 {
+        let mut c = Vhd::differencing(1 << 20, 64 << 10, uuids[i + 1])
+            .windows_locator(b"W2ru", &format!("c{}.vhd", i + 1));
+        c.uuid = uuids[i];
+        c.write(&d.path().join(format!("c{i}.vhd")));
+    }
+    let mut base = Vhd::dynamic(1 << 20, 64 << 10);
+    base.uuid = uuids[20];
+    base.write(&d.path().join("c20.vhd"));
+    assert_clean_error(
+        &["info", "--backing-chain", s(&d.path().join("c0.vhd"))],
+        "deeper than",
+    );
+    // Within the limit it opens.
+    imgconv(&["info", "--backing-chain", s(&d.path().join("c10.vhd"))]);
+}
+
+#[test]
+fn truncated_vhdx_images_fail_cleanly() {
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    let v = d.path().join("t.vhdx");
+    qemu_convert("vhdx", "block_size=1M", &raw, &v);
+    truncations(&v, "vhdx");
+    imgconv_convert("vhdx", "subformat=fixed,block_size=1M", &raw, &v);
+    truncations(&v, "vhdx");
+}
+
+/// Hostile VHDX images: each is refused with a typed error naming what is wrong, fast
+/// and in little memory.
+#[test]
+fn hostile_vhdx_images_give_typed_errors() {
+    use common::vhdx::*;
+    use imgconv::format::vhdx::header::{
+        BatEntry, Guid, RegionTable, BAT_REGION, METADATA_REGION, REGION_TABLE_OFFSETS,
+    };
+    use imgconv::format::vhdx::metadata::{
+        FileParameters, FILE_PARAMETERS, LOGICAL_SECTOR_SIZE, VIRTUAL_DISK_SIZE,
+    };
+    const MIB: u64 = 1 << 20;
+    let d = scratch();
+    let raw = sample_raw(d.path());
+    let good = d.path().join("good.vhdx");
+    imgconv_convert("vhdx", "block_size=1M", &raw, &good);
+    let len = std::fs::metadata(&good).unwrap().len();
+    let md = region(&good, METADATA_REGION).file_offset;
+    let params = |bs: u32| {
+        FileParameters {
+            block_size: bs,
+            leave_blocks_allocated: false,
+            has_parent: false,
+            reserved: 0,
+        }
+        .serialize()
+    };
+    let overwrite = |p: &Path, at: u64, bytes: &[u8]| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(bytes, at).unwrap();
+    };
+    let guid = Guid::random();
+    let log_entry = |descs| LogEntrySpec {
+        pos: 0,
+        seq: 1,
+        tail: 0,
+        guid,
+        descs,
+        flushed: 0,
+        last: 0,
+        corrupt: false,
+    };
+    type Damage<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
+        (
+            "bat-into-metadata",
+            Box::new(|p| patch_bat(p, |b| b[0] = BatEntry::new(6, md))),
+            "overlaps the metadata region",
+        ),
+        (
+            "bat-past-eof",
+            Box::new(|p| patch_bat(p, |b| b[3] = BatEntry::new(6, len + 64 * MIB))),
+            "past the end of the file",
+        ),
+        (
+            "bat-in-header",
+            Box::new(|p| patch_bat(p, |b| b[1] = BatEntry::new(6, 0))),
+            "header section",
+        ),
+        (
+            "bat-reserved-state",
+            Box::new(|p| patch_bat(p, |b| b[2] = BatEntry::new(4, 0))),
+            "reserved state",
+        ),
+        (
+            "bat-partial",
+            Box::new(|p| patch_bat(p, |b| b[0] = BatEntry::new(7, b[0].offset()))),
+            "partially present",
+        ),
+        (
+            "block-3m",
+            Box::new(|p| patch_metadata_item(p, FILE_PARAMETERS, &params(3 << 20))),
+            "block size",
+        ),
+        (
+            "block-512m",
+            Box::new(|p| patch_metadata_item(p, FILE_PARAMETERS, &params(512 << 20))),
+            "block size",
+        ),
+        (
+            "block-0",
+            Box::new(|p| patch_metadata_item(p, FILE_PARAMETERS, &params(0))),
+            "block size",
+        ),
+        (
+            "sector-1000",
+            Box::new(|p| patch_metadata_item(p, LOGICAL_SECTOR_SIZE, &1000u32.to_le_bytes())),
+            "logical sector size",
+        ),
+        (
+            "size-odd",
+            Box::new(|p| patch_metadata_item(p, VIRTUAL_DISK_SIZE, &1001u64.to_le_bytes())),
+            "multiple",
+        ),
+        (
+            "size-huge",
+            Box::new(|p| patch_metadata_item(p, VIRTUAL_DISK_SIZE, &(1u64 << 61).to_le_bytes())),
+            "BAT",
+        ),
+        (
+            "headers-bad",
+            Box::new(|p| {
+                overwrite(p, 64 << 10 | 100, b"x");
+                overwrite(p, 128 << 10 | 100, b"x");
+            }),
+            "neither header is valid",
+        ),
+        (
+            "region-crc",
+            Box::new(|p| overwrite(p, REGION_TABLE_OFFSETS[0] + 300, b"x")),
+            "region table",
+        ),
+        (
+            "region-required-unknown",
+            Box::new(|p| {
+                let mut t = region_table(p);
+                t.entries.push(imgconv::format::vhdx::header::RegionEntry {
+                    guid: Guid::random(),
+                    file_offset: 400 * MIB,
+                    length: MIB as u32,
+                    required: 1,
+                });
+                overwrite(p, REGION_TABLE_OFFSETS[0], &t.serialize());
+            }),
+            "required region",
+        ),
+        (
+            "region-overlap",
+            Box::new(|p| {
+                let mut t: RegionTable = region_table(p);
+                let bat = *t.find(BAT_REGION).unwrap();
+                t.entries
+                    .iter_mut()
+                    .find(|e| e.guid == METADATA_REGION)
+                    .unwrap()
+                    .file_offset = bat.file_offset;
+                overwrite(p, REGION_TABLE_OFFSETS[0], &t.serialize());
+            }),
+            "overlaps",
+        ),
+        (
+            "metadata-count",
+            Box::new(|p| overwrite(p, md + 10, &2047u16.to_le_bytes())),
+            "metadata",
+        ),
+        (
+            "log-zero-bomb",
+            Box::new(|p| {
+                write_log(
+                    p,
+                    guid,
+                    &[log_entry(vec![(1 << 40, LogWrite::Zero(1 << 62))])],
+                )
+            }),
+            "past any possible file",
+        ),
+        (
+            "log-too-long",
+            Box::new(|p| {
+                replace_headers(p, |h| {
+                    h.log_guid = guid;
+                    h.log_length = 1 << 30;
+                })
+            }),
+            "log",
+        ),
+        (
+            "log-version",
+            Box::new(|p| {
+                replace_headers(p, |h| {
+                    h.log_guid = guid;
+                    h.log_version = 3;
+                })
+            }),
+            "log version",
+        ),
+    ];
+    for (name, damage, what) in cases {
+        let p = d.path().join(format!("{name}.vhdx"));
+        std::fs::copy(&good, &p).unwrap();
+        damage(&p);
+        let out = d.path().join("out.raw");
+        assert_clean_error(&["convert", "-O", "raw", s(&p), s(&out)], what);
+        assert!(!out.exists(), "{name}");
+        // check either reports it or fails the same way, without a panic.
+        let w = watched(&["check", s(&p)]);
+        w.assert_no_panic(name);
+        assert!(
+            matches!(w.code, Some(1) | Some(2)),
+            "{name}: check {:?}",
+            w.code
+        );
+    }
+
+    // Thousands of overlapping zero and data descriptors replay fast, later over earlier.
+    let p = d.path().join("log-overlaps.vhdx");
+    std::fs::copy(&good, &p).unwrap();
+    let b0 = read_bat(&p)[0].offset();
+    let mut descs: Vec<(u64, LogWrite)> = Vec::new();
+    for i in 0..2000u64 {
+        descs.push((b0 + (i % 7) * 4096, LogWrite::Zero(8 * 4096)));
+    }
+    descs.push((b0, LogWrite::Data(vec![0x5a; 4096])));
+    write_log(&p, guid, &[log_entry(descs)]);
+    let w = watched(&["convert", "-O", "raw", s(&p), s(&d.path().join("o.raw"))]);
+    assert_eq!(w.code, Some(0), "{}", w.stderr);
+    w.assert_faster_than("overlapping log", Duration::from_secs(2));
+    let o = std::fs::read(d.path().join("o.raw")).unwrap();
+    assert!(o[..4096].iter().all(|&x| x == 0x5a) && o[4096..14 * 4096].iter().all(|&x| x == 0));
+
+    // Parent locators that loop (a → b → a), and one naming the image itself.
+    let (a, b) = (d.path().join("a.avhdx"), d.path().join("b.avhdx"));
+    let child = |path: &Path, parent: &str, linkage: Guid| {
+        make_child(
+            path,
+            &ChildSpec {
+                size: 4 * MIB,
+                block_size: MIB,
+                lss: 512,
+                linkage,
+                relative_path: Some(parent),
+                absolute_path: None,
+                blocks: vec![],
+            },
+            &mut vec![],
+        )
+    };
+    let ga = child(&a, "b.avhdx", Guid::random());
+    child(&b, "a.avhdx", ga);
+    assert_clean_error(&["info", "--backing-chain", s(&a)], "loops");
+    let selfish = d.path().join("self.avhdx");
+    child(&selfish, "self.avhdx", Guid::random());
+    assert_clean_error(&["info", "--backing-chain", s(&selfish)], "loops");
 }

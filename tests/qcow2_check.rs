@@ -266,10 +266,20 @@ fn formats_without_checks_and_repair_requests() {
         String::from_utf8_lossy(&i.stderr).contains("This image format does not support checks")
     );
     let src = pattern_raw(d.path());
+    // `-r all` repairs leaks as qemu-img does…
     let p = damaged(d.path(), &src, "imgconv", "leak");
+    let o = imgconv_out(&["check", "-r", "all", s(&p)]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(run("qemu-img", &["check", s(&p)]).status.code(), Some(0));
+    // …and refuses corruptions, which imgconv does not repair, changing nothing.
+    let p = damaged(d.path(), &src, "imgconv", "low");
+    let before = std::fs::read(&p).unwrap();
     let o = imgconv_out(&["check", "-r", "all", s(&p)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("repair"));
+    assert!(std::fs::read(&p).unwrap() == before);
+    let o = imgconv_out(&["check", "-r", "bogus", s(&p)]);
+    assert_eq!(o.status.code(), Some(1));
     // Not a qcow2 at all with -f qcow2: could not check.
     let o = imgconv_out(&["check", "-f", "qcow2", s(&raw)]);
     assert_eq!(o.status.code(), Some(1));

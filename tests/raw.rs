@@ -58,10 +58,16 @@ fn compare_reports_first_difference_with_qemu_exit_codes() {
     make_raw(&b, 1 << 20, &[(4096, 512, 1), (70000, 1, 5)]);
     let o = imgconv_out(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
+    // qemu-img names the first differing 512-byte sector.
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
-        "Content mismatch at offset 70000!"
+        "Content mismatch at offset 69632!"
     );
+    let q = run(
+        "qemu-img",
+        &["compare", a.to_str().unwrap(), b.to_str().unwrap()],
+    );
+    assert_eq!(o.stdout, q.stdout);
     let o = imgconv_out(&["compare", a.to_str().unwrap(), a.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0));
     let o = imgconv_out(&["compare", a.to_str().unwrap(), "/nonexistent"]);

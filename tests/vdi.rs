@@ -88,8 +88,8 @@ fn qemu_made_dynamic_and_static_vdis_read_identical() {
         assert_eq!(j["virtual-size"], 12 * MIB);
         assert_eq!(j["cluster-size"], MIB);
         let kind = if extra.is_some() { "static" } else { "dynamic" };
-        assert_eq!(j["format-specific"]["data"]["image-type"], kind);
-        assert_eq!(j["format-specific"]["data"]["header-size"], 0x180);
+        assert_eq!(j["format-details"]["data"]["image-type"], kind);
+        assert_eq!(j["format-details"]["data"]["header-size"], 0x180);
     }
 }
 
@@ -134,9 +134,9 @@ fn corpus_vdis_read_identical() {
         let j = info_json(&v);
         assert_eq!(j["format"], "vdi");
         assert_eq!(j["virtual-size"], size, "{rel}");
-        assert_eq!(j["format-specific"]["type"], "vdi");
-        assert_eq!(j["format-specific"]["data"]["uuid"], uuid, "{rel}");
-        assert_eq!(j["format-specific"]["data"]["file-info"], text, "{rel}");
+        assert_eq!(j["format-details"]["type"], "vdi");
+        assert_eq!(j["format-details"]["data"]["uuid"], uuid, "{rel}");
+        assert_eq!(j["format-details"]["data"]["file-info"], text, "{rel}");
     }
     // basic.vdi: MiB 0 unallocated, then 4 KiB block k holds byte k % 256.
     let img = imgconv::open(d.path().join("basic.vdi"), &OpenOptions::default()).unwrap();
@@ -202,7 +202,7 @@ fn raw_written_as_dynamic_and_static_vdi_is_virtualbox_shaped() {
     assert_eq!(read_map(&stat, &h), (0..20).collect::<Vec<_>>());
     assert_eq!(std::fs::metadata(&stat).unwrap().len(), 22 * MIB);
     let j = info_json(&stat);
-    assert_eq!(j["format-specific"]["data"]["image-type"], "static");
+    assert_eq!(j["format-details"]["data"]["image-type"], "static");
 
     // qemu-img reads our header as VDI with the right size.
     let q = qemu_info(&dynv);
@@ -283,8 +283,8 @@ fn every_image_gets_fresh_uuids_and_uuid_can_be_set() {
     imgconv(&["convert", "-O", "vdi", s(&raw), s(&a)]);
     imgconv(&["convert", "-O", "vdi", s(&raw), s(&b)]);
     let (ja, jb) = (info_json(&a), info_json(&b));
-    let fa = &ja["format-specific"]["data"];
-    let fb = &jb["format-specific"]["data"];
+    let fa = &ja["format-details"]["data"];
+    let fb = &jb["format-details"]["data"];
     assert_ne!(fa["uuid"], fb["uuid"]);
     assert_ne!(fa["modification-uuid"], fb["modification-uuid"]);
     assert_ne!(fa["uuid"], fa["modification-uuid"]);
@@ -293,15 +293,15 @@ fn every_image_gets_fresh_uuids_and_uuid_can_be_set() {
     let want = "5e4f1c2a-9b3d-4e8f-a1b2-c3d4e5f60718";
     imgconv_convert("vdi", &format!("uuid={want}"), &raw, &c);
     let jc = info_json(&c);
-    assert_eq!(jc["format-specific"]["data"]["uuid"], want);
-    assert_ne!(jc["format-specific"]["data"]["modification-uuid"], want);
+    assert_eq!(jc["format-details"]["data"]["uuid"], want);
+    assert_ne!(jc["format-details"]["data"]["modification-uuid"], want);
     // Stored in GUID byte order: the first field little-endian.
     let bytes = std::fs::read(&c).unwrap();
     assert_eq!(&bytes[0x188..0x18C], &[0x2a, 0x1c, 0x4f, 0x5e]);
     assert_same(&raw, &c);
 
     // Human info shows the same.
-    let human = imgconv(&["info", s(&c)]);
+    let human = imgconv(&["info", "--details", s(&c)]);
     assert!(human.contains(&format!("uuid: {want}")), "{human}");
     assert!(human.contains("image type: dynamic"), "{human}");
     assert!(human.contains("cluster_size: 1048576"), "{human}");
@@ -429,7 +429,7 @@ fn differencing_image_reads_as_parent_plus_changes() {
     // info names the parent's UUID without looking for it (as qemu-img's info opens no
     // backing file); --backing-chain finds it and shows both.
     let j = info_json(&child);
-    let f = &j["format-specific"]["data"];
+    let f = &j["format-details"]["data"];
     let (_, ph) = read_head(&parent);
     assert_eq!(f["image-type"], "differencing");
     assert_eq!(f["parent-uuid"], ph.uuid_create.to_string());
@@ -485,7 +485,7 @@ fn differencing_image_reads_as_parent_plus_changes() {
     let o = imgconv_out(&["convert", "--untrusted", "-O", "raw", s(&child), s(&out)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains(&ph.uuid_create.to_string()));
-    let human = imgconv(&["info", "--untrusted", s(&child)]);
+    let human = imgconv(&["info", "--untrusted", "--details", s(&child)]);
     assert!(human.contains(&ph.uuid_create.to_string()), "{human}");
 
     // Given explicitly (here under a name that would not be searched).
@@ -495,21 +495,17 @@ fn differencing_image_reads_as_parent_plus_changes() {
         imgconv::open(&child, &OpenOptions::default()).is_err(),
         "parent gone"
     );
-    let img =
-        imgconv::format::vdi::open_with_parent(&child, "parent.image", &OpenOptions::default())
-            .unwrap();
+    let img = imgconv::open(&child, &OpenOptions::default().parent("parent.image")).unwrap();
     let mut all = vec![0u8; size as usize];
     img.device().read_at(&mut all, 0).unwrap();
     assert!(all == want);
     // A wrong explicit parent (UUID mismatch) is refused.
-    let wrong =
-        imgconv::format::vdi::open_with_parent(&child, "decoy.vdi", &OpenOptions::default());
+    let wrong = imgconv::open(&child, &OpenOptions::default().parent("decoy.vdi"));
     assert!(
         matches!(wrong, Err(Error::BackingChain { .. })),
         "{wrong:?}"
     );
-    let refused =
-        imgconv::format::vdi::open_with_parent(&child, "parent.image", &OpenOptions::untrusted());
+    let refused = imgconv::open(&child, &OpenOptions::untrusted().parent("parent.image"));
     assert!(matches!(refused, Err(Error::UntrustedReference { .. })));
 }
 
@@ -961,8 +957,7 @@ fn vdi_snapshot_of_a_vmdk_base_opens_with_the_parent_given() {
     // Not found by searching (the base is no VDI) ...
     assert!(imgconv::open(&child, &OpenOptions::default()).is_err());
     // ... but opened on the parent the caller names.
-    let img = imgconv::format::vdi::open_with_parent(&child, "base.vmdk", &OpenOptions::default())
-        .unwrap();
+    let img = imgconv::open(&child, &OpenOptions::default().parent("base.vmdk")).unwrap();
     assert_eq!(img.info().backing_filename_format.as_deref(), Some("vmdk"));
     let mut all = vec![0u8; size as usize];
     img.device().read_at(&mut all, 0).unwrap();

@@ -5,15 +5,18 @@
 //! are kept byte-exact (qemu-img rounds a raw size up to 512; imgconv does not).
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::detect::Format;
 use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
+use crate::driver::{Driver, StreamReader};
 use crate::error::{Error, Result};
 use crate::image::{ImageInfo, OpenContext, Opened};
+use crate::io::stream::StreamDevice;
 use crate::io::{fallocate, write_all_at, AllocateAhead, OutputSet, Storage};
+use crate::limits::MAX_VIRTUAL_SIZE;
 use crate::writer::{DataRun, ImageWriter, WriteOptions};
 
 /// A raw image as a block device.
@@ -31,6 +34,10 @@ impl RawDevice {
 impl BlockDevice for RawDevice {
     fn size(&self) -> u64 {
         self.storage.len()
+    }
+
+    fn plain_file(&self) -> Option<&File> {
+        self.storage.plain_file()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -58,6 +65,27 @@ impl BlockDevice for RawDevice {
     }
 }
 
+/// The raw driver: every file is a raw disk (probed last), read from storage or straight
+/// from a stream, written to files or streams, of known or unknown size.
+pub const DRIVER: Driver = Driver {
+    format: Format::Raw,
+    probe: |_, _| true,
+    open: Some(open),
+    open_stream: Some(StreamReader {
+        accepts: |_, len, options| {
+            len.is_some() || options.stream_unknown_length || options.metadata_only
+        },
+        open: open_stream,
+    }),
+    create: Some(create_writer),
+    create_unsized: Some(create_writer_unsized),
+    check: None,
+    repair: None,
+    resize: Some(|path, size, _shrink, _ctx| resize(path, size)),
+    internal_snapshots: false,
+    explicit_parent: false,
+};
+
 /// Opens a raw image (any file is one).
 pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     let mut info = ImageInfo::new(ctx.filename.clone(), Format::Raw, storage.len());
@@ -65,6 +93,80 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     Ok(Opened {
         device: Arc::new(RawDevice::new(storage)),
         info,
+    })
+}
+
+/// Reads a raw disk straight from a stream, in one pass: of length `len` when the
+/// container records it (tar, xz index, zstd frame headers), else (with
+/// [`crate::image::OpenOptions::stream_unknown_length`]) until the stream ends, within
+/// `--max-size`. For `info` ([`crate::image::OpenOptions::metadata_only`]) a stream of
+/// unrecorded length is only measured: decoded to its end, its data not kept.
+pub fn open_stream(
+    mut reader: Box<dyn Read + Send>,
+    len: Option<u64>,
+    ctx: &OpenContext,
+) -> Result<Opened> {
+    let name = ctx.filename.clone();
+    if len.is_none() && ctx.options.metadata_only {
+        return measured_stream(reader, ctx);
+    }
+    let Some(len) = len else {
+        let device =
+            StreamDevice::unknown_length_at_most(reader, name.clone(), ctx.options.max_size)?;
+        // The size is unknown until the stream has been read.
+        let info = ImageInfo::new(name, Format::Raw, 0);
+        return Ok(Opened {
+            device: Arc::new(device),
+            info,
+        });
+    };
+    // The length comes from a header: bound it before a writer sizes its output after it.
+    if len > MAX_VIRTUAL_SIZE {
+        return Err(Error::TooLarge {
+            format: "raw",
+            structure: "disk size declared by the container",
+            size: len,
+            limit: MAX_VIRTUAL_SIZE,
+        });
+    }
+    if len == 0 {
+        // Nothing will ever be read: check now that the stream is empty and whole.
+        let rest = crate::io::compressed::count(&mut reader)?;
+        if rest != 0 {
+            return Err(Error::Format(format!(
+                "{name}: {rest} bytes of data where none were declared"
+            )));
+        }
+    }
+    Ok(Opened {
+        device: Arc::new(StreamDevice::new(reader, len, name.clone())),
+        info: ImageInfo::new(name, Format::Raw, len),
+    })
+}
+
+/// A raw disk on a stream of unrecorded length, measured by decoding it to its end
+/// (within `--max-size`): its size, and no data (nothing is written anywhere).
+fn measured_stream(mut reader: Box<dyn Read + Send>, ctx: &OpenContext) -> Result<Opened> {
+    let limit = ctx.options.max_size.unwrap_or(MAX_VIRTUAL_SIZE);
+    let n = crate::io::compressed::count(&mut (&mut reader).take(limit.saturating_add(1)))?;
+    if n > limit {
+        return Err(Error::TooLarge {
+            format: "raw",
+            structure: if ctx.options.max_size.is_some() {
+                "raw disk read from a stream of unrecorded length (cap: --max-size)"
+            } else {
+                "disk read from a stream"
+            },
+            size: n,
+            limit,
+        });
+    }
+    Ok(Opened {
+        device: Arc::new(crate::io::stream::MeasuredDevice::new(
+            n,
+            ctx.filename.clone(),
+        )),
+        info: ImageInfo::new(ctx.filename.clone(), Format::Raw, n),
     })
 }
 
@@ -245,6 +347,20 @@ impl ImageWriter for RawWriter {
         }
     }
 
+    fn copy_range_supported(&self) -> bool {
+        matches!(self.sink, Sink::File { .. })
+    }
+
+    fn copy_range(&mut self, src: &File, src_offset: u64, offset: u64, len: u64) -> Result<()> {
+        let Sink::File { file, path } = &mut self.sink else {
+            return Err(Error::Format(
+                "internal error: copy offloading into a stream".into(),
+            ));
+        };
+        self.allocate_ahead.before_write(file, offset, len);
+        crate::io::copy_range(src, src_offset, file, offset, len).map_err(|e| Error::io(&*path, e))
+    }
+
     fn set_size(&mut self, size: u64) -> Result<()> {
         if !self.size_pending {
             return Err(Error::Format(
@@ -282,12 +398,57 @@ impl ImageWriter for RawWriter {
 /// Changes the size of the raw image at `path` to `new_size` bytes (a shrink cuts off
 /// the data beyond the new end; the caller asks for consent first).
 pub fn resize(path: &Path, new_size: u64) -> Result<()> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    f.set_len(new_size).map_err(|e| Error::io(path, e))?;
-    f.sync_data().map_err(|e| Error::io(path, e))
+    let f = crate::io::inplace::InPlaceFile::open(path)?;
+    f.set_len(new_size)?;
+    f.sync()
+}
+
+/// A raw image written in place (the base image of `commit`): writes go straight to
+/// the file, which holds QEMU's writer locks; `finish` flushes them.
+pub struct RawInPlace {
+    file: crate::io::inplace::InPlaceFile,
+    size: u64,
+}
+
+impl RawInPlace {
+    /// Opens the raw image at `path` for writing in place.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = crate::io::inplace::InPlaceFile::open(path)?;
+        let size = file.file_len()?;
+        Ok(RawInPlace { file, size })
+    }
+}
+
+impl crate::writer::InPlaceWriter for RawInPlace {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn grain_size(&self) -> u64 {
+        512
+    }
+
+    fn grow(&mut self, size: u64) -> Result<()> {
+        if size > self.size {
+            self.file.set_len(size)?;
+            self.size = size;
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, data: &[u8], offset: u64) -> Result<()> {
+        crate::device::check_bounds(offset, data.len() as u64, self.size)?;
+        self.file.write_at(data, offset)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        crate::device::check_bounds(offset, len, self.size)?;
+        self.file.zero_range(offset, len)
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.file.sync()
+    }
 }
 
 #[cfg(test)]

@@ -22,26 +22,20 @@ use std::sync::Arc;
 
 use crate::detect::Compression;
 use crate::error::{Error, Result};
-use crate::limits::{MAX_XZ_DECODER_MEMORY, MAX_XZ_INDEX_BYTES, XZ_THREADING_MEMORY};
+use crate::limits::MAX_XZ_INDEX_BYTES;
+#[cfg(feature = "xz")]
+use crate::limits::{MAX_XZ_DECODER_MEMORY, XZ_THREADING_MEMORY};
 
 /// Turns an I/O error from a decoding stack back into the crate's error: errors that
 /// carry an [`Error`] (see [`DecodeReader`]) are unwrapped, others become
 /// [`Error::Stream`].
 pub fn from_io(e: io::Error) -> Error {
-    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
-        if let Some(inner) = e.into_inner() {
-            if let Ok(err) = inner.downcast::<Error>() {
-                return *err;
-            }
-        }
-        return Error::Format("decoding failed".into());
-    }
-    Error::Stream(e)
+    Error::from(e)
 }
 
 /// Wraps an [`Error`] into an [`io::Error`] so that it survives `Read` plumbing.
 pub fn to_io(e: Error) -> io::Error {
-    io::Error::other(e)
+    io::Error::from(e)
 }
 
 /// Counts the bytes read through it, so that errors can name a compressed offset.
@@ -103,7 +97,12 @@ thread_local! {
     pub(crate) static DECODERS_STARTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
-/// Wraps `input` in the decoder for `compression`.
+/// Wraps `input` in the decoder for `compression` (a typed [`Error::Unsupported`] for a
+/// codec left out of the build).
+#[cfg_attr(
+    not(all(feature = "gzip", feature = "bzip2", feature = "xz", feature = "zstd")),
+    allow(unreachable_code, unused_variables)
+)]
 pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<DecodeReader> {
     #[cfg(test)]
     DECODERS_STARTED.with(|n| n.set(n.get() + 1));
@@ -112,13 +111,15 @@ pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<
         inner: input,
         count: consumed.clone(),
     };
-    let bad = |e: String| Error::corrupt(compression.name(), "compressed stream", 0, e);
     let inner: Box<dyn Read + Send> = match compression {
+        #[cfg(feature = "gzip")]
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(
             1 << 16,
             counted,
         ))),
+        #[cfg(feature = "bzip2")]
         Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(counted)),
+        #[cfg(feature = "xz")]
         Compression::Xz => Box::new(XzMulti {
             // 1 MiB reads: stream padding between and after streams is skipped a
             // buffer at a time.
@@ -127,10 +128,17 @@ pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<
                 Box::new(counted),
             ))?),
         }),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(counted)
-                .map_err(|e| bad(format!("cannot start the zstd decoder: {e}")))?,
-        ),
+        #[cfg(feature = "zstd")]
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(counted).map_err(|e| {
+            Error::corrupt(
+                "zstd",
+                "compressed stream",
+                0,
+                format!("cannot start the zstd decoder: {e}"),
+            )
+        })?),
+        #[allow(unreachable_patterns)]
+        other => return Err(missing_codec(other)),
     };
     Ok(DecodeReader {
         inner,
@@ -139,9 +147,23 @@ pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<
     })
 }
 
+/// The error for a compression whose codec was left out of the build.
+#[allow(dead_code)]
+fn missing_codec(c: Compression) -> Error {
+    Error::unsupported(
+        c.name(),
+        format!(
+            "decoding {c} (imgconv was built without its `{}` feature)",
+            c.name()
+        ),
+    )
+}
+
+#[cfg(feature = "xz")]
 type XzIn = BufReader<Box<dyn Read + Send>>;
 
 /// A multithreaded decoder for one xz stream.
+#[cfg(feature = "xz")]
 fn xz_stream(input: XzIn) -> Result<liblzma::bufread::XzDecoder<XzIn>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     let stream = liblzma::stream::MtStreamBuilder::new()
@@ -162,10 +184,12 @@ fn xz_stream(input: XzIn) -> Result<liblzma::bufread::XzDecoder<XzIn>> {
 
 /// Concatenated xz streams (with stream padding between them), each decoded by the
 /// multithreaded decoder (whose builder cannot set `LZMA_CONCATENATED`).
+#[cfg(feature = "xz")]
 struct XzMulti {
     dec: Option<liblzma::bufread::XzDecoder<XzIn>>,
 }
 
+#[cfg(feature = "xz")]
 impl Read for XzMulti {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
@@ -187,7 +211,7 @@ impl Read for XzMulti {
                 if b.is_empty() {
                     break;
                 }
-                let z = if crate::convert::is_zero(b) {
+                let z = if crate::zero::is_zero(b) {
                     b.len()
                 } else {
                     b.iter().take_while(|&&x| x == 0).count()
@@ -214,13 +238,17 @@ impl Read for XzMulti {
     }
 }
 
+#[cfg(feature = "bzip2")]
 /// Compressed bytes per piece of a multi-stream bzip2 file decoded by one thread.
 const BZ_PIECE: u64 = if cfg!(test) { 64 << 10 } else { 4 << 20 };
+#[cfg(feature = "bzip2")]
 /// Decoded bytes per message from a bzip2 piece worker.
 const BZ_CHUNK: usize = 1 << 20;
+#[cfg(feature = "bzip2")]
 /// Messages a piece worker may have waiting (bounds memory to threads × this × 1 MiB).
 const BZ_QUEUE: usize = 4;
 
+#[cfg(feature = "bzip2")]
 /// The start of a bzip2 stream: "BZh", a block size digit, then the first block's magic
 /// (π) or the end-of-stream magic (√π) of an empty stream.
 fn is_bz_stream_start(b: &[u8]) -> bool {
@@ -231,6 +259,7 @@ fn is_bz_stream_start(b: &[u8]) -> bool {
             || b[4..10] == [0x17, 0x72, 0x45, 0x38, 0x50, 0x90])
 }
 
+#[cfg(feature = "bzip2")]
 /// True when the 11 bytes before a candidate stream start end with a bzip2 end-of-stream
 /// marker (48-bit magic, 32-bit CRC, zero padding to a byte): the previous stream really
 /// ends there. Together with [`is_bz_stream_start`] this makes a false boundary inside
@@ -246,6 +275,7 @@ fn ends_bz_stream(before: &[u8; 11]) -> bool {
     })
 }
 
+#[cfg(feature = "bzip2")]
 /// Offsets where the streams of a concatenated bzip2 file (pbzip2 output, or files
 /// joined with `cat`) start, found by scanning the compressed bytes. Always starts with 0.
 fn bz_stream_starts(file: &File, len: u64) -> Result<Vec<u64>> {
@@ -283,6 +313,17 @@ fn bz_stream_starts(file: &File, len: u64) -> Result<Vec<u64>> {
 /// at least two pieces' worth is decoded by several threads, one piece of whole
 /// streams each, delivered in order; anything else by one thread as [`decoder`] does.
 pub fn bzip2_file_decoder(file: File, len: u64) -> Result<DecodeReader> {
+    #[cfg(not(feature = "bzip2"))]
+    {
+        let _ = len;
+        decoder(Compression::Bzip2, Box::new(file))
+    }
+    #[cfg(feature = "bzip2")]
+    parallel_bzip2_decoder(file, len)
+}
+
+#[cfg(feature = "bzip2")]
+fn parallel_bzip2_decoder(file: File, len: u64) -> Result<DecodeReader> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     if threads < 2 || len < 2 * BZ_PIECE {
         return decoder(Compression::Bzip2, Box::new(file));
@@ -310,8 +351,10 @@ pub fn bzip2_file_decoder(file: File, len: u64) -> Result<DecodeReader> {
     })
 }
 
+#[cfg(feature = "bzip2")]
 type BzMsg = std::result::Result<Vec<u8>, Error>;
 
+#[cfg(feature = "bzip2")]
 /// Ordered output of pieces decoded by worker threads.
 struct ParallelBz {
     pieces: std::vec::IntoIter<(u64, std::sync::mpsc::Receiver<BzMsg>)>,
@@ -322,6 +365,7 @@ struct ParallelBz {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+#[cfg(feature = "bzip2")]
 impl Drop for ParallelBz {
     /// Closes every queue (the workers stop at their next piece) and waits for them.
     fn drop(&mut self) {
@@ -333,6 +377,7 @@ impl Drop for ParallelBz {
     }
 }
 
+#[cfg(feature = "bzip2")]
 impl ParallelBz {
     fn start(file: Arc<File>, cuts: Vec<u64>, threads: usize, consumed: Arc<AtomicU64>) -> Self {
         use std::sync::mpsc::sync_channel;
@@ -371,6 +416,7 @@ impl ParallelBz {
     }
 }
 
+#[cfg(feature = "bzip2")]
 /// Decodes the streams in `[from, to)` of `file` into `tx`; false if the receiver left.
 fn decode_bz_piece(
     file: &File,
@@ -441,6 +487,7 @@ fn decode_bz_piece(
     }
 }
 
+#[cfg(feature = "bzip2")]
 impl Read for ParallelBz {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.at == self.chunk.len() {
@@ -549,7 +596,7 @@ fn trailing_zeros(file: &File, end: u64) -> Result<u64> {
         let n = (pos as usize).min(buf.len());
         let piece = &mut buf[..n];
         read_at(file, piece, pos - n as u64, "stream padding", "xz")?;
-        if crate::convert::is_zero(piece) {
+        if crate::zero::is_zero(piece) {
             pos -= n as u64;
             continue;
         }
@@ -798,7 +845,24 @@ fn zstd_size(file: &File, len: u64) -> Result<Option<u64>> {
     Ok(Some(total))
 }
 
-#[cfg(test)]
+/// Without its codec, a compression is recognised and refused with a typed error.
+#[cfg(all(test, not(feature = "zstd")))]
+mod without_codecs {
+    #[test]
+    fn a_missing_codec_is_named() {
+        let r = super::decoder(super::Compression::Zstd, Box::new(std::io::empty()));
+        let e = r.err().expect("no zstd decoder in this build");
+        assert!(e.to_string().contains("`zstd` feature"), "{e}");
+    }
+}
+
+#[cfg(all(
+    test,
+    feature = "gzip",
+    feature = "bzip2",
+    feature = "xz",
+    feature = "zstd"
+))]
 mod tests {
     use super::*;
     use std::io::Write;

@@ -37,6 +37,12 @@ pub trait Storage: Send + Sync {
     fn allocated_bytes(&self) -> u64 {
         self.len()
     }
+
+    /// The file whose bytes this storage reads, at the same offsets, when it is one
+    /// (for copy offloading: `convert -C`).
+    fn plain_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 /// A regular file (or block device) read with `pread`, aware of its holes.
@@ -56,31 +62,32 @@ impl FileStorage {
     /// accident) and again on the open file (the name may have been swapped meanwhile),
     /// which is opened with `O_NONBLOCK` so that even a FIFO cannot block the open.
     pub fn open(path: &Path) -> crate::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| crate::Error::io(path, e))?;
-        refuse_special(path, &meta)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(path)
-            .map_err(|e| crate::Error::io(path, e))?;
-        let meta = file.metadata().map_err(|e| crate::Error::io(path, e))?;
-        refuse_special(path, &meta)?;
-        // Regular files and block devices: back to ordinary blocking reads.
-        // SAFETY: fcntl on a descriptor we own; no memory is passed.
-        unsafe {
-            let fd = file.as_raw_fd();
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags >= 0 {
-                libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-            }
+        let file = open_regular(path)?;
+        Self::from_file(file, path.to_path_buf())
+    }
+
+    /// Opens the image file `path` read-only as [`FileStorage::open`] does (regular files
+    /// and block devices only), holding QEMU's read locks on it unless `force_share`
+    /// (`-U`): fails with [`crate::Error::Locked`] while another process writes the image
+    /// (see [`super::lock`]).
+    pub fn open_image(path: &Path, force_share: bool) -> crate::Result<Self> {
+        let access = if force_share {
+            super::lock::Access::SharedRead
+        } else {
+            super::lock::Access::Read
+        };
+        let file = open_regular(path)?;
+        if file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            super::lock::lock(&file, path, access)?;
         }
         Self::from_file(file, path.to_path_buf())
     }
 
     /// Wraps an already open file.
-    pub fn from_file(file: File, path: PathBuf) -> crate::Result<Self> {
-        let meta = file.metadata().map_err(|e| crate::Error::io(&path, e))?;
+    pub fn from_file(file: File, path: PathBuf) -> crate::error::Result<Self> {
+        let meta = file
+            .metadata()
+            .map_err(|e| crate::error::Error::io(&path, e))?;
         let is_file = meta.file_type().is_file();
         let len = if is_file {
             meta.len()
@@ -88,7 +95,7 @@ impl FileStorage {
             // Block devices report 0 in metadata; seeking to the end gives the size.
             let off = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
             if off < 0 {
-                return Err(crate::Error::io(&path, io::Error::last_os_error()));
+                return Err(crate::error::Error::io(&path, io::Error::last_os_error()));
             }
             off as u64
         };
@@ -112,6 +119,31 @@ impl FileStorage {
 }
 
 /// [`crate::Error::NotAFile`] unless `meta` is a regular file or a block device.
+/// Opens `path` read-only if it is a regular file or a block device (see
+/// [`FileStorage::open`]), back in blocking mode.
+fn open_regular(path: &Path) -> crate::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| crate::Error::io(path, e))?;
+    refuse_special(path, &meta)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| crate::Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| crate::Error::io(path, e))?;
+    refuse_special(path, &meta)?;
+    // Regular files and block devices: back to ordinary blocking reads.
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    unsafe {
+        let fd = file.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
+}
+
 fn refuse_special(path: &Path, meta: &std::fs::Metadata) -> crate::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let ft = meta.file_type();
@@ -137,6 +169,10 @@ fn refuse_special(path: &Path, meta: &std::fs::Metadata) -> crate::Result<()> {
 impl Storage for FileStorage {
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn plain_file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

@@ -3,8 +3,9 @@
 
 pub mod compressed;
 pub mod file;
+pub mod inplace;
+pub mod lock;
 pub mod output;
-pub mod source;
 pub mod spool;
 pub mod stream;
 pub mod table;
@@ -55,6 +56,53 @@ pub fn write_all_at(
     use std::os::unix::fs::FileExt;
     file.write_all_at(buf, offset)
         .map_err(|e| Error::io(path, e))
+}
+
+/// Copies `len` bytes from `src` at `src_offset` to `dst` at `dst_offset` with
+/// `copy_file_range(2)` (in the kernel, reflinked or offloaded where the file system can),
+/// falling back to reads and writes where the kernel cannot (across file systems, or
+/// file systems without it).
+pub fn copy_range(
+    src: &std::fs::File,
+    mut src_offset: u64,
+    dst: &std::fs::File,
+    mut dst_offset: u64,
+    mut len: u64,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    while len > 0 {
+        let (mut so, mut d) = (src_offset as libc::loff_t, dst_offset as libc::loff_t);
+        let chunk = len.min(1 << 30) as usize;
+        // SAFETY: both descriptors are open files owned by the caller; the offsets are
+        // passed by pointer to locals that outlive the call.
+        let n = unsafe {
+            libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut d, chunk, 0)
+        };
+        if n > 0 {
+            let n = n as u64;
+            (src_offset, dst_offset, len) = (src_offset + n, dst_offset + n, len - n);
+            continue;
+        }
+        let err = std::io::Error::last_os_error();
+        let fallback = n == 0
+            || matches!(
+                err.raw_os_error(),
+                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+            );
+        if !fallback {
+            return Err(err);
+        }
+        let mut buf = vec![0u8; len.min(1 << 20) as usize];
+        while len > 0 {
+            let n = len.min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], src_offset)?;
+            dst.write_all_at(&buf[..n], dst_offset)?;
+            (src_offset, dst_offset, len) =
+                (src_offset + n as u64, dst_offset + n as u64, len - n as u64);
+        }
+    }
+    Ok(())
 }
 
 /// `fallocate(2)` on `file` with `mode` (0 allocates; see `libc::FALLOC_FL_*`).

@@ -134,7 +134,7 @@ fn temp_name(target: &Path, attempt: u32, suffix: &str) -> Result<PathBuf> {
         ".{}.imgconv-{}-{}.{suffix}",
         name.to_string_lossy(),
         std::process::id(),
-        attempt + rand::random::<u16>() as u32
+        attempt + (crate::random::u32() & 0xffff)
     )))
 }
 
@@ -219,11 +219,8 @@ impl OutputSet {
     /// Creates the file that will become `target`, empty, opened read-write.
     pub fn create(&mut self, target: &Path) -> Result<File> {
         if self.in_place {
-            return OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(target)
-                .map_err(|e| Error::io(target, e));
+            // Writing into an existing image: QEMU's writer locks, as `convert -n` takes.
+            return super::lock::open_write(target);
         }
         for attempt in 0..100u32 {
             let temp = temp_name(target, attempt, "tmp")?;

@@ -56,7 +56,7 @@ pub fn anonymous_file(dir: &Path) -> Result<File> {
         let path = dir.join(format!(
             ".imgconv-spool-{}-{:08x}.tmp",
             std::process::id(),
-            rand::random::<u32>()
+            crate::random::u32()
         ));
         match OpenOptions::new()
             .read(true)
@@ -165,7 +165,7 @@ fn write_sparse(file: &File, buf: &[u8], pos: u64, dir: &Path) -> Result<()> {
     let mut off = 0;
     while off < buf.len() {
         let mut end = off;
-        while end < buf.len() && !crate::convert::is_zero(&buf[end..(end + BLOCK).min(buf.len())]) {
+        while end < buf.len() && !crate::zero::is_zero(&buf[end..(end + BLOCK).min(buf.len())]) {
             end = (end + BLOCK).min(buf.len());
         }
         if end > off {

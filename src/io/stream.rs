@@ -232,7 +232,7 @@ impl StreamDevice {
                 while off < got {
                     // Blocks are aligned to absolute offsets: buffers start at multiples.
                     let e = ((off / BLOCK + 1) * BLOCK).min(got);
-                    let zero = crate::convert::is_zero(&buf[off..e]);
+                    let zero = crate::zero::is_zero(&buf[off..e]);
                     push(&mut st.segs, start + off as u64, (e - off) as u64, zero);
                     holds_data |= !zero;
                     off = e;
@@ -293,10 +293,13 @@ impl StreamDevice {
     }
 
     fn passed(&self, offset: u64, base: u64) -> Error {
-        Error::invalid(format!(
-            "{}: offset {offset:#x} was already passed (stream read at ascending offsets only; now at {base:#x})",
-            self.name
-        ))
+        Error::unsupported(
+            "raw",
+            format!(
+                "going back to offset {offset:#x} of {}, read from a stream at ascending offsets only (now at {base:#x}); open it with OpenOptions::random_access() to read it in any order",
+                self.name
+            ),
+        )
     }
 }
 

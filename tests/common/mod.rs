@@ -7,6 +7,8 @@ pub mod watch;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod vhdx;
+
 /// The imgconv binary built for this test run.
 pub fn imgconv_bin() -> &'static str {
     env!("CARGO_BIN_EXE_imgconv")

@@ -1,150 +1,187 @@
-//! `imgconv check`: verifies an image's metadata (qcow2, VMDK, VDI), as `qemu-img check`.
+//! `imgconv check`: verifies an image's metadata (qcow2, VMDK, VDI, VHD), as `qemu-img check`.
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Args as ClapArgs;
-use imgconv::format::qcow2::check::{check, check_and_repair, CheckReport};
+use imgconv::driver::{CheckReport, CheckRequest};
+use imgconv::io::inplace::InPlaceFile;
 use imgconv::io::FileStorage;
-use imgconv::Format;
+use imgconv::{Format, OpenOptions};
 
-use crate::common::{fail, parse_format, CmdResult};
+use crate::common::{check_cache_mode, could_not_open, esc, fail, parse_format, CmdResult};
 
 /// Arguments of `imgconv check`.
 #[derive(ClapArgs)]
 pub struct Args {
     /// Image format (probed when omitted).
-    #[arg(short = 'f', value_parser = parse_format)]
+    #[arg(short = 'f', long = "format", value_parser = parse_format)]
     format: Option<Format>,
+    /// The image is an option string (`driver=qcow2,file.filename=x`), not a file name.
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Output format: human or json.
     #[arg(long = "output", default_value = "human", value_parser = ["human", "json"])]
     output: String,
-    /// Repair: `leaks` lowers the refcounts of leaked clusters (`all` is refused).
-    #[arg(short = 'r')]
+    /// Repair: `leaks` lowers the refcounts of leaked clusters; `all` does the same
+    /// and refuses (changing nothing) an image with corruptions, which imgconv does
+    /// not repair.
+    #[arg(short = 'r', long = "repair")]
     repair: Option<String>,
+    /// Cache mode (checked as qemu-img does, then irrelevant to imgconv).
+    #[arg(short = 'T', long = "cache")]
+    cache: Option<String>,
+    /// QEMU objects (refused: see `convert --object`).
+    #[arg(long = "object")]
+    objects: Vec<String>,
+    /// Print nothing; the exit code tells.
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Read without QEMU's image locks (for an image another process is writing).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
     /// Refuse references to other files (VMDK extent files other than the image).
     #[arg(long)]
     untrusted: bool,
-    /// Accepted for qemu-img compatibility and ignored.
-    #[arg(short = 'q', hide = true)]
-    quiet: bool,
-    #[arg(short = 'U', long = "force-share", hide = true)]
-    force_share: bool,
     /// The image.
     file: String,
 }
 
 /// Runs `imgconv check`.
 pub fn run(a: Args) -> CmdResult {
-    let _ = a.force_share;
-    let storage = FileStorage::open(Path::new(&a.file)).map_err(fail(1))?;
-    let format = match a.format {
-        Some(f) => f,
-        None => imgconv::detect::probe(&storage).map_err(fail(1))?,
-    };
-    if format == Format::Raw {
-        // qemu-img's wording and exit code for formats without a check.
-        eprintln!("imgconv: This image format does not support checks");
-        return Ok(ExitCode::from(63));
+    check_cache_mode(a.cache.as_deref(), true)?;
+    crate::spec::check_objects(&a.objects).map_err(fail(1))?;
+    if let Some(r) = a
+        .repair
+        .as_deref()
+        .filter(|r| !matches!(*r, "leaks" | "all"))
+    {
+        return Err((
+            1,
+            imgconv::Error::invalid(format!("--repair (-r) expects 'leaks' or 'all' not '{r}'")),
+        ));
     }
+    let spec = crate::spec::parse(&a.file, a.format, a.image_opts).map_err(fail(1))?;
+    let path = Path::new(&spec.filename);
+    // With -r the image is opened once, for writing (QEMU's writer locks): a second,
+    // read-only description would hold read locks that conflict with them.
+    let writer = match a.repair {
+        Some(_) => Some(InPlaceFile::open(path).map_err(|e| could_not_open(&a.file, e))?),
+        None => None,
+    };
+    let storage = match &writer {
+        Some(w) => w.storage().map_err(fail(1))?,
+        None => {
+            FileStorage::open_image(path, a.force_share).map_err(|e| could_not_open(&a.file, e))?
+        }
+    };
+    let format = match spec.format {
+        Some(f) => f,
+        None => imgconv::format::probe_storage(&storage).map_err(|e| could_not_open(&a.file, e))?,
+    };
+    let driver = imgconv::format::driver(format);
+    let no_checks = || {
+        // qemu-img's wording and exit code for formats without a check (or without
+        // repairs, when -r was given).
+        eprintln!("imgconv: This image format does not support checks");
+        Ok(ExitCode::from(63))
+    };
+    let Some(check) = driver.check else {
+        return no_checks();
+    };
+    // Untrusted, any other file named is refused (extents; the parent too, as
+    // everywhere).
+    let mut options = if a.untrusted {
+        OpenOptions::untrusted()
+    } else {
+        OpenOptions::trusted()
+    }
+    .format(format);
+    options.force_share = a.force_share;
+    if format == Format::Qcow2 {
+        // As qemu-img, an image that cannot be opened (unknown incompatible features,
+        // encryption) is not checked: its metadata means something imgconv cannot tell.
+        // No locks of its own: the descriptions above hold them.
+        let o = options.clone().metadata_only().force_share();
+        imgconv::open(path, &o).map_err(|e| could_not_open(&a.file, e))?;
+    }
+    let ctx = imgconv::open::context_for_path(path, &options);
+    let req = CheckRequest {
+        storage: Arc::new(storage),
+        ctx: &ctx,
+    };
     let could_not = |e| {
         (
             1,
-            imgconv::Error::Format(format!("Could not check '{}': {e}", a.file)),
+            imgconv::Error::Format(format!("Could not check '{}': {e}", esc(&a.file))),
         )
     };
-    if format != Format::Qcow2 {
-        if a.repair.is_some() {
-            // As qemu-img: VMDK and VDI checks do not repair, which it words so.
-            eprintln!("imgconv: This image format does not support checks");
-            return Ok(ExitCode::from(63));
-        }
-        let r = match format {
-            Format::Vdi => imgconv::format::vdi::check::check(&storage).map_err(could_not)?,
-            _ => {
-                // Extents are opened, the parent of a delta disk is not: as qemu-img,
-                // the check covers this image only. Untrusted, any other file named
-                // is refused (the parent too, as everywhere).
-                let o = if a.untrusted {
-                    imgconv::OpenOptions::untrusted().format(format)
-                } else {
-                    imgconv::OpenOptions::trusted()
-                        .format(format)
-                        .metadata_only()
-                };
-                let img = imgconv::open(Path::new(&a.file), &o).map_err(|e| {
-                    (
-                        1,
-                        imgconv::Error::Format(format!("Could not open '{}': {e}", a.file)),
-                    )
-                })?;
-                imgconv::format::vmdk::check::check(&img)
-            }
-        };
-        return finish(&r, &a, format);
+    if a.repair.is_some() && driver.repair.is_none() {
+        return no_checks();
     }
-    let fix = match a.repair.as_deref() {
-        None => false,
-        Some("leaks") => true,
-        Some(r) => {
+    if a.repair.as_deref() == Some("all") {
+        // Corruptions are not repaired: refuse before changing anything.
+        let r = check(&req).map_err(could_not)?;
+        if r.corruptions > 0 {
+            print_messages(&r);
             return Err((
                 1,
                 imgconv::Error::unsupported(
-                    "qcow2",
-                    format!("repairing images with -r {r} (only -r leaks); use imgconv convert to write a clean copy"),
+                    format.name(),
+                    format!(
+                        "repairing {} corruptions (-r all); nothing was changed — imgconv convert writes a clean copy",
+                        r.corruptions
+                    ),
                 ),
-            ))
+            ));
+        }
+    }
+    let r = match (a.repair.as_deref(), driver.repair) {
+        (None, _) | (_, None) => check(&req).map_err(could_not)?,
+        (Some(_), Some(repair)) => {
+            let file = writer.as_ref().expect("opened for writing with -r");
+            let r = repair(&req, file).map_err(could_not)?;
+            print_messages(&r);
+            if r.repair_failed {
+                return Err((
+                    1,
+                    imgconv::Error::Format("Check failed: Input/output error".into()),
+                ));
+            }
+            if r.leaks_fixed == 0 {
+                return finish(&r, &a, &spec.filename, format);
+            }
+            if a.output == "human" && !a.quiet {
+                print!(
+                    "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\n",
+                    r.leaks_fixed
+                );
+            }
+            let mut again = check(&req).map_err(could_not)?;
+            again.leaks_fixed = r.leaks_fixed;
+            again
         }
     };
-    let mut r = if fix {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&a.file)
-            .map_err(|e| (1, imgconv::Error::io(&a.file, e)))?;
-        check_and_repair(&storage, Some(&file)).map_err(could_not)?
-    } else {
-        check(&storage).map_err(could_not)?
-    };
+    print_messages(&r);
+    finish(&r, &a, &spec.filename, format)
+}
+
+/// Prints each problem on stderr, as qemu-img does.
+fn print_messages(r: &CheckReport) {
     for m in &r.messages {
         eprintln!("{m}");
     }
-    if r.repair_failed {
-        return Err((
-            1,
-            imgconv::Error::Format("Check failed: Input/output error".into()),
-        ));
-    }
-    if r.leaks_fixed > 0 {
-        if a.output == "human" && !a.quiet {
-            print!(
-                "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    0 corruptions\n\nDouble checking the fixed image now...\n",
-                r.leaks_fixed
-            );
-        }
-        let fixed = r.leaks_fixed;
-        r = check(&storage).map_err(could_not)?;
-        r.leaks_fixed = fixed;
-        for m in &r.messages {
-            eprintln!("{m}");
-        }
-    }
-    finish(&r, &a, format)
 }
 
-/// Prints the summary of a finished check (messages already on stderr for qcow2) and
-/// gives its exit code.
-fn finish(r: &CheckReport, a: &Args, format: Format) -> CmdResult {
-    if format != Format::Qcow2 {
-        for m in &r.messages {
-            eprintln!("{m}");
-        }
-    }
+/// Prints the summary of a finished check (its messages already on stderr) and gives its
+/// exit code.
+fn finish(r: &CheckReport, a: &Args, path: &str, format: Format) -> CmdResult {
     if let Some(why) = &r.failed {
         return Err((1, imgconv::Error::Format(format!("Check failed: {why}"))));
     }
     if a.output == "json" {
-        println!("{}", json(r, &a.file, format));
+        println!("{}", json(r, path, format));
     } else if !a.quiet {
         print!("{}", human(r));
     }
@@ -193,36 +230,29 @@ fn human(r: &CheckReport) -> String {
     s
 }
 
-/// qemu-img's JSON, with its key order; zero optional counters are left out as qemu does.
+/// qemu-img's JSON (QAPI `ImageCheck`, printed in qemu's key order); zero optional
+/// counters are left out as qemu does.
 fn json(r: &CheckReport, filename: &str, format: Format) -> String {
-    let mut f: Vec<(&str, serde_json::Value)> = Vec::new();
-    if r.image_end_offset != 0 {
-        f.push(("image-end-offset", r.image_end_offset.into()));
+    let mut m = serde_json::Map::new();
+    // QAPI's insertion order (qemu's key order depends on it within a bucket).
+    m.insert("filename".into(), filename.into());
+    m.insert("format".into(), format.name().into());
+    m.insert("check-errors".into(), r.check_errors.into());
+    let optional = [
+        ("image-end-offset", r.image_end_offset),
+        ("corruptions", r.corruptions),
+        ("leaks", r.leaks),
+        ("corruptions-fixed", 0),
+        ("leaks-fixed", r.leaks_fixed),
+        ("total-clusters", r.total_clusters),
+        ("allocated-clusters", r.allocated_clusters),
+        ("fragmented-clusters", r.fragmented_clusters),
+        ("compressed-clusters", r.compressed_clusters),
+    ];
+    for (k, v) in optional {
+        if v != 0 {
+            m.insert(k.into(), v.into());
+        }
     }
-    if r.compressed_clusters != 0 {
-        f.push(("compressed-clusters", r.compressed_clusters.into()));
-    }
-    if r.total_clusters != 0 {
-        f.push(("total-clusters", r.total_clusters.into()));
-    }
-    if r.corruptions != 0 {
-        f.push(("corruptions", r.corruptions.into()));
-    }
-    f.push(("check-errors", r.check_errors.into()));
-    if r.leaks != 0 {
-        f.push(("leaks", r.leaks.into()));
-    }
-    if r.leaks_fixed != 0 {
-        f.push(("leaks-fixed", r.leaks_fixed.into()));
-    }
-    if r.allocated_clusters != 0 {
-        f.push(("allocated-clusters", r.allocated_clusters.into()));
-    }
-    f.push(("filename", filename.into()));
-    f.push(("format", format.name().into()));
-    if r.fragmented_clusters != 0 {
-        f.push(("fragmented-clusters", r.fragmented_clusters.into()));
-    }
-    let body: Vec<String> = f.iter().map(|(k, v)| format!("    \"{k}\": {v}")).collect();
-    format!("{{\n{}\n}}", body.join(",\n"))
+    crate::qjson::to_string(&serde_json::Value::Object(m))
 }

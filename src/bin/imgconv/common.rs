@@ -1,6 +1,5 @@
 //! Pieces shared by the subcommands: opening, errors, progress bars, signals.
 
-use std::io::IsTerminal;
 use std::path::Path;
 
 use imgconv::{Format, Image, OpenOptions};
@@ -58,14 +57,17 @@ pub fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 /// Opens a source image (`-` = standard input) with an optional format, trust mode,
-/// spooling folder and tar member, for a command that walks it once in order (`map`,
-/// `compare`): a raw disk on a stream of unrecorded length is read in that one pass,
-/// not copied to a temporary file first.
+/// spooling folder and tar member; without QEMU's read locks when `force_share` (`-U`).
+/// With `one_pass`, for a command that walks the image once in order (`map`,
+/// `compare`): a raw disk on a stream of unrecorded length is read in that one pass, not
+/// copied to a temporary file first.
 pub fn open_input(
     path: &str,
     format: Option<Format>,
     untrusted: bool,
     input: &InputArgs,
+    force_share: bool,
+    one_pass: bool,
 ) -> imgconv::Result<Image> {
     let mut o = if untrusted {
         OpenOptions::untrusted()
@@ -73,45 +75,111 @@ pub fn open_input(
         OpenOptions::trusted()
     };
     o.format = format;
-    o.stream_unknown_length = true;
+    o.force_share = force_share;
+    o.stream_unknown_length = one_pass;
     input.apply(&mut o);
     imgconv::open(Path::new(path), &o)
 }
 
-/// Opens `path` with an optional format and trust mode.
-pub fn open_image(path: &str, format: Option<Format>, untrusted: bool) -> imgconv::Result<Image> {
+/// Opens `path` with an optional format and trust mode; without QEMU's read locks when
+/// `force_share` (`-U`).
+pub fn open_image(
+    path: &str,
+    format: Option<Format>,
+    untrusted: bool,
+    force_share: bool,
+) -> imgconv::Result<Image> {
     let mut o = if untrusted {
         OpenOptions::untrusted()
     } else {
         OpenOptions::trusted()
     };
     o.format = format;
+    o.force_share = force_share;
     imgconv::open(Path::new(path), &o)
 }
 
-/// A progress bar on stderr when `-p` was given and stderr is a terminal.
-pub fn progress_bar(enabled: bool) -> Option<indicatif::ProgressBar> {
-    if !enabled || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let pb = indicatif::ProgressBar::new(100);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "    ({percent:>3}.00/100%) [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    Some(pb)
+/// Opens the image an argument names (a file name, `json:{...}`, or with `image_opts`
+/// an option string); errors read as qemu-img's: `Could not open 'ARG': why`. See
+/// [`open_input`] for `one_pass`.
+pub fn open_spec(
+    arg: &str,
+    format: Option<Format>,
+    image_opts: bool,
+    untrusted: bool,
+    input: &InputArgs,
+    force_share: bool,
+    one_pass: bool,
+) -> Result<Image, CmdError> {
+    let spec = crate::spec::parse(arg, format, image_opts).map_err(fail(1))?;
+    open_input(
+        &spec.filename,
+        spec.format,
+        untrusted,
+        input,
+        force_share,
+        one_pass,
+    )
+    .map_err(|e| could_not_open(arg, e))
 }
 
-/// The progress bar's look when the total is not known yet (a stream of unrecorded
-/// length): bytes done and speed.
-pub fn progress_style_unknown_total() -> indicatif::ProgressStyle {
-    indicatif::ProgressStyle::with_template(
-        "    {spinner} {bytes} {bytes_per_sec} (size known at the end)",
+/// `Could not open 'ARG': why`, qemu-img's wording for a failed open.
+pub fn could_not_open(arg: &str, e: imgconv::Error) -> CmdError {
+    (
+        1,
+        imgconv::Error::Format(format!("Could not open '{arg}': {}", describe(&e))),
     )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
+}
+
+/// An error as qemu words it where the two overlap: a missing or unreadable file is
+/// `Could not open 'PATH': No such file or directory` (no Rust error codes).
+pub fn describe(e: &imgconv::Error) -> String {
+    match e {
+        imgconv::Error::Io { path, source } => {
+            let why = strerror(source);
+            match source.kind() {
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                    format!("Could not open '{}': {why}", path.display())
+                }
+                _ => format!("{}: {why}", path.display()),
+            }
+        }
+        // `-f qcow2` on something else: qemu's words.
+        imgconv::Error::Corrupt {
+            format: "qcow2",
+            structure: "header",
+            offset: 0,
+            reason,
+        } if reason.starts_with("bad magic") => "Image is not in qcow2 format".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The C library's text for an OS error, without Rust's ` (os error N)`.
+pub fn strerror(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Checks a `-t` (target) or `-T` (source) cache mode as qemu-img does; imgconv then
+/// ignores it (see the README: cache modes change how qemu does I/O, not the result).
+pub fn check_cache_mode(mode: Option<&str>, source: bool) -> Result<(), CmdError> {
+    match mode {
+        None | Some("none" | "off" | "writeback" | "writethrough" | "directsync" | "unsafe") => {
+            Ok(())
+        }
+        Some(m) => Err((
+            1,
+            imgconv::Error::invalid(if source {
+                format!("Invalid source cache option: {m}")
+            } else {
+                format!("Invalid cache option: {m}")
+            }),
+        )),
+    }
 }
 
 /// Formats a byte count as qemu-img does ("1 GiB", "196 KiB", "1.5 MiB").
@@ -177,4 +245,92 @@ pub fn install_signal_handlers() {
     }
     // SAFETY: ignoring a signal.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+}
+
+/// An error message as printed: control characters escaped ([`esc`]), except the line
+/// break of QEMU's two-line lock message (`Failed to get "write" lock` /
+/// `Is another process using the image [x]?`), which scripts match as qemu prints it.
+pub fn error_text(msg: &str) -> String {
+    const LOCK_BREAK: &str = " lock\nIs another process using the image [";
+    match msg.split_once(LOCK_BREAK) {
+        Some((before, after)) => format!("{}{LOCK_BREAK}{}", esc(before), esc(after)),
+        None => esc(msg).into_owned(),
+    }
+}
+
+/// A string from an image's metadata (a file name, a VMDK createType, a VDI comment…)
+/// made safe for a terminal, as git quotes odd file names: unchanged when it holds no
+/// control character; otherwise in double quotes with `"`, `\` and every control
+/// character escaped (`"\033]0;x\a"`), so that no byte of it can move the cursor,
+/// retitle the window or fake a line.
+pub fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{7}' => out.push_str("\\a"),
+            '\u{8}' => out.push_str("\\b"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\u{b}' => out.push_str("\\v"),
+            '\u{c}' => out.push_str("\\f"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => {
+                let mut b = [0u8; 4];
+                for byte in c.encode_utf8(&mut b).bytes() {
+                    out.push_str(&format!("\\{byte:03o}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_quoted() {
+        assert_eq!(esc("base.qcow2"), "base.qcow2");
+        assert_eq!(esc("dir with \\ and é"), "dir with \\ and é");
+        assert_eq!(esc("a\u{1b}]0;pwned\u{7}b"), "\"a\\033]0;pwned\\ab\"");
+        assert_eq!(esc("x\"\\\n"), "\"x\\\"\\\\\\n\"");
+        assert_eq!(esc("\u{9b}2J"), "\"\\302\\2332J\"");
+    }
+
+    #[test]
+    fn errors_read_as_qemus() {
+        let e = imgconv::Error::io("nonexist", std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(
+            describe(&e),
+            "Could not open 'nonexist': No such file or directory"
+        );
+        assert!(check_cache_mode(Some("none"), false).is_ok());
+        let (code, e) = check_cache_mode(Some("bogus"), true).unwrap_err();
+        assert_eq!(
+            (code, e.to_string()),
+            (1, "Invalid source cache option: bogus".into())
+        );
+    }
+
+    #[test]
+    fn lock_messages_keep_their_two_lines() {
+        let e = imgconv::Error::Locked {
+            path: "x\u{1b}.qcow2".into(),
+            what: "shared \"write\"".into(),
+        };
+        assert_eq!(
+            error_text(&format!("Could not open 'x': {e}")),
+            "Could not open 'x': Failed to get shared \"write\" lock\nIs another process using the image [\"x\\033.qcow2]?\""
+        );
+        assert_eq!(error_text("a\nb"), "\"a\\nb\"");
+    }
 }

@@ -1,20 +1,34 @@
-//! `imgconv`: qemu-img's command line for raw, qcow2, VMDK and VDI images.
+//! `imgconv`: qemu-img's command line for raw, qcow2, VMDK, VDI and VHD images.
 
+mod amend;
+mod bench;
+mod bitmap;
 mod check;
+mod commit;
 mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
+mod devices;
 mod info;
 mod map;
 mod measure;
+mod ops_common;
+mod optionhelp;
+mod progress;
+mod qjson;
+mod rebase;
 mod resize;
+mod snapshot;
+mod spec;
+mod status;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Read, write, inspect and convert virtual-disk images (raw, qcow2, VMDK, VDI).
+/// Read, write, inspect and convert virtual-disk images (raw, qcow2, VMDK, VDI, VHD).
 ///
 /// The syntax follows qemu-img: `imgconv convert -f qcow2 -O vmdk in.qcow2 out.vmdk`.
 #[derive(Parser)]
@@ -34,7 +48,7 @@ enum Command {
     Compare(compare::Args),
     /// Show where the data of an image lies.
     Map(map::Args),
-    /// Check an image's metadata for errors and leaks (qcow2, VMDK, VDI).
+    /// Check an image's metadata for errors and leaks (qcow2, VMDK, VDI, VHD).
     Check(check::Args),
     /// Compute the size an image needs in a given format.
     Measure(measure::Args),
@@ -42,6 +56,20 @@ enum Command {
     Create(create::Args),
     /// Change the virtual size of an image.
     Resize(resize::Args),
+    /// Copy part of an image into a new one (`if=`, `of=`, `bs=`, `count=`, `skip=`).
+    Dd(dd::Args),
+    /// Time a run of read (or, on raw images, write) requests.
+    Bench(bench::Args),
+    /// Change the backing file of an image (copying what differs, unless -u).
+    Rebase(rebase::Args),
+    /// Write an image's data into its backing file.
+    Commit(commit::Args),
+    /// Change format-specific options of an image (qcow2).
+    Amend(amend::Args),
+    /// List, create, apply or delete internal snapshots (qcow2).
+    Snapshot(snapshot::Args),
+    /// Add, remove, clear, enable, disable or merge persistent bitmaps (qcow2).
+    Bitmap(bitmap::Args),
 }
 
 /// glibc gives each thread that allocates its own arena (up to 8 per core), each
@@ -82,11 +110,20 @@ fn main() -> ExitCode {
         Command::Measure(a) => measure::run(a),
         Command::Create(a) => create::run(a),
         Command::Resize(a) => resize::run(a),
+        Command::Dd(a) => dd::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Rebase(a) => rebase::run(a),
+        Command::Commit(a) => commit::run(a),
+        Command::Amend(a) => amend::run(a),
+        Command::Snapshot(a) => snapshot::run(a),
+        Command::Bitmap(a) => bitmap::run(a),
     };
     match r {
         Ok(code) => code,
         Err((code, e)) => {
-            eprintln!("imgconv: {e}");
+            // qemu-img's form (`imgconv: Could not open 'x': …`), with any control
+            // character from an image's metadata escaped.
+            eprintln!("imgconv: {}", common::error_text(&e.to_string()));
             ExitCode::from(code)
         }
     }

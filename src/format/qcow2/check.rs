@@ -13,80 +13,17 @@ use super::header::{
     OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LEN,
 };
 use super::refcount::{
-    read_padded, read_refcount_table, write_refcount, StoredRefcounts, OFFSET_MASK_REFTABLE,
+    read_padded, read_refcount_table, read_refcounts, write_refcount, DenseRefcounts,
+    StoredRefcounts, MAX_DENSE_REFCOUNTS, OFFSET_MASK_REFTABLE,
 };
 use super::snapshot::read_snapshot_table;
 use crate::error::{Error, Result};
 use crate::io::{read_struct, Storage};
 use std::collections::HashMap;
 
-use crate::limits::{
-    MAX_CHECK_MESSAGES, MAX_QCOW2_CHECK_BYTES, MAX_QCOW2_L1_BYTES, MAX_QCOW2_SNAPSHOTS,
-};
+use crate::limits::{MAX_QCOW2_CHECK_BYTES, MAX_QCOW2_L1_BYTES, MAX_QCOW2_SNAPSHOTS};
 
-/// The outcome of a check, with qemu-img's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Problems that may lose data (refcount too low, bad entries, metadata out of file).
-    pub corruptions: u64,
-    /// Clusters with a refcount higher than their references.
-    pub leaks: u64,
-    /// Internal errors while checking (unreadable metadata).
-    pub check_errors: u64,
-    /// Leaked clusters whose refcount was repaired (`-r leaks`).
-    pub leaks_fixed: u64,
-    /// A repair was asked for but the refcount structures need a rebuild (a cluster in
-    /// use has refcount 0, or a refcount block is bad): nothing was changed.
-    pub repair_failed: bool,
-    /// Guest clusters of the virtual disk.
-    pub total_clusters: u64,
-    /// Guest clusters with data in this image (normal, compressed, preallocated zero).
-    pub allocated_clusters: u64,
-    /// Allocated clusters not following the previous one in the file.
-    pub fragmented_clusters: u64,
-    /// Compressed clusters.
-    pub compressed_clusters: u64,
-    /// End of the last cluster in use.
-    pub image_end_offset: u64,
-    /// One line per problem, in qemu-img's wording.
-    pub messages: Vec<String>,
-    /// The check stopped early with this reason (qemu-img's "Check failed: …", exit 1):
-    /// VMDK's check gives up at its first bad grain, as QEMU's does.
-    pub failed: Option<String>,
-}
-
-impl CheckReport {
-    /// Adds a problem's message; past [`MAX_CHECK_MESSAGES`] the problems are still
-    /// counted (corruptions, leaks) but no longer listed, so that a crafted image with
-    /// a billion bad entries cannot fill the memory with messages.
-    pub fn message(&mut self, m: String) {
-        match self.messages.len() {
-            n if n < MAX_CHECK_MESSAGES => self.messages.push(m),
-            n if n == MAX_CHECK_MESSAGES => self.messages.push(format!(
-                "(more than {MAX_CHECK_MESSAGES} problems: the rest are counted, not listed)"
-            )),
-            _ => {}
-        }
-    }
-
-    /// True while messages are still listed (so that a caller can skip formatting one).
-    pub fn listing(&self) -> bool {
-        self.messages.len() <= MAX_CHECK_MESSAGES
-    }
-
-    /// qemu-img's exit code: 0 clean, 1 check errors, 2 corruptions, 3 leaks only.
-    pub fn exit_code(&self) -> u8 {
-        if self.check_errors > 0 {
-            1
-        } else if self.corruptions > 0 {
-            2
-        } else if self.leaks > 0 {
-            3
-        } else {
-            0
-        }
-    }
-}
+pub use crate::driver::CheckReport;
 
 /// Clusters per page of [`RefCounts`].
 const REF_PAGE: u64 = 4096;
@@ -527,7 +464,7 @@ impl Checker<'_> {
     fn repair(
         &mut self,
         stored: &StoredRefcounts,
-        file: &std::fs::File,
+        file: &crate::io::inplace::InPlaceFile,
         storage: &dyn Storage,
         h: &Header,
     ) -> Result<u64> {
@@ -558,7 +495,7 @@ impl Checker<'_> {
                 }
             }
         }
-        file.sync_data().map_err(Error::Stream)?;
+        file.sync()?;
         Ok(highest)
     }
 
@@ -630,8 +567,76 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
 /// refcount of every leaked cluster to its number of references (`-r leaks`).
 pub fn check_and_repair(
     storage: &dyn Storage,
-    fix_leaks: Option<&std::fs::File>,
+    fix_leaks: Option<&crate::io::inplace::InPlaceFile>,
 ) -> Result<CheckReport> {
+    let (mut c, stored, h) = walk(storage)?;
+    let before = (c.r.corruptions, c.r.leaks);
+    let mut highest = c.compare(&stored)?;
+    let mut stored = stored;
+    if fix_leaks.is_some() && c.rebuild {
+        // QEMU refuses to repair anything then (only `-r all` rebuilds).
+        c.msg("ERROR need to rebuild refcount structures".into());
+        c.r.check_errors += 1;
+        c.r.repair_failed = true;
+        return Ok(c.r);
+    }
+    if let Some(file) = fix_leaks {
+        if c.r.leaks > 0 || c.r.corruptions > 0 {
+            // Second pass, as QEMU: repair leaks, report corruptions again.
+            (c.r.corruptions, c.r.leaks) = before;
+            highest = c.repair(&stored, file, storage, &h)?;
+            stored = read_refcount_table(storage, &h)?;
+        }
+    }
+    finish(c, &stored, highest)
+}
+
+/// The COPIED-flag pass and the end offset, after the refcounts were compared.
+fn finish(mut c: Checker<'_>, stored: &StoredRefcounts, highest: u64) -> Result<CheckReport> {
+    c.check_copied(stored)?;
+    c.r.image_end_offset = (highest + 1) * c.cs;
+    Ok(c.r)
+}
+
+/// What a check learns about an image, for the code that changes it in place.
+pub(crate) struct Analysis {
+    /// The check's verdict and counters.
+    pub report: CheckReport,
+    /// References found to each cluster (one per path from an L1 table, as QEMU counts).
+    pub refs: Vec<u64>,
+    /// The refcounts the image stores, for every cluster of `refs`.
+    pub stored: DenseRefcounts,
+}
+
+/// Checks the image and keeps the references it counted, in memory for every cluster
+/// (at most [`MAX_DENSE_REFCOUNTS`] of them: an in-place change holds them all).
+pub(crate) fn analyze(storage: &dyn Storage) -> Result<Analysis> {
+    let (mut c, stored, h) = walk(storage)?;
+    let n = c.refs.len;
+    if n > MAX_DENSE_REFCOUNTS {
+        return Err(Error::TooLarge {
+            format: FMT,
+            structure: "refcounts held to change the image in place",
+            size: n * 8,
+            limit: MAX_DENSE_REFCOUNTS * 8,
+        });
+    }
+    let highest = c.compare(&stored)?;
+    let refs: Vec<u64> = (0..n).map(|i| c.refs.get(i)).collect();
+    let mut report = finish(c, &stored, highest)?;
+    drop(stored);
+    report.messages.shrink_to_fit();
+    let (counts, table) = read_refcounts(storage, &h, n)?;
+    Ok(Analysis {
+        report,
+        refs,
+        stored: DenseRefcounts { counts, table },
+    })
+}
+
+/// Reads the header and counts every reference; returns the checker, the stored
+/// refcounts (covering every cluster referenced) and the header.
+fn walk(storage: &dyn Storage) -> Result<(Checker<'_>, StoredRefcounts<'_>, Header)> {
     let file_len = storage.len();
     let mut prefix = vec![0u8; 104.min(file_len as usize)];
     read_struct(storage, &mut prefix, 0, FMT, "header")?;
@@ -787,25 +792,5 @@ pub fn check_and_repair(
     // (at most one past the end of the file, see `inc`).
     let stored = read_refcount_table(storage, &h)?;
     c.check_refblocks(&stored.table)?;
-    let before = (c.r.corruptions, c.r.leaks);
-    let mut highest = c.compare(&stored)?;
-    let mut stored = stored;
-    if fix_leaks.is_some() && c.rebuild {
-        // QEMU refuses to repair anything then (only `-r all` rebuilds).
-        c.msg("ERROR need to rebuild refcount structures".into());
-        c.r.check_errors += 1;
-        c.r.repair_failed = true;
-        return Ok(c.r);
-    }
-    if let Some(file) = fix_leaks {
-        if c.r.leaks > 0 || c.r.corruptions > 0 {
-            // Second pass, as QEMU: repair leaks, report corruptions again.
-            (c.r.corruptions, c.r.leaks) = before;
-            highest = c.repair(&stored, file, storage, &h)?;
-            stored = read_refcount_table(storage, &h)?;
-        }
-    }
-    c.check_copied(&stored)?;
-    c.r.image_end_offset = (highest + 1) * cs;
-    Ok(c.r)
+    Ok((c, stored, h))
 }

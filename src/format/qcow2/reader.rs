@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use flate2::{Decompress, FlushDecompress};
+#[cfg(feature = "zstd")]
 use zstd::stream::raw::{Decoder as ZstdDecoder, InBuffer, Operation, OutBuffer};
 
 use super::header::{
@@ -92,6 +93,7 @@ pub struct Qcow2Device {
     backing_name: Option<String>,
     cache: Mutex<L2Cache>,
     inflaters: Mutex<Vec<Decompress>>,
+    #[cfg(feature = "zstd")]
     zstd: Mutex<Vec<ZstdDecoder<'static>>>,
 }
 
@@ -120,6 +122,7 @@ impl Qcow2Device {
                 capacity,
             }),
             inflaters: Mutex::new(Vec::new()),
+            #[cfg(feature = "zstd")]
             zstd: Mutex::new(Vec::new()),
         }
     }
@@ -326,9 +329,10 @@ impl Qcow2Device {
                 Ok(())
             }
             None => match &self.backing_name {
-                Some(name) => Err(Error::Format(format!(
-                    "qcow2: backing file {name:?} was not opened (metadata-only)"
-                ))),
+                Some(name) => Err(Error::NotOpened {
+                    format: FMT,
+                    reference: format!("backing file {name:?}"),
+                }),
                 None => {
                     buf.fill(0);
                     Ok(())
@@ -338,8 +342,9 @@ impl Qcow2Device {
     }
 
     fn read_plain(&self, buf: &mut [u8], host: u64) -> Result<()> {
-        let data = self.data.as_ref().ok_or_else(|| {
-            Error::Format("qcow2: the external data file was not opened (metadata-only)".into())
+        let data = self.data.as_ref().ok_or_else(|| Error::NotOpened {
+            format: FMT,
+            reference: "the external data file".into(),
         })?;
         read_struct(data.as_ref(), buf, host, FMT, "data cluster")
     }
@@ -415,6 +420,9 @@ impl Qcow2Device {
                     ),
                 }))
             }
+            #[cfg(not(feature = "zstd"))]
+            CompressionType::Zstd => Err(bad("zstd: built without the `zstd` feature".into())),
+            #[cfg(feature = "zstd")]
             CompressionType::Zstd => {
                 let popped = self.zstd.lock().unwrap_or_else(|e| e.into_inner()).pop();
                 let mut d = match popped {

@@ -269,6 +269,23 @@ pub fn read_refcount_table<'a>(
     })
 }
 
+/// Every cluster's stored refcount held in memory (from [`read_refcounts`]), for code
+/// that rewrites the refcount structures anyway (in-place changes).
+#[derive(Debug, Clone, Default)]
+pub struct DenseRefcounts {
+    /// The refcount of each cluster, from cluster 0.
+    pub counts: Vec<u64>,
+    /// The refcount table entries.
+    pub table: Vec<u64>,
+}
+
+impl DenseRefcounts {
+    /// The stored refcount of `cluster` (0 past the clusters read).
+    pub fn get(&self, cluster: u64) -> u64 {
+        self.counts.get(cluster as usize).copied().unwrap_or(0)
+    }
+}
+
 /// Most clusters whose refcounts [`read_refcounts`] holds at once (8 bytes each).
 pub const MAX_DENSE_REFCOUNTS: u64 = 16 << 20;
 
@@ -309,14 +326,13 @@ pub fn read_refcounts(
 /// Sets the stored refcount of `cluster` in its refcount block (which must exist),
 /// through `file` opened for writing.
 pub fn write_refcount(
-    file: &std::fs::File,
+    file: &crate::io::inplace::InPlaceFile,
     storage: &dyn Storage,
     h: &Header,
     table: &[u64],
     cluster: u64,
     value: u64,
 ) -> Result<()> {
-    use std::os::unix::fs::FileExt;
     let per_block = refcount_block_entries(h.cluster_bits, h.refcount_order);
     let off = table
         .get((cluster / per_block) as usize)
@@ -333,7 +349,7 @@ pub fn write_refcount(
     let mut block = vec![0u8; h.cluster_size() as usize];
     read_struct(storage, &mut block, off, "qcow2", "refcount block")?;
     refcount_set(&mut block, cluster % per_block, h.refcount_order, value)?;
-    file.write_all_at(&block, off).map_err(Error::Stream)
+    file.write_at(&block, off)
 }
 
 /// Offset bits of a refcount table entry.

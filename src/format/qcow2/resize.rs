@@ -1,41 +1,41 @@
 //! `resize` for qcow2: grows the virtual disk (moving the L1 table when it must grow
-//! past its clusters) or shrinks it when nothing allocated lies beyond the new end.
+//! past its clusters) or shrinks it, discarding what lies beyond the new end as
+//! qemu-img does (the user asked for it with `--shrink`).
+//!
+//! Shrinking first removes the references (L2 entries, then L1 entries of tables wholly
+//! past the end), then lowers the refcounts of what they pointed to, then writes the
+//! new size: interrupted, it leaves at worst leaked clusters (`check -r leaks`).
 //!
 //! When the L1 table moves, the refcount structures are rewritten as a whole at the end
 //! of the file from the stored refcounts, with the old L1 table and refcount structures
 //! freed; the header is written last, so an interrupted resize leaves the old image.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::header::{
     parse_u64_table, refcount_block_entries, refcount_set, serialize_u64_table, AutoclearFeatures,
-    Header, IncompatibleFeatures, CRYPT_NONE, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO,
+    CompressedDescriptor, Header, IncompatibleFeatures, CRYPT_NONE, OFFSET_MASK, OFLAG_COMPRESSED,
+    OFLAG_ZERO,
 };
-use super::refcount::{read_refcounts, OFFSET_MASK_REFTABLE};
+use super::refcount::{read_refcount_table, read_refcounts, write_refcount, OFFSET_MASK_REFTABLE};
 use crate::error::{Error, Result};
-use crate::io::{read_struct, FileStorage, Storage};
+use crate::image::OpenContext;
+use crate::io::inplace::InPlaceFile;
+use crate::io::{read_struct, Storage};
 use crate::limits::{MAX_QCOW2_L1_BYTES, MAX_QCOW2_REFTABLE_BYTES, MAX_VIRTUAL_SIZE};
 
 const FMT: &str = "qcow2";
 
-fn write_at(file: &File, buf: &[u8], off: u64, path: &Path) -> Result<()> {
-    file.write_all_at(buf, off).map_err(|e| Error::io(path, e))
+fn write_at(file: &InPlaceFile, buf: &[u8], off: u64, _path: &Path) -> Result<()> {
+    file.write_at(buf, off)
 }
 
 /// Resizes the qcow2 image at `path` to `new_size` bytes. Shrinking needs `shrink` and
-/// is refused when any cluster at or beyond the new end is allocated.
-pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    let storage = FileStorage::from_file(
-        file.try_clone().map_err(|e| Error::io(path, e))?,
-        path.to_path_buf(),
-    )?;
+/// discards every cluster past the new end. `ctx` (the image's context) opens the
+/// backing file when growing must compare with its size.
+pub fn resize(path: &Path, new_size: u64, shrink: bool, ctx: &OpenContext) -> Result<()> {
+    let file = InPlaceFile::open(path)?;
+    let storage = file.storage()?;
     let mut prefix = vec![0u8; 104.min(storage.len() as usize)];
     read_struct(&storage, &mut prefix, 0, FMT, "header")?;
     let need = Header::needed_len(&prefix).min(4096);
@@ -100,10 +100,10 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
                 "use the --shrink option to perform a shrink operation",
             ));
         }
-        check_nothing_beyond(&storage, &h, &l1, new_size)?;
+        discard_beyond(&file, path, &storage, &h, &l1, new_size)?;
     }
     if new_size > old && h.backing_file_offset != 0 {
-        refuse_growing_over_backing(&storage, &h, path)?;
+        refuse_growing_over_backing(&storage, &h, ctx)?;
     }
     let new_l1 = new_size.div_ceil(h.bytes_per_l1_entry());
     if new_l1 * 8 > MAX_QCOW2_L1_BYTES {
@@ -127,16 +127,16 @@ pub fn resize(path: &Path, new_size: u64, shrink: bool) -> Result<()> {
         }
         h.l1_size = new_l1 as u32;
     }
-    file.sync_data().map_err(|e| Error::io(path, e))?;
+    file.sync()?;
     h.size = new_size;
     write_at(&file, &h.serialize(), 0, path)?;
-    file.sync_data().map_err(|e| Error::io(path, e))
+    file.sync()
 }
 
 /// Growing leaves the new area unallocated; where the backing file is longer than the
 /// old size, that area would show the backing file's data instead of zeros (QEMU writes
 /// zero clusters there). That case is refused.
-fn refuse_growing_over_backing(storage: &dyn Storage, h: &Header, path: &Path) -> Result<()> {
+fn refuse_growing_over_backing(storage: &dyn Storage, h: &Header, ctx: &OpenContext) -> Result<()> {
     let len = h
         .backing_file_size
         .min(super::header::MAX_BACKING_FILE_NAME) as usize;
@@ -149,21 +149,18 @@ fn refuse_growing_over_backing(storage: &dyn Storage, h: &Header, path: &Path) -
         "backing file name",
     )?;
     let name = String::from_utf8_lossy(&name).into_owned();
-    let p = Path::new(&name);
-    let full = if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        path.parent()
-            .map(|d| d.join(p))
-            .unwrap_or_else(|| p.to_path_buf())
-    };
-    let backing_size = crate::image::open(&full, &crate::image::OpenOptions::trusted())
-        .map(|b| b.size())
+    let backing = ctx
+        .open_backing(FMT, super::FIELD_BACKING, &name, None)
         .map_err(|e| {
             Error::invalid(format!(
                 "qcow2: cannot open backing file {name:?} to check its size: {e}"
             ))
         })?;
+    let Some(backing_size) = backing.map(|b| b.size()) else {
+        return Err(Error::invalid(format!(
+            "qcow2: backing file {name:?} was not opened (metadata-only context): its size is unknown"
+        )));
+    };
     if backing_size > h.size {
         return Err(Error::unsupported(
             FMT,
@@ -176,9 +173,12 @@ fn refuse_growing_over_backing(storage: &dyn Storage, h: &Header, path: &Path) -
     Ok(())
 }
 
-/// Fails when a guest cluster at or beyond `new_size` (or the cluster the new end cuts
-/// through) has an L2 entry.
-fn check_nothing_beyond(
+/// Discards the guest clusters past `new_size`: their L2 entries (and the L2 tables
+/// wholly past it) are cleared, then the refcounts of the clusters they held lowered.
+/// The cluster the new end cuts through is kept, its tail zeroed.
+fn discard_beyond(
+    file: &InPlaceFile,
+    path: &Path,
     storage: &dyn Storage,
     h: &Header,
     l1: &[u64],
@@ -186,8 +186,14 @@ fn check_nothing_beyond(
 ) -> Result<()> {
     let cs = h.cluster_size();
     let per_l2 = h.l2_entries();
-    let first = new_size / cs; // first cluster not wholly kept
-    let per = h.l2_entry_size() / 8;
+    let per = (h.l2_entry_size() / 8) as usize;
+    let first = new_size.div_ceil(cs); // first guest cluster dropped
+    let external = h.has_external_data_file();
+    // Host clusters whose refcount drops by one per reference removed.
+    let mut freed: Vec<u64> = Vec::new();
+    if new_size % cs != 0 && !external {
+        zero_cut_cluster(file, path, storage, h, l1, new_size)?;
+    }
     for (i, &e) in l1.iter().enumerate() {
         let l2_off = e & OFFSET_MASK;
         let base = i as u64 * per_l2;
@@ -196,32 +202,109 @@ fn check_nothing_beyond(
         }
         let mut b = vec![0u8; cs as usize];
         read_struct(storage, &mut b, l2_off, FMT, "L2 table")?;
-        let t = parse_u64_table(&b);
-        let start = first.saturating_sub(base);
-        for j in start..per_l2 {
-            let k = (j * per) as usize;
-            // Entries that read as zero (even over a preallocated cluster, which
-            // stays referenced) hold nothing to lose.
-            let holds_data = if per == 2 {
-                t[k + 1] & 0xffff_ffff != 0 || (t[k] & OFLAG_COMPRESSED != 0)
-            } else {
-                t[k] & OFLAG_COMPRESSED != 0 || (t[k] != 0 && t[k] & OFLAG_ZERO == 0)
-            };
-            if holds_data {
-                return Err(Error::invalid(format!(
-                    "qcow2: cannot shrink to {new_size} bytes: guest offset {:#x} is allocated (shrinking would cut off data)",
-                    (base + j) * cs
-                )));
+        let mut t = parse_u64_table(&b);
+        let start = first.saturating_sub(base) as usize;
+        for j in start..per_l2 as usize {
+            let k = j * per;
+            let entry = t[k];
+            if entry & OFLAG_COMPRESSED != 0 {
+                let d = CompressedDescriptor::decode(entry, h.cluster_bits);
+                let end = (d.host_offset & !511) + d.sectors * 512;
+                freed.extend(d.host_offset / cs..end.div_ceil(cs));
+            } else if entry & OFFSET_MASK != 0 && !external {
+                freed.push((entry & OFFSET_MASK) / cs);
             }
+            for x in &mut t[k..k + per] {
+                *x = 0;
+            }
+        }
+        if base >= first {
+            // The whole table lies past the end: unlink it from the L1 table.
+            write_at(file, &[0u8; 8], h.l1_table_offset + i as u64 * 8, path)?;
+            freed.push(l2_off / cs);
+        } else {
+            write_at(file, &serialize_u64_table(&t), l2_off, path)?;
+        }
+    }
+    file.sync()?;
+    if freed.is_empty() {
+        return Ok(());
+    }
+    freed.sort_unstable();
+    let file_clusters = storage.len().div_ceil(cs);
+    let stored = read_refcount_table(storage, h)?;
+    let mut k = 0;
+    let mut unreadable = false;
+    while k < freed.len() {
+        let c = freed[k];
+        let n = freed[k..].iter().take_while(|&&x| x == c).count() as u64;
+        k += n as usize;
+        if stored.is_unreadable(c) {
+            unreadable = true;
+            continue;
+        }
+        // Each cluster once: the blocks `stored` keeps never saw this one change.
+        let now = stored.get(c)?.saturating_sub(n);
+        write_refcount(file, storage, h, &stored.table, c, now)?;
+    }
+    file.sync()?;
+    drop(stored);
+    // The file ends after its last cluster in use, as qemu-img leaves it.
+    let stored = read_refcount_table(storage, h)?;
+    let per = stored.per_block();
+    unreadable |= (0..stored.table.len() as u64).any(|b| stored.is_unreadable(b * per));
+    if !unreadable {
+        let mut last = 0;
+        for c in (0..=file_clusters).rev() {
+            if stored.get(c)? > 0 {
+                last = c + 1;
+                break;
+            }
+        }
+        if last * cs < storage.len() {
+            file.set_len(last * cs)?;
         }
     }
     Ok(())
 }
 
+/// Zeroes the part past `new_size` of the data cluster the new end cuts through, so
+/// that growing the image again shows zeros there, not old data.
+fn zero_cut_cluster(
+    file: &InPlaceFile,
+    path: &Path,
+    storage: &dyn Storage,
+    h: &Header,
+    l1: &[u64],
+    new_size: u64,
+) -> Result<()> {
+    let cs = h.cluster_size();
+    let cluster = new_size / cs;
+    let per_l2 = h.l2_entries();
+    let Some(&l1e) = l1.get((cluster / per_l2) as usize) else {
+        return Ok(());
+    };
+    let l2_off = l1e & OFFSET_MASK;
+    if l2_off == 0 {
+        return Ok(());
+    }
+    let per = h.l2_entry_size() / 8;
+    let mut e = [0u8; 8];
+    let at = l2_off + (cluster % per_l2) * per * 8;
+    read_struct(storage, &mut e, at, FMT, "L2 table")?;
+    let entry = u64::from_be_bytes(e);
+    let host = entry & OFFSET_MASK;
+    if entry & OFLAG_COMPRESSED != 0 || host == 0 || entry & OFLAG_ZERO != 0 {
+        return Ok(());
+    }
+    let keep = new_size % cs;
+    write_at(file, &vec![0u8; (cs - keep) as usize], host + keep, path)
+}
+
 /// Moves the L1 table to the end of the file with room for `new_l1` entries and
 /// rewrites the refcount structures after it.
 fn relocate_l1(
-    file: &File,
+    file: &InPlaceFile,
     path: &Path,
     storage: &dyn Storage,
     h: &mut Header,

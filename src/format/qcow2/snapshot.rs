@@ -127,6 +127,17 @@ impl SnapshotEntry {
         self.extra_u64(16).filter(|&c| c != u64::MAX)
     }
 
+    /// The raw instruction-count field of the extra data (all ones when absent, as
+    /// QEMU writes it then).
+    pub fn extra_icount(&self) -> u64 {
+        self.extra_u64(16).unwrap_or(u64::MAX)
+    }
+
+    /// On-disk length without the padding that follows the last entry of a table.
+    pub fn unpadded_len(&self) -> usize {
+        SNAPSHOT_FIXED_LEN + self.extra.len() + self.id.len() + self.name.len()
+    }
+
     /// The entry as `info` shows it.
     pub fn info(&self) -> SnapshotInfo {
         SnapshotInfo {

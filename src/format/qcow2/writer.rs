@@ -138,7 +138,15 @@ impl Qcow2Options {
         };
         let compression = match o.take("compression_type").as_deref() {
             None | Some("zlib") => CompressionType::Zlib,
+            #[cfg(feature = "zstd")]
             Some("zstd") => CompressionType::Zstd,
+            #[cfg(not(feature = "zstd"))]
+            Some("zstd") => {
+                return Err(Error::unsupported(
+                    "qcow2",
+                    "compression_type=zstd (imgconv was built without its `zstd` feature)",
+                ))
+            }
             Some(v) => return Err(bad(format!("compression_type '{v}' is not zlib or zstd"))),
         };
         for key in ["encrypt.format", "encryption", "data_file", "data_file_raw"] {
@@ -295,6 +303,7 @@ pub struct ClusterEncoder {
 
 thread_local! {
     static DEFLATE: std::cell::RefCell<Option<flate2::Compress>> = const { std::cell::RefCell::new(None) };
+    #[cfg(feature = "zstd")]
     static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> = const { std::cell::RefCell::new(None) };
 }
 
@@ -326,6 +335,12 @@ impl ClusterEncoder {
                     .map_err(|e| Error::invalid(format!("qcow2: deflate failed: {e}")))?;
                 Ok((st == flate2::Status::StreamEnd && out.len() <= max).then_some(out))
             }),
+            #[cfg(not(feature = "zstd"))]
+            CompressionType::Zstd => Err(Error::unsupported(
+                "qcow2",
+                "zstd compression (imgconv was built without its `zstd` feature)",
+            )),
+            #[cfg(feature = "zstd")]
             CompressionType::Zstd => ZSTD.with(|c| {
                 let mut c = c.borrow_mut();
                 if c.is_none() {
@@ -477,16 +492,37 @@ fn new_writer(
     let size_pending = size.is_none();
     let size = size.unwrap_or(MAX_VIRTUAL_SIZE);
     if out.is_stream() {
-        return Err(Error::invalid(
-            "qcow2 cannot be written to a stream (it needs to seek)",
-        ));
+        return Err(Error::NeedsSeekableOutput {
+            format: "qcow2",
+            what: "a qcow2 image".into(),
+        });
     }
-    if out.is_in_place() {
-        return Err(Error::unsupported(
-            "qcow2",
-            "writing into an existing qcow2 image (-n)",
-        ));
-    }
+    // `-n`: the target exists. qemu-img creates nothing then, and afterwards the target
+    // reads as the source: it is written anew, in the same file, with the creation
+    // options its header records (qemu-img ignores -o with -n too).
+    let (o, size, existing) = if out.is_in_place() {
+        if size_pending {
+            return Err(Error::unsupported(
+                "qcow2",
+                "writing into an existing image (-n) from a source of unknown length",
+            ));
+        }
+        let file = out.create(target)?;
+        let (mut eo, esize) = existing_options(&file, target)?;
+        eo.compressed = o.compressed;
+        if esize < size {
+            return Err(Error::invalid(format!(
+                "{}: output image is smaller than the input ({esize} < {size} bytes)",
+                target.display()
+            )));
+        }
+        if file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            file.set_len(0).map_err(|e| Error::io(target, e))?;
+        }
+        (eo, esize, Some(file))
+    } else {
+        (o, size, None)
+    };
     if size > MAX_VIRTUAL_SIZE {
         return Err(Error::invalid(format!(
             "qcow2: virtual size {size} is too large"
@@ -501,7 +537,10 @@ fn new_writer(
     } else {
         Layout::new(&o, size)?
     };
-    let file = out.create(target)?;
+    let file = match existing {
+        Some(f) => f,
+        None => out.create(target)?,
+    };
     let encoder = o.compressed.then(|| {
         Arc::new(ClusterEncoder::new(
             o.cluster_size() as usize,
@@ -535,6 +574,49 @@ fn new_writer(
         layout,
         o,
     })
+}
+
+/// The creation options and virtual size an existing qcow2 image's header records, for
+/// writing it anew (`-n`). Images that depend on other files or keys are refused.
+fn existing_options(file: &File, path: &Path) -> Result<(Qcow2Options, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 4096];
+    let n = file.read_at(&mut buf, 0).map_err(|e| Error::io(path, e))?;
+    buf.truncate(n);
+    let h = Header::parse(&buf)?;
+    let refuse = |what: &str| {
+        Err(Error::unsupported(
+            "qcow2",
+            format!("writing into an existing image (-n) that {what}"),
+        ))
+    };
+    if h.backing_file_offset != 0 {
+        return refuse("has a backing file");
+    }
+    if h.crypt_method != super::header::CRYPT_NONE {
+        return refuse("is encrypted");
+    }
+    if h.has_external_data_file() {
+        return refuse("has an external data file");
+    }
+    if h.nb_snapshots > 0 {
+        return refuse("has internal snapshots");
+    }
+    let o = Qcow2Options {
+        version: h.version,
+        cluster_bits: h.cluster_bits,
+        refcount_order: h.refcount_order,
+        lazy_refcounts: h
+            .compatible_features
+            .contains(super::header::CompatibleFeatures::LAZY_REFCOUNTS),
+        extended_l2: h.extended_l2(),
+        prealloc: Prealloc::Off,
+        compression: h.compression().unwrap_or(CompressionType::Zlib),
+        compressed: false,
+        backing_file: None,
+        backing_format: None,
+    };
+    Ok((o, h.size))
 }
 
 const ALL_ALLOC: u64 = 0xffff_ffff;
@@ -760,7 +842,7 @@ impl ImageWriter for Qcow2Writer {
             Some(enc) => {
                 for (i, grain) in run.data.chunks(cs as usize).enumerate() {
                     let gc = run.offset / cs + i as u64;
-                    if crate::convert::is_zero(grain) {
+                    if crate::zero::is_zero(grain) {
                         // QEMU skips all-zero clusters when compressing, whatever -S
                         // says; over a backing file they must still read as zeros.
                         self.write_zeros_clusters(gc, gc + 1)?;
@@ -961,8 +1043,12 @@ mod tests {
         assert!(parse("bogus=1").is_err());
         assert!(parse("backing_file=x").is_err());
         let o =
-            parse("compat=1.1,cluster_size=512,refcount_bits=64,compression_type=zstd").unwrap();
+            parse("compat=1.1,cluster_size=512,refcount_bits=64,compression_type=zlib").unwrap();
         assert_eq!((o.cluster_bits, o.refcount_order), (9, 6));
+        assert_eq!(
+            parse("compression_type=zstd").is_ok(),
+            cfg!(feature = "zstd")
+        );
     }
 
     #[test]
@@ -1000,8 +1086,11 @@ mod tests {
             })
             .collect();
         assert!(e.compress(&noise).unwrap().is_none());
-        let z = ClusterEncoder::new(65536, CompressionType::Zstd);
-        let c = z.compress(&data).unwrap().unwrap();
-        assert_eq!(zstd::bulk::decompress(&c, 65536).unwrap(), data);
+        #[cfg(feature = "zstd")]
+        {
+            let z = ClusterEncoder::new(65536, CompressionType::Zstd);
+            let c = z.compress(&data).unwrap().unwrap();
+            assert_eq!(zstd::bulk::decompress(&c, 65536).unwrap(), data);
+        }
     }
 }

@@ -8,8 +8,8 @@
 
 use super::header::{parse_block_map, BLOCK_ZERO, FORMAT};
 use super::reader::read_header;
+use crate::driver::CheckReport;
 use crate::error::Result;
-use crate::format::qcow2::check::CheckReport;
 use crate::io::{read_struct, Storage};
 use crate::limits::MAX_CHECK_MESSAGES;
 

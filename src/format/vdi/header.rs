@@ -96,7 +96,7 @@ impl Uuid {
 
     /// A fresh random (version 4) UUID.
     pub fn random() -> Uuid {
-        let mut u: [u8; 16] = rand::random();
+        let mut u: [u8; 16] = crate::random::bytes();
         u[6] = (u[6] & 0x0F) | 0x40;
         u[8] = (u[8] & 0x3F) | 0x80;
         Uuid(u)

@@ -5,45 +5,54 @@
 //!   search for a differencing image's parent by UUID;
 //! - [`check`]: `check`, the block map's consistency as qemu-img verifies it;
 //! - [`writer`]: images laid out as VirtualBox lays them out (`-o static=on|off`,
-//!   `-o uuid=…`).
+//!   `-o uuid=…`);
+//! - [`inplace`]: an existing image written in place (the base of `commit`).
 
 pub mod check;
 pub mod header;
+pub mod inplace;
 pub mod reader;
 pub mod writer;
 
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::detect::Format;
+use crate::driver::Driver;
 use crate::error::Result;
-use crate::image::{Image, OpenContext, OpenOptions, Opened};
-use crate::io::{FileStorage, OutputSet, Storage};
+use crate::image::{OpenContext, Opened};
+use crate::io::{OutputSet, Storage};
 use crate::writer::{ImageWriter, WriteOptions};
 
 pub use reader::{ParentSource, VdiDevice};
 
-/// Opens a VDI image. A differencing image's parent is looked for by its UUID among the
-/// `*.vdi` files of the image's folder (and of the folder above a VirtualBox `Snapshots`
-/// folder); in untrusted mode the parent reference is refused.
-pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
-    reader::open_with(storage, ctx, ParentSource::Search)
-}
+/// The VDI driver.
+pub const DRIVER: Driver = Driver {
+    format: Format::Vdi,
+    probe: |head, _| head.get(0x40..0x44) == Some(&header::SIGNATURE.to_le_bytes()),
+    open: Some(open),
+    open_stream: None,
+    create: Some(create_writer),
+    create_unsized: None,
+    check: Some(|req| check::check(req.storage.as_ref())),
+    repair: None,
+    resize: None,
+    internal_snapshots: false,
+    explicit_parent: true,
+};
 
-/// Opens the differencing VDI at `path` on top of the parent image `parent` (relative
-/// names resolve against `path`'s folder). The parent may be of any format (VirtualBox
-/// puts VDI snapshots on VMDK base disks too); a VDI parent's image UUID must be the
-/// child's parent UUID. Untrusted options refuse the parent, as for any reference.
-pub fn open_with_parent(
-    path: impl AsRef<Path>,
-    parent: &str,
-    options: &OpenOptions,
-) -> Result<Image> {
-    let path = path.as_ref();
-    let mut ctx = OpenContext::for_path(path, options);
-    ctx.options.format = Some(crate::detect::Format::Vdi);
-    let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path)?);
-    let opened = reader::open_with(storage, &ctx, ParentSource::Explicit(parent.to_string()))?;
-    Ok(Image::from_opened(opened))
+/// Opens a VDI image. A differencing image's parent is the one the options name
+/// ([`OpenOptions::parent`](crate::image::OpenOptions::parent), top image only; any
+/// format: VirtualBox puts VDI snapshots on VMDK base disks too), else it is looked for
+/// by its UUID among the `*.vdi` files of the image's folder (and of the folder above a
+/// VirtualBox `Snapshots` folder). A VDI parent's image UUID must be the child's parent
+/// UUID. In untrusted mode the parent reference is refused.
+pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
+    let source = match (&ctx.options.parent, ctx.depth) {
+        (Some(parent), 0) => ParentSource::Explicit(parent.clone()),
+        _ => ParentSource::Search,
+    };
+    reader::open_with(storage, ctx, source)
 }
 
 /// Creates a VDI writer (`-o static=on|off`, `uuid=…`, `cluster_size=…`).

@@ -4,11 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::{json, Map, Value};
-
 use super::header::{
     Header, ImageType, PreHeader, BLOCK_ZERO, FORMAT, MAX_HEADER_BYTES, PRE_HEADER_SIZE, SIGNATURE,
 };
+use crate::details::{FormatDetails, VdiDetails};
 use crate::detect::Format;
 use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
 use crate::error::{Error, Result};
@@ -65,16 +64,9 @@ impl VdiDevice {
     }
 
     fn parent(&self) -> Result<&Arc<dyn BlockDevice>> {
-        self.parent.as_ref().ok_or_else(|| Error::BackingChain {
-            path: self
-                .storage
-                .path()
-                .map(Path::to_path_buf)
-                .unwrap_or_default(),
-            reason: format!(
-                "the parent image (UUID {}) was not opened",
-                self.header.uuid_linkage
-            ),
+        self.parent.as_ref().ok_or_else(|| Error::NotOpened {
+            format: FORMAT,
+            reference: format!("the parent image (UUID {})", self.header.uuid_linkage),
         })
     }
 
@@ -292,6 +284,18 @@ fn check_block_map(storage: &Arc<dyn Storage>, h: &Header) -> Result<PagedTable>
     Ok(map)
 }
 
+/// Reads the whole block map, checked as [`check_block_map`] checks it, into memory
+/// (for writing into the image in place: 4 bytes per block of a map inside the file).
+pub(crate) fn read_block_map(storage: &Arc<dyn Storage>, h: &Header) -> Result<Vec<u32>> {
+    let map = check_block_map(storage, h)?;
+    let mut v = Vec::with_capacity(h.blocks as usize);
+    map.for_each(|_, e| {
+        v.push(e as u32);
+        Ok(())
+    })?;
+    Ok(v)
+}
+
 /// Where the parent of a differencing image comes from.
 #[derive(Debug, Clone)]
 pub enum ParentSource {
@@ -345,37 +349,24 @@ pub fn open_with(
     })
 }
 
-fn format_specific(pre: &PreHeader, h: &Header, kind: ImageType) -> Value {
-    let mut d = Map::new();
-    d.insert("image-type".into(), json!(kind.name()));
-    d.insert(
-        "header-version".into(),
-        json!(format!("{}.{}", pre.major(), pre.minor())),
-    );
-    d.insert("header-size".into(), json!(h.header_size));
-    d.insert("file-info".into(), json!(pre.text_str()));
-    d.insert("block-size".into(), json!(h.block_size));
-    if h.block_extra != 0 {
-        d.insert("block-extra".into(), json!(h.block_extra));
-    }
-    d.insert("blocks".into(), json!(h.blocks));
-    d.insert("allocated-blocks".into(), json!(h.blocks_allocated));
-    d.insert("uuid".into(), json!(h.uuid_create.to_string()));
-    d.insert("modification-uuid".into(), json!(h.uuid_modify.to_string()));
-    if !h.uuid_linkage.is_null() {
-        d.insert("parent-uuid".into(), json!(h.uuid_linkage.to_string()));
-    }
-    if !h.uuid_parent_modify.is_null() {
-        d.insert(
-            "parent-modification-uuid".into(),
-            json!(h.uuid_parent_modify.to_string()),
-        );
-    }
+fn format_specific(pre: &PreHeader, h: &Header, kind: ImageType) -> FormatDetails {
     let comment = h.comment_str();
-    if !comment.is_empty() {
-        d.insert("comment".into(), json!(comment));
-    }
-    json!({"type": "vdi", "data": d})
+    FormatDetails::Vdi(VdiDetails {
+        image_type: kind.name().to_string(),
+        header_version: format!("{}.{}", pre.major(), pre.minor()),
+        header_size: h.header_size,
+        file_info: pre.text_str().to_string(),
+        block_size: h.block_size,
+        block_extra: (h.block_extra != 0).then_some(h.block_extra),
+        blocks: h.blocks,
+        allocated_blocks: h.blocks_allocated,
+        uuid: h.uuid_create.to_string(),
+        modification_uuid: h.uuid_modify.to_string(),
+        parent_uuid: (!h.uuid_linkage.is_null()).then(|| h.uuid_linkage.to_string()),
+        parent_modification_uuid: (!h.uuid_parent_modify.is_null())
+            .then(|| h.uuid_parent_modify.to_string()),
+        comment: (!comment.is_empty()).then(|| comment.to_string()),
+    })
 }
 
 /// Finds and opens the parent of a child image, or refuses to in untrusted mode.
@@ -404,11 +395,10 @@ fn open_parent(ctx: &OpenContext, h: &Header, source: ParentSource) -> Result<Op
     if let Some(img) = &img {
         // Where the parent states an image UUID (every VDI does), it must be the one
         // the child names; a parent without one was vouched for by the caller.
-        let got = img
-            .info()
-            .format_specific
-            .as_ref()
-            .and_then(|v| v["data"]["uuid"].as_str().map(str::to_string));
+        let got = match &img.info().format_specific {
+            Some(FormatDetails::Vdi(d)) => Some(d.uuid.clone()),
+            _ => None,
+        };
         let is_vdi = img.info().format == Format::Vdi;
         if let Some(got) = got.filter(|_| is_vdi) {
             if got != uuid {

@@ -13,7 +13,6 @@ use super::header::{
     serialize_block_map, Geometry, Header, ImageType, PreHeader, Uuid, BLOCK_FREE, COMMENT_SIZE,
     FORMAT, HEADER_SIZE_V1_PLUS, MAX_HEADER_BYTES, VIRTUALBOX_TEXT,
 };
-use crate::convert::is_zero;
 use crate::detect::Format;
 use crate::error::{Error, Result};
 use crate::io::{write_all_at, AllocateAhead, OutputSet};
@@ -177,7 +176,10 @@ pub fn create_writer(
 ) -> Result<Box<dyn ImageWriter>> {
     let o = VdiOptions::from_write_options(opts)?;
     if out.is_stream() {
-        return Err(Error::unsupported(FORMAT, "writing to a stream"));
+        return Err(Error::NeedsSeekableOutput {
+            format: FORMAT,
+            what: "a VDI image".into(),
+        });
     }
     if out.is_in_place() {
         return Err(Error::unsupported(
@@ -264,17 +266,13 @@ impl ImageWriter for VdiWriter {
             )));
         }
         let first = run.offset / bs as u64;
-        // Coalesce consecutive non-zero blocks into one write.
+        // Coalesce consecutive blocks into one write. Zero blocks come here only when
+        // the engine is asked to write everything (`-S 0`): they are stored too, as
+        // qemu-img stores them then.
         let mut pending: Option<(u64, usize, usize)> = None; // (phys, start, end) in data
         for (k, chunk) in run.data.chunks(bs).enumerate() {
             let idx = first + k as u64;
             let s = k * bs;
-            if is_zero(chunk) {
-                if let Some((p, a, b)) = pending.take() {
-                    self.put(p, &run.data[a..b])?;
-                }
-                continue;
-            }
             let phys = if self.fixed {
                 idx
             } else {

@@ -3,12 +3,23 @@
 //! extent file is reported. Like QEMU, the check stops at the first bad grain (the
 //! image then fails the check with exit code 1).
 
-use crate::error::Error;
-use crate::format::qcow2::check::CheckReport;
+use crate::driver::{CheckReport, CheckRequest};
+use crate::error::{Error, Result};
 use crate::image::Image;
 
 /// Sector size of the messages.
 const SECTOR: u64 = 512;
+
+/// Checks the VMDK image in `req.storage`: its extents are opened as the context allows,
+/// the parent of a delta disk is not (as qemu-img, the check covers this image only).
+pub fn check_storage(req: &CheckRequest<'_>) -> Result<CheckReport> {
+    let mut ctx = req.ctx.clone();
+    // The parent of a delta disk is not opened, as in qemu-img's check; untrusted, every
+    // other file named (extents, the parent) is refused rather than recorded.
+    ctx.options.metadata_only = !ctx.options.untrusted;
+    let opened = super::open(req.storage.clone(), &ctx)?;
+    Ok(check(&Image::from_opened(opened)))
+}
 
 /// Checks the opened VMDK `image` by walking its whole map (runs of grains at a time,
 /// then grain by grain around a failure to name the first bad grain's sector).

@@ -30,10 +30,41 @@ pub mod writer;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::detect::Format;
+use crate::driver::{Driver, StreamReader};
 use crate::error::Result;
 use crate::image::{OpenContext, Opened};
 use crate::io::{OutputSet, Storage};
 use crate::writer::{ImageWriter, WriteOptions};
+
+/// The VMDK driver.
+pub const DRIVER: Driver = Driver {
+    format: Format::Vmdk,
+    probe: |head, _| probe(head),
+    open: Some(open),
+    open_stream: Some(StreamReader {
+        accepts: |head, _, _| is_stream_optimized(head),
+        open: |reader, _, ctx| open_stream(reader, ctx),
+    }),
+    create: Some(create_writer),
+    create_unsized: None,
+    check: Some(check::check_storage),
+    repair: None,
+    resize: None,
+    internal_snapshots: false,
+    explicit_parent: false,
+};
+
+/// True when `head` is a VMDK sparse header with compressed grains and markers (the
+/// streamOptimized layout, made to be read in one pass).
+pub fn is_stream_optimized(head: &[u8]) -> bool {
+    const COMPRESSED: u32 = 1 << 16;
+    const MARKERS: u32 = 1 << 17;
+    head.len() >= 12 && head.starts_with(b"KDMV") && {
+        let flags = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+        flags & (COMPRESSED | MARKERS) == COMPRESSED | MARKERS
+    }
+}
 
 /// Opens a vmdk image: a sparse extent (with its embedded descriptor) or a descriptor
 /// file; extent files and the parent go through `ctx` (refused when untrusted).

@@ -4,8 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use serde_json::json;
-
+use crate::details::{FormatDetails, VmdkDetails, VmdkExtent};
 use crate::detect::Format;
 use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
 use crate::error::{Error, Result};
@@ -106,9 +105,10 @@ impl BlockDevice for VmdkDevice {
             match &part.source {
                 Source::Zero => out.fill(0),
                 Source::Unopened(name) => {
-                    return Err(Error::Format(format!(
-                        "vmdk: extent file {name:?} was not opened (metadata-only mode)"
-                    )))
+                    return Err(Error::NotOpened {
+                        format: FMT,
+                        reference: format!("extent file {name:?}"),
+                    })
                 }
                 Source::Flat { storage, offset } => {
                     let at = offset.saturating_add(within);
@@ -387,15 +387,13 @@ fn open_monolithic(
         create_type: create_type_of(&ext.header).to_string(),
         ..Default::default()
     });
-    let mut extent_info = vec![json!({
-        "filename": ctx.filename,
-        "format": "",
-        "virtual-size": size,
-        "cluster-size": ext.grain_bytes(),
-    })];
-    if ext.header.compressed() {
-        extent_info[0]["compressed"] = json!(true);
-    }
+    let extent_info = vec![VmdkExtent {
+        compressed: ext.header.compressed().then_some(true),
+        virtual_size: size,
+        filename: ctx.filename.clone(),
+        cluster_size: Some(ext.grain_bytes()),
+        format: String::new(),
+    }];
     finish_single(desc, ext, extent_info, storage.as_ref(), ctx)
 }
 
@@ -415,12 +413,13 @@ fn open_extent_alone(
         create_type: create_type.to_string(),
         ..Default::default()
     };
-    let extent_info = vec![json!({
-        "filename": ctx.filename,
-        "format": kind,
-        "virtual-size": size,
-        "cluster-size": ext.grain_bytes(),
-    })];
+    let extent_info = vec![VmdkExtent {
+        compressed: None,
+        virtual_size: size,
+        filename: ctx.filename.clone(),
+        cluster_size: Some(ext.grain_bytes()),
+        format: kind.to_string(),
+    }];
     finish_single(desc, ext, extent_info, storage.as_ref(), ctx)
 }
 
@@ -428,7 +427,7 @@ fn open_extent_alone(
 fn finish_single(
     desc: Descriptor,
     ext: Arc<dyn GrainSource>,
-    extent_info: Vec<serde_json::Value>,
+    extent_info: Vec<VmdkExtent>,
     storage: &dyn Storage,
     ctx: &OpenContext,
 ) -> Result<Opened> {
@@ -469,11 +468,13 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
                 name: name.clone(),
             });
         }
-        let mut ei = json!({
-            "filename": shown_name(ctx, &name),
-            "format": e.kind.as_str(),
-            "virtual-size": len,
-        });
+        let mut ei = VmdkExtent {
+            compressed: None,
+            virtual_size: len,
+            filename: shown_name(ctx, &name),
+            cluster_size: None,
+            format: e.kind.as_str().to_string(),
+        };
         let source = match e.kind {
             ExtentType::Zero => Source::Zero,
             _ if e.access == Access::NoAccess => Source::Zero,
@@ -500,10 +501,8 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
                     },
                     _ => {
                         let ext = open_grain_extent(storage, cache_share(ctx, d.extents.len()))?;
-                        ei["cluster-size"] = json!(ext.grain_bytes());
-                        if ext.compressed() {
-                            ei["compressed"] = json!(true);
-                        }
+                        ei.cluster_size = Some(ext.grain_bytes());
+                        ei.compressed = ext.compressed().then_some(true);
                         cluster.get_or_insert(ext.grain_bytes());
                         Source::Sparse(ext)
                     }
@@ -538,7 +537,7 @@ fn finish(
     d: Descriptor,
     parts: Vec<Part>,
     size: u64,
-    extent_info: Vec<serde_json::Value>,
+    extent_info: Vec<VmdkExtent>,
     mut info: ImageInfo,
     ctx: &OpenContext,
 ) -> Result<Opened> {
@@ -558,12 +557,11 @@ fn finish(
             info.full_backing_filename = Some(shown_name(ctx, hint));
         }
         if let Some(img) = ctx.open_backing(FMT, "parentFileNameHint", hint, Some(Format::Vmdk))? {
-            let pcid = img
-                .info()
-                .format_specific
-                .as_ref()
-                .and_then(|f| f["data"]["cid"].as_u64());
-            if pcid != Some(d.parent_cid as u64) {
+            let pcid = match &img.info().format_specific {
+                Some(FormatDetails::Vmdk(p)) => Some(p.cid),
+                _ => None,
+            };
+            if pcid != Some(d.parent_cid) {
                 return Err(Error::BackingChain {
                     path: ctx.path.clone().unwrap_or_default(),
                     reason: format!(
@@ -577,14 +575,11 @@ fn finish(
             parent = Some(img.device().clone());
         }
     }
-    info.format_specific = Some(json!({
-        "type": "vmdk",
-        "data": {
-            "cid": d.cid,
-            "parent-cid": d.parent_cid,
-            "create-type": d.create_type,
-            "extents": extent_info,
-        }
+    info.format_specific = Some(FormatDetails::Vmdk(VmdkDetails {
+        cid: d.cid,
+        parent_cid: d.parent_cid,
+        create_type: d.create_type.clone(),
+        extents: extent_info,
     }));
     Ok(Opened {
         device: Arc::new(VmdkDevice {

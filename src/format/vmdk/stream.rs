@@ -5,8 +5,7 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 
-use serde_json::json;
-
+use crate::details::{FormatDetails, VmdkDetails, VmdkExtent};
 use crate::detect::Format;
 use crate::device::{clamp_map_request, BlockDevice, Extent, ExtentKind};
 use crate::error::{Error, Result};
@@ -346,20 +345,17 @@ pub fn open_stream(mut reader: Box<dyn Read + Send>, ctx: &OpenContext) -> Resul
     };
     let mut info = ImageInfo::new(ctx.filename.clone(), Format::Vmdk, size);
     info.cluster_size = Some(gb);
-    info.format_specific = Some(json!({
-        "type": "vmdk",
-        "data": {
-            "cid": cid,
-            "parent-cid": pcid,
-            "create-type": ct,
-            "extents": [{
-                "filename": ctx.filename,
-                "format": "",
-                "virtual-size": size,
-                "cluster-size": gb,
-                "compressed": true,
-            }],
-        }
+    info.format_specific = Some(FormatDetails::Vmdk(VmdkDetails {
+        cid,
+        parent_cid: pcid,
+        create_type: ct,
+        extents: vec![VmdkExtent {
+            compressed: Some(true),
+            virtual_size: size,
+            filename: ctx.filename.clone(),
+            cluster_size: Some(gb),
+            format: String::new(),
+        }],
     }));
     Ok(Opened {
         device: Arc::new(StreamDevice {

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use flate2::write::ZlibEncoder;
 use flate2::Compression;
 
+use crate::details::FormatDetails;
 use crate::detect::Format;
 use crate::error::{Error, Result};
-use crate::image::OpenOptions;
-use crate::io::{write_all_at, AllocateAhead, OutputSet};
+use crate::image::{OpenContext, OpenOptions};
+use crate::io::{write_all_at, AllocateAhead, FileStorage, OutputSet};
 use crate::writer::{parse_bool, DataRun, GrainEncoder, ImageWriter, WriteOptions};
 
 use super::descriptor::{Access, Descriptor, ExtentLine, ExtentType, NO_PARENT_CID};
@@ -204,13 +205,15 @@ fn parent_cid(b: &str, target: &Path) -> Result<u32> {
     } else {
         target.parent().unwrap_or(Path::new(".")).join(p)
     };
-    let img = crate::image::open(&path, &OpenOptions::trusted().format(Format::Vmdk))?;
-    img.info()
-        .format_specific
-        .as_ref()
-        .and_then(|f| f["data"]["cid"].as_u64())
-        .map(|c| c as u32)
-        .ok_or_else(|| Error::invalid(format!("{b}: backing file has no CID")))
+    // The parent's own header is all that is needed: its parent is not followed.
+    let options = OpenOptions::trusted().format(Format::Vmdk).metadata_only();
+    let ctx = OpenContext::for_path(&path, &options);
+    let storage = Arc::new(FileStorage::open_image(&path, false)?);
+    let parent = super::open(storage, &ctx)?;
+    match parent.info.format_specific {
+        Some(FormatDetails::Vmdk(p)) => Ok(p.cid),
+        _ => Err(Error::invalid(format!("{b}: backing file has no CID"))),
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -229,7 +232,7 @@ fn uuid_string(b: &[u8; 16]) -> String {
 }
 
 fn random_uuid() -> [u8; 16] {
-    let mut b: [u8; 16] = rand::random();
+    let mut b: [u8; 16] = crate::random::bytes();
     b[6] = (b[6] & 0x0f) | 0x40; // version 4
     b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
     b
@@ -238,7 +241,7 @@ fn random_uuid() -> [u8; 16] {
 /// Builds the descriptor for a new disk of `capacity` sectors.
 fn build_descriptor(o: &VmdkOptions, capacity: u64, extents: Vec<ExtentLine>) -> Descriptor {
     let cid: u32 = loop {
-        let c = rand::random::<u32>();
+        let c = crate::random::u32();
         if c != NO_PARENT_CID {
             break c;
         }
@@ -253,7 +256,7 @@ fn build_descriptor(o: &VmdkOptions, capacity: u64, extents: Vec<ExtentLine>) ->
         cylinders = cylinders.min(16383);
     }
     let image_uuid = random_uuid();
-    let mut long_id: [u8; 16] = rand::random();
+    let mut long_id: [u8; 16] = crate::random::bytes();
     long_id[12..16].copy_from_slice(&cid.to_be_bytes());
     let vmware_uuid = image_uuid
         .iter()
@@ -345,10 +348,13 @@ pub fn create_writer(
         return Err(Error::invalid("vmdk: disk too large"));
     }
     if out.is_stream() && o.subformat != Subformat::StreamOptimized {
-        return Err(Error::invalid(format!(
-            "vmdk: subformat {} cannot be written to a pipe (use subformat=streamOptimized)",
-            o.subformat.name()
-        )));
+        return Err(Error::NeedsSeekableOutput {
+            format: "vmdk",
+            what: format!(
+                "subformat {} (only streamOptimized can)",
+                o.subformat.name()
+            ),
+        });
     }
     let (dir, stem, ext) = split_target(target);
     let own_name = if out.is_stream() {

@@ -1,5 +1,6 @@
-//! The way in: from a path or a byte stream to an [`Image`], unwrapping compression and
-//! tar archives on the way.
+//! The front door for reading: from a path or a byte stream to an [`Image`], unwrapping
+//! compression and tar archives on the way, then handing the bytes to the format's driver
+//! from the table ([`crate::format::DRIVERS`]).
 //!
 //! Order of probing (magic bytes only, never file names): compression (gzip, bzip2, xz,
 //! zstd) on the first bytes of the file, then a tar header on the first (decompressed)
@@ -11,14 +12,18 @@
 //! content size — is read straight from the stream too when
 //! [`OpenOptions::stream_unknown_length`] asks for it (`convert` into raw or qcow2 does);
 //! its size is then found at its end. Every other case is spooled to a sparse temporary
-//! file by [`crate::format::open_stream`]: random-access formats, and a raw disk of
+//! file by [`open_stream`]: random-access formats, and a raw disk of
 //! unrecorded length otherwise. Either way the compressed data is decoded exactly once;
 //! a spooled disk is then converted from the temporary file by all worker threads.
 //!
-//! `info` on a raw disk in a gzip or bzip2 file therefore decodes the whole file (and
-//! spools its data) to report the virtual size; for xz and zstd files it reads only the
-//! index or frame headers. Other formats need only their headers, but are spooled whole
-//! too, as their metadata may lie anywhere. (qemu-img cannot read compressed files.)
+//! `info` on a raw disk in a gzip or bzip2 file therefore decodes the whole file to
+//! report the virtual size, counting it without a copy
+//! ([`OpenOptions::metadata_only`]); for xz and zstd files it reads only the index or
+//! frame headers. Other formats need only their headers, but are spooled whole too, as
+//! their metadata may lie anywhere. (qemu-img cannot read compressed files.) A spooled
+//! copy stops at `--max-spool` ([`OpenOptions::max_spool`]; untrusted inputs get a
+//! default cap, see [`format::spool_cap`]), a raw stream of unrecorded length at
+//! `--max-size` ([`OpenOptions::max_size`]).
 //!
 //! [`StreamDevice`]: crate::io::stream::StreamDevice
 
@@ -27,9 +32,10 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::detect::{probe_bytes, probe_compression, probe_tar, Compression, Format, PROBE_LEN};
+use crate::detect::{probe_compression, probe_tar, Compression, Format, PROBE_LEN};
 use crate::error::{Error, Result};
-use crate::image::{Image, OpenContext, OpenOptions};
+use crate::format;
+use crate::image::{Image, OpenContext, OpenOptions, Opened};
 use crate::io::compressed::{
     bzip2_file_decoder, decoder, from_io, peek, replay, to_io, uncompressed_size,
 };
@@ -52,6 +58,118 @@ fn storage_err(storage: &dyn Storage, e: io::Error) -> Error {
     }
 }
 
+/// Opens the image at `path`: finds its format (unless `options` names it) and returns the
+/// virtual disk with its backing chain.
+///
+/// Compressed files (gzip, bzip2, xz, zstd) and tar archives are unwrapped first, found
+/// by magic bytes; `options.format` then names the inner format. The path `-` reads
+/// standard input (see [`open_reader`]).
+pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
+    let path = path.as_ref();
+    if path.as_os_str() == "-" {
+        return open_stream_input(Box::new(std::io::stdin()), "-", options);
+    }
+    open_path(path, options)
+}
+
+/// Opens an image from any byte stream: compressed or not, a tar archive or not. A raw
+/// disk in a tar member is read straight from the stream, and so is a raw disk of
+/// unknown length with [`OpenOptions::stream_unknown_length`]; otherwise raw disks of
+/// unknown length, and formats that need random access, are spooled to a sparse
+/// temporary file in `options.tmpdir` (else `$TMPDIR`), removed when the image is
+/// dropped.
+pub fn open_reader(reader: impl Read + Send + 'static, options: &OpenOptions) -> Result<Image> {
+    open_stream_input(Box::new(reader), "(stream)", options)
+}
+
+/// The context in which `open` reads the image at `path`: references resolve against its
+/// folder (or are refused, as `options` say) and are opened through [`open_storage`].
+/// For calling a driver's entry points (check, resize) directly.
+pub fn context_for_path(path: &Path, options: &OpenOptions) -> OpenContext {
+    OpenContext::for_path(path, options).with_opener(open_storage)
+}
+
+/// Opens `storage` as an image: probes (or takes) its format and runs that driver.
+/// This is the [`crate::image::Opener`] every context made here carries.
+pub fn open_storage(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Image> {
+    let format = match ctx.options.format {
+        Some(f) => f,
+        None => format::probe_storage(storage.as_ref())?,
+    };
+    let driver = format::driver(format);
+    refuse_top_options(format, ctx)?;
+    let open = driver
+        .open
+        .ok_or_else(|| format::unsupported(format, "reading images of this format"))?;
+    Ok(Image::from_opened(open(storage, ctx)?))
+}
+
+/// Opens an image of `format` from a byte stream (decompressor, pipe, tar member); `len`
+/// is the stream's length when the container records it.
+///
+/// The format's driver reads it straight from the stream, in one pass, when it can
+/// (a raw disk of known length, or of unknown length when
+/// `ctx.options.stream_unknown_length` asks for it; a streamOptimized VMDK). Everything
+/// else is spooled first to a sparse, already unlinked temporary file in
+/// `ctx.options.tmpdir` (else `$TMPDIR`) and opened from there.
+pub fn open_stream(
+    format: Format,
+    mut reader: Box<dyn Read + Send>,
+    len: Option<u64>,
+    ctx: &OpenContext,
+) -> Result<Opened> {
+    let driver = format::driver(format);
+    refuse_top_options(format, ctx)?;
+    let open = driver
+        .open
+        .ok_or_else(|| format::unsupported(format, "reading images of this format"))?;
+    if let Some(stream) = driver.open_stream {
+        let head = peek(&mut reader, 512).map_err(from_io)?;
+        let accepts = (stream.accepts)(&head, len, &ctx.options) && !ctx.options.random_access;
+        let reader = replay(head, reader);
+        if accepts {
+            return (stream.open)(reader, len, ctx);
+        }
+        return open(spool_stream(format, reader, ctx)?, ctx);
+    }
+    open(spool_stream(format, reader, ctx)?, ctx)
+}
+
+/// Refuses a snapshot selection (`convert -l`) for formats without internal snapshots;
+/// it applies to the top image only.
+fn refuse_top_options(format: Format, ctx: &OpenContext) -> Result<()> {
+    if ctx.depth == 0
+        && ctx.options.snapshot.is_some()
+        && !format::driver(format).internal_snapshots
+    {
+        return Err(format::unsupported(format, "internal snapshots"));
+    }
+    Ok(())
+}
+
+/// Spools `reader`, an image of `format`, to a sparse, unlinked temporary file, within
+/// the cap its options and its first bytes set ([`format::spool_cap`]).
+fn spool_stream(
+    format: Format,
+    mut reader: Box<dyn Read + Send>,
+    ctx: &OpenContext,
+) -> Result<Arc<dyn Storage>> {
+    let dir = crate::io::spool::spool_dir(ctx.options.tmpdir.as_deref());
+    let name = ctx
+        .path
+        .clone()
+        .unwrap_or_else(|| ctx.filename.clone().into());
+    let head = peek(&mut reader, PROBE_LEN).map_err(from_io)?;
+    let cap = format::spool_cap(format, &head, ctx);
+    let mut reader = replay(head, reader);
+    Ok(Arc::new(crate::io::spool::spool(
+        &mut reader,
+        &dir,
+        &name,
+        cap,
+    )?))
+}
+
 /// Opens the file at `path`: compressed, tar, or a plain image.
 pub fn open_path(path: &Path, options: &OpenOptions) -> Result<Image> {
     use std::os::unix::fs::FileTypeExt;
@@ -63,8 +181,8 @@ pub fn open_path(path: &Path, options: &OpenOptions) -> Result<Image> {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
         return open_stream_input(Box::new(f), &path.display().to_string(), options);
     }
-    let ctx = OpenContext::for_path(path, options);
-    let storage = Arc::new(FileStorage::open(path)?);
+    let ctx = context_for_path(path, options);
+    let storage = Arc::new(FileStorage::open_image(path, options.force_share)?);
     let n = storage.len().min(PROBE_LEN as u64) as usize;
     let mut head = vec![0u8; n];
     storage
@@ -73,14 +191,14 @@ pub fn open_path(path: &Path, options: &OpenOptions) -> Result<Image> {
     if let Some(c) = probe_compression(&head) {
         let mut img = open_compressed_file(path, storage.file(), storage.len(), c, &ctx)?;
         let info = img.info_mut();
-        info.compression = Some(c.name().to_string());
+        info.wrapper = Some(c);
         info.actual_size = Some(storage.allocated_bytes());
         return Ok(img);
     }
     if probe_tar(&head) {
         return open_tar_storage(storage, &ctx);
     }
-    crate::format::open_storage(storage, &ctx)
+    open_storage(storage, &ctx)
 }
 
 fn open_compressed_file(
@@ -118,7 +236,7 @@ pub fn open_stream_input(
     name: &str,
     options: &OpenOptions,
 ) -> Result<Image> {
-    let ctx = OpenContext::detached(name, options);
+    let ctx = OpenContext::detached(name, options).with_opener(open_storage);
     let mut reader = reader;
     let head = peek(&mut reader, PROBE_LEN).map_err(from_io)?;
     let reader = replay(head.clone(), reader);
@@ -128,7 +246,7 @@ pub fn open_stream_input(
             let head = peek(&mut dec, PROBE_LEN).map_err(from_io)?;
             let stream = replay(head.clone(), Box::new(dec));
             let mut img = open_decoded(stream, &head, RawLen::Unknown, &ctx)?;
-            img.info_mut().compression = Some(c.name().to_string());
+            img.info_mut().wrapper = Some(c);
             Ok(img)
         }
         None => open_decoded(reader, &head, RawLen::Unknown, &ctx),
@@ -145,14 +263,15 @@ fn open_decoded(
     if probe_tar(head) {
         return open_tar_stream(stream, ctx);
     }
-    let format = ctx.options.format.unwrap_or_else(|| probe_bytes(head));
+    let format = ctx
+        .options
+        .format
+        .unwrap_or_else(|| format::probe(head, b""));
     let len = match (format, raw_len) {
         (Format::Raw, RawLen::Known(n)) => Some(n),
         _ => None,
     };
-    Ok(Image::from_opened(crate::format::open_stream(
-        format, stream, len, ctx,
-    )?))
+    Ok(Image::from_opened(open_stream(format, stream, len, ctx)?))
 }
 
 /// Opens the chosen member of an uncompressed tar file in place (a window, no copy).
@@ -173,7 +292,7 @@ fn open_tar_storage(storage: Arc<FileStorage>, ctx: &OpenContext) -> Result<Imag
     } else {
         Arc::new(tar::Window::new(storage.clone(), e.data_offset, e.size)?)
     };
-    let mut img = crate::format::open_storage(member, ctx)?;
+    let mut img = open_storage(member, ctx)?;
     let info = img.info_mut();
     info.archive_member = Some(e.name);
     info.actual_size = Some(storage.allocated_bytes());
@@ -204,9 +323,12 @@ fn open_tar_stream(mut stream: Box<dyn Read + Send>, ctx: &OpenContext) -> Resul
     };
     let head = peek(&mut member, PROBE_LEN).map_err(from_io)?;
     let reader = replay(head.clone(), member);
-    let format = ctx.options.format.unwrap_or_else(|| probe_bytes(&head));
+    let format = ctx
+        .options
+        .format
+        .unwrap_or_else(|| format::probe(&head, b""));
     let len = (format == Format::Raw).then_some(entry.real_size);
-    let mut img = Image::from_opened(crate::format::open_stream(format, reader, len, ctx)?);
+    let mut img = Image::from_opened(open_stream(format, reader, len, ctx)?);
     img.info_mut().archive_member = Some(entry.name);
     Ok(img)
 }
@@ -265,7 +387,7 @@ impl Read for TarMember {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "gzip", feature = "bzip2"))]
 mod tests {
     use super::*;
     use crate::io::compressed::DECODERS_STARTED;
