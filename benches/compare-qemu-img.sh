@@ -21,6 +21,9 @@
 #   BENCH_ROWS     only rows whose label matches this extended regex (default: all),
 #                  e.g. 'raw→raw|qcow2→'
 #   BENCH_SKIP     skip rows whose label matches this extended regex, e.g. '\.(xz|bz2)' 
+#   BENCH_TARGETS  "fresh existing" (default): every row is timed writing a new output
+#                  file, then replacing the output of the previous run (", existing
+#                  target" rows: the rename-over-an-existing-file path); or one of them
 #   IMGCONV        imgconv binary to test (default: `cargo build --release`, then
 #                  target/release/imgconv)
 #   KEEP_OUTPUTS=1 keep the last outputs of each row in BENCH_DIR/out
@@ -32,6 +35,7 @@ DATA_MB=${BENCH_DATA_MB:-400}
 DISK_GB=${BENCH_DISK_GB:-4}
 ROWS_FILTER=${BENCH_ROWS:-}
 ROWS_SKIP=${BENCH_SKIP:-}
+TARGETS=${BENCH_TARGETS:-fresh existing}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 
 die() { echo "compare-qemu-img: $*" >&2; exit 1; }
@@ -153,7 +157,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0 && a != "nan" && b != "nan"
 mib() { awk -v k="$1" 'BEGIN { printf "%.0f", k / 1024 }'; }
 
 ROWS=()
-CP_MEDIAN=nan
+declare -A CP_MEDIAN=([fresh]=nan [existing]=nan)
 
 # row LABEL NEEDS REF IMGCONV_CMD BASELINE_CMD
 #   NEEDS: the derived inputs the row reads ("" = only disk.raw), made on first use;
@@ -191,25 +195,32 @@ row() {
     run_timed "$bcmd" # warm-up of the baseline
     [ "$RC" -ne 0 ] && note="${note:+$note; }baseline failed ($RC): $ERR"
     if [ -z "$note" ]; then
-        for ((k = 0; k < N; k++)); do
-            rm -f "$OUT"/i.out*
-            run_timed "$icmd"
-            it+=("$T")
-            ic+=("$C")
-            [ "$M" -gt "$im" ] && im=$M
-            rm -f "$OUT"/b.out*
-            run_timed "$bcmd"
-            bt+=("$T")
-            bc+=("$C")
-            [ "$M" -gt "$bm" ] && bm=$M
+        local mode shown imed bmed
+        # fresh: no output file before each run; existing: the previous run's output is
+        # still there and gets replaced (the warm-up runs left one for the first run).
+        for mode in $TARGETS; do
+            it=() bt=() ic=() bc=() im=0 bm=0
+            for ((k = 0; k < N; k++)); do
+                [ "$mode" = fresh ] && rm -f "$OUT"/i.out*
+                run_timed "$icmd"
+                it+=("$T")
+                ic+=("$C")
+                [ "$M" -gt "$im" ] && im=$M
+                [ "$mode" = fresh ] && rm -f "$OUT"/b.out*
+                run_timed "$bcmd"
+                bt+=("$T")
+                bc+=("$C")
+                [ "$M" -gt "$bm" ] && bm=$M
+            done
+            imed=$(median "${it[@]}")
+            bmed=$(median "${bt[@]}")
+            isz=$(alloc_mib "$OUT"/i.out*)
+            bsz=$(alloc_mib "$OUT"/b.out*)
+            [ "$label" = "raw→raw vs cp --sparse=always (floor)" ] && CP_MEDIAN[$mode]=$bmed
+            shown=$label
+            [ "$mode" = existing ] && shown="$label, existing target"
+            ROWS+=("| $shown | $imed | $bmed | $(ratio "$imed" "$bmed") | $(ratio "$imed" "${CP_MEDIAN[$mode]}") | $(median "${ic[@]}") | $(median "${bc[@]}") | $isz | $bsz | $(mib "$im") | $(mib "$bm") | |")
         done
-        local imed bmed
-        imed=$(median "${it[@]}")
-        bmed=$(median "${bt[@]}")
-        isz=$(alloc_mib "$OUT"/i.out*)
-        bsz=$(alloc_mib "$OUT"/b.out*)
-        [ "$label" = "raw→raw vs cp --sparse=always (floor)" ] && CP_MEDIAN=$bmed
-        ROWS+=("| $label | $imed | $bmed | $(ratio "$imed" "$bmed") | $(ratio "$imed" "$CP_MEDIAN") | $(median "${ic[@]}") | $(median "${bc[@]}") | $isz | $bsz | $(mib "$im") | $(mib "$bm") | |")
     else
         ROWS+=("| $label | – | – | – | – | – | – | – | – | – | – | ${note//|/\\|} |")
     fi

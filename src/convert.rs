@@ -15,7 +15,9 @@ use crate::image::Image;
 use crate::io::OutputSet;
 use crate::writer::WriteOptions;
 
-pub use crate::engine::{run, CancelToken, EngineOptions, ProgressFn, DEFAULT_CHUNK};
+pub use crate::engine::{
+    run, CancelToken, EngineOptions, ProgressFn, DEFAULT_CHUNK, DEFAULT_MAX_THREADS,
+};
 
 /// Everything `convert` needs: the target format, its options, and how to run.
 #[derive(Debug, Clone)]

@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::image::{OpenContext, OpenOptions, Opened};
 use crate::io::inplace::InPlaceFile;
 use crate::io::{OutputSet, Storage};
+use crate::limits::MAX_CHECK_MESSAGES;
 use crate::writer::{ImageWriter, WriteOptions};
 
 /// Opens an image held in random-access storage.
@@ -143,6 +144,24 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
+    /// Adds a problem's message; past [`MAX_CHECK_MESSAGES`] the problems are still
+    /// counted (corruptions, leaks) but no longer listed, so that a crafted image with
+    /// a billion bad entries cannot fill the memory with messages.
+    pub fn message(&mut self, m: String) {
+        match self.messages.len() {
+            n if n < MAX_CHECK_MESSAGES => self.messages.push(m),
+            n if n == MAX_CHECK_MESSAGES => self.messages.push(format!(
+                "(more than {MAX_CHECK_MESSAGES} problems: the rest are counted, not listed)"
+            )),
+            _ => {}
+        }
+    }
+
+    /// True while messages are still listed (so that a caller can skip formatting one).
+    pub fn listing(&self) -> bool {
+        self.messages.len() <= MAX_CHECK_MESSAGES
+    }
+
     /// qemu-img's exit code: 0 clean, 1 check errors, 2 corruptions, 3 leaks only.
     pub fn exit_code(&self) -> u8 {
         if self.check_errors > 0 {

@@ -58,10 +58,13 @@ impl CancelToken {
 /// write), and few enough units are in flight to keep memory low.
 pub const DEFAULT_CHUNK: u64 = 1 << 20;
 
+/// Most worker threads started when [`EngineOptions::threads`] is 0 (the cores).
+pub const DEFAULT_MAX_THREADS: usize = 16;
+
 /// How the engine runs: threads, sparseness, progress, backing image of the target.
 #[derive(Clone)]
 pub struct EngineOptions {
-    /// Worker threads (`-m`); 0 = the number of cores.
+    /// Worker threads (`-m`); 0 = the number of cores, at most [`DEFAULT_MAX_THREADS`].
     pub threads: usize,
     /// Smallest run of zeros to leave unwritten (`-S`); 0 writes every byte, zero
     /// stretches of the source included (a fully allocated output, as qemu-img's `-S 0`).
@@ -218,7 +221,9 @@ pub fn run(
     };
     let chunk = align_up(opts.chunk_size.max(grain), zero_gran.max(grain));
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
+        // At most 16 by default: memory grows with the workers (up to ~9 MiB each for
+        // streamOptimized output), and the README's budget holds for the default.
+        std::thread::available_parallelism().map_or(2, |n| n.get().min(DEFAULT_MAX_THREADS))
     } else {
         opts.threads
     }
@@ -259,21 +264,39 @@ pub fn run(
 
     let result = std::thread::scope(|s| -> Result<()> {
         let mut threads_running = Vec::with_capacity(threads + 1);
-        {
-            let done_tx = done_tx.clone();
-            let ctx = &ctx;
-            threads_running.push(s.spawn(move || {
-                let r = dispatch(ctx, chunk, &job_tx, &token_rx);
-                if let Err(e) = r {
-                    let _ = done_tx.send(Err(e));
-                }
-            }));
-        }
+        // Threads that cannot be started (a process or address-space limit) are not a
+        // panic: the conversion goes on with the workers it has, or fails if none.
+        let spawn_error =
+            |e: std::io::Error| Error::Format(format!("cannot start a conversion thread: {e}"));
         for _ in 0..threads {
             let job_rx = job_rx.clone();
             let done_tx = done_tx.clone();
             let ctx = &ctx;
-            threads_running.push(s.spawn(move || worker(ctx, &job_rx, &done_tx)));
+            match std::thread::Builder::new()
+                .spawn_scoped(s, move || worker(ctx, &job_rx, &done_tx))
+            {
+                Ok(t) => threads_running.push(t),
+                Err(_) if !threads_running.is_empty() => break,
+                Err(e) => return Err(spawn_error(e)),
+            }
+        }
+        {
+            let done_tx = done_tx.clone();
+            let ctx = &ctx;
+            let dispatcher = std::thread::Builder::new().spawn_scoped(s, move || {
+                let r = dispatch(ctx, chunk, &job_tx, &token_rx);
+                if let Err(e) = r {
+                    let _ = done_tx.send(Err(e));
+                }
+            });
+            match dispatcher {
+                Ok(t) => threads_running.push(t),
+                Err(e) => {
+                    // The job queue's sender went with the closure: the workers end.
+                    cancel.store(true, Ordering::SeqCst);
+                    return Err(spawn_error(e));
+                }
+            }
         }
         // Only the workers hold the job queue: when the last one has left (after an
         // error), a dispatcher blocked on a full queue is woken with an error instead

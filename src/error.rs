@@ -85,6 +85,18 @@ pub enum Error {
         limit: u64,
     },
 
+    /// A file to be read as an image (a backing file, an extent, a data file, a parent
+    /// candidate) is not a regular file or a block device: FIFOs, sockets, character
+    /// devices and directories are refused before a byte is read (a FIFO could hang the
+    /// reader, a device could be anything).
+    #[error("{}: is a {kind}, not a regular file or block device (refused)", path.display())]
+    NotAFile {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead: `FIFO`, `socket`, `character device`, `directory`.
+        kind: &'static str,
+    },
+
     /// A read or write outside the virtual disk.
     #[error("access at offset {offset:#x} length {len} is outside the {size}-byte disk")]
     OutOfBounds {
@@ -201,7 +213,7 @@ impl Error {
             }
             Error::UntrustedReference { .. } => io::ErrorKind::PermissionDenied,
             Error::OutOfBounds { .. } => io::ErrorKind::UnexpectedEof,
-            Error::InvalidArgument(_) => io::ErrorKind::InvalidInput,
+            Error::InvalidArgument(_) | Error::NotAFile { .. } => io::ErrorKind::InvalidInput,
             Error::Interrupted => io::ErrorKind::Interrupted,
             Error::NotOpened { .. } => io::ErrorKind::NotFound,
             Error::Http { status, .. } => match status {

@@ -25,10 +25,11 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// Refuse references to other files.
     pub untrusted: bool,
-    /// Read metadata only: references are recorded in [`ImageInfo`] but not opened (for
-    /// `info` on untrusted images). [`BlockDevice::map`] still describes the image
-    /// itself (what falls through to an unopened backing file is `Unallocated`), and a
-    /// read that needs a reference fails with [`Error::NotOpened`].
+    /// Read metadata only (for `info`): references are recorded in [`ImageInfo`] but
+    /// not opened, and a raw disk on a stream of unrecorded length is measured by
+    /// decoding it, not kept. [`BlockDevice::map`] still describes the image itself
+    /// (what falls through to an unopened backing file is `Unallocated`); a read that
+    /// needs a reference fails with [`Error::NotOpened`], and so does reading such a disk.
     pub metadata_only: bool,
     /// Folder for spooling compressed inputs that need random access (`$TMPDIR` if unset).
     pub tmpdir: Option<PathBuf>,
@@ -41,6 +42,14 @@ pub struct OpenOptions {
     pub stream_unknown_length: bool,
     /// The tar member to open, when the input is a tar archive holding several images.
     pub member: Option<String>,
+    /// Most bytes a compressed or piped input may be spooled to a temporary file
+    /// (`--max-spool`). Unset, untrusted inputs get twice the virtual size their header
+    /// declares plus 64 MiB ([`crate::format::default_spool_cap`]): a stream that goes
+    /// on past that is an error, not a bigger temporary file.
+    pub max_spool: Option<u64>,
+    /// Largest raw disk read from a stream that records its length nowhere
+    /// (`--max-size`): decoding stops with an error past it.
+    pub max_size: Option<u64>,
     /// Makes every image readable in any order: a source that can only be read forward
     /// (a raw disk or a streamOptimized VMDK arriving through a pipe or a compressed
     /// file) is decoded once into a sparse, already unlinked temporary file in
@@ -93,6 +102,18 @@ impl OpenOptions {
     /// Spools compressed inputs that need random access into `dir` (`--tmpdir`).
     pub fn tmpdir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.tmpdir = Some(dir.into());
+        self
+    }
+
+    /// Caps the temporary copy of a compressed or piped input (`--max-spool`).
+    pub fn max_spool(mut self, bytes: u64) -> Self {
+        self.max_spool = Some(bytes);
+        self
+    }
+
+    /// Caps a raw disk read from a stream of unrecorded length (`--max-size`).
+    pub fn max_size(mut self, bytes: u64) -> Self {
+        self.max_size = Some(bytes);
         self
     }
 

@@ -17,6 +17,7 @@
 //! | [`MAX_CHAIN_DEPTH`] | 16 images | `OpenContext::open_backing` / `open_reference` (backing chains, VMDK parents, VDI parents); loops are refused at any depth |
 //! | [`MAX_QCOW2_L1_BYTES`] | 32 MiB | qcow2 open, check, writer and resize |
 //! | [`MAX_QCOW2_REFTABLE_BYTES`] | 8 MiB | qcow2 open, refcount rebuilding, writer and resize |
+//! | [`MAX_QCOW2_CHECK_BYTES`] | 64 MiB | qcow2 `check`: reference counters, two bytes per referenced cluster, made a page at a time (stored refcount blocks are read as needed, 8 kept) |
 //! | [`MAX_QCOW2_SNAPSHOTS`] | 65536 | qcow2 open and check (the snapshot table is read in 256 KiB windows) |
 //! | qcow2 cluster size (`header::MIN_CLUSTER_BITS`..`MAX_CLUSTER_BITS`) | 512 B to 2 MiB | `qcow2::header::Header::parse` |
 //! | qcow2 refcount width (`header::MAX_REFCOUNT_ORDER`) | 64 bits | `Header::parse` |
@@ -45,11 +46,14 @@
 //! | [`XZ_THREADING_MEMORY`], [`MAX_XZ_DECODER_MEMORY`] | 128 MiB, 1 GiB | the xz decoder (one thread above the first, refused above the second) |
 //! | [`MAX_TAR_META_BYTES`] | 1 MiB | tar GNU long names and pax headers |
 //! | [`MAX_TAR_SPARSE_ENTRIES`] | 2^20 | tar sparse member maps |
+//! | [`MAX_CHECK_MESSAGES`] | 100000 (a few MiB) | messages a `check` report lists (more problems are counted) |
+//! | [`MAX_TAR_NAMES_LISTED`], [`MAX_TAR_NAME_SHOWN`] | 16 names, 256 bytes each | tar member names kept for messages; members passed over are skipped as they are read, one header at a time |
 //! | [`STREAM_RETAIN_BYTES`] | 32 MiB | a raw disk read from a stream keeps this much behind the reader |
 //! | format probing (`detect::PROBE_LEN`) | first 4 KiB | format and compression detection |
 //! | HTTP block cache (`io::http::storage`) | 32 blocks of 256 KiB; at most 8 requests at once per remote file | memory and connection bound of a remote reader |
 //! | HTTP tries (`RemoteOptions::retries`, `max_redirects`, `timeout`) | 5 tries after the first (pauses 0.25 s doubling, at most 8 s), 10 redirects, 30 s per connect and per read | every request; a body is resumed at most 5 times in a row without 1 MiB of progress and 100 times in all (`io::http::body`) |
 //! | registry manifests and indexes (`remote::registry`) | 4 MiB, 1024 layers | registry and OCI layout reads; token answers 1 MiB, error bodies 4 KiB |
+//! | default conversion workers ([`DEFAULT_MAX_THREADS`](crate::convert::DEFAULT_MAX_THREADS)) | the cores, at most 16 (`-m` up to 16, qemu-img's range; the library takes up to 64) | the conversion engine; the binary caps glibc's malloc arenas at 4 so that many workers fit `prlimit --as=1GiB` |
 //! | qcow2 persistent bitmap (`qcow2::bitmap::MAX_BITMAP_BYTES`) | 512 MiB of bits (QEMU's) | `bitmap` add, load and merge |
 //! | qcow2 bitmap name (`qcow2::bitmap::MAX_NAME`) | 1023 bytes (QEMU's) | `bitmap --add` |
 //! | qcow2 snapshot name (`qcow2::snapshot_edit::MAX_SNAPSHOT_NAME`) | 255 bytes, longer names cut (QEMU's) | `snapshot -c` |
@@ -69,6 +73,10 @@ pub const MAX_QCOW2_L1_BYTES: u64 = 32 << 20;
 
 /// Largest qcow2 refcount table (QEMU's own limit).
 pub const MAX_QCOW2_REFTABLE_BYTES: u64 = 8 << 20;
+
+/// Memory `check` may use to count the references to a qcow2's clusters (two bytes per
+/// cluster that has any: 2 TiB of data in 64 KiB clusters).
+pub const MAX_QCOW2_CHECK_BYTES: u64 = 64 << 20;
 
 /// Most internal snapshots a qcow2 may list (QEMU's own limit).
 pub const MAX_QCOW2_SNAPSHOTS: u32 = 65536;
@@ -109,6 +117,16 @@ pub const MAX_TAR_META_BYTES: u64 = 1 << 20;
 /// Decoded bytes a sequential (stream) device keeps behind the latest position asked
 /// for, so that the engine can read what it has just mapped.
 pub const STREAM_RETAIN_BYTES: u64 = 32 << 20;
+
+/// Member names a tar error message lists (the others are counted): a tar reader keeps
+/// no more, whatever the number of members.
+pub const MAX_TAR_NAMES_LISTED: usize = 16;
+
+/// Bytes of one member name shown in a message.
+pub const MAX_TAR_NAME_SHOWN: usize = 256;
+
+/// Problems a `check` lists one by one; beyond, they are counted only.
+pub const MAX_CHECK_MESSAGES: usize = 100_000;
 
 /// Most stretches a sparse tar member's map may list.
 pub const MAX_TAR_SPARSE_ENTRIES: usize = 1 << 20;

@@ -113,27 +113,33 @@ pub struct WriteOptions {
     pub backing_format: Option<Format>,
 }
 
+/// Splits a qemu option string at its commas (`a=b,c=d`; `,,` stands for a comma in a
+/// value), as `-o` and `--image-opts` take them. Empty items are kept.
+pub fn split_options(s: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                items.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    items.push(cur);
+    items
+}
+
 impl WriteOptions {
     /// Parses a qemu-img `-o` string (`a=b,c=d`; `,,` escapes a comma) into `options`,
     /// moving `backing_file` and `backing_fmt` to their fields.
     pub fn parse_o(&mut self, s: &str) -> Result<()> {
-        let mut items = Vec::new();
-        let mut cur = String::new();
-        let mut chars = s.chars().peekable();
-        while let Some(c) = chars.next() {
-            if c == ',' {
-                if chars.peek() == Some(&',') {
-                    chars.next();
-                    cur.push(',');
-                } else {
-                    items.push(std::mem::take(&mut cur));
-                }
-            } else {
-                cur.push(c);
-            }
-        }
-        items.push(cur);
-        for item in items.into_iter().filter(|i| !i.is_empty()) {
+        for item in split_options(s).into_iter().filter(|i| !i.is_empty()) {
             let (k, v) = match item.split_once('=') {
                 Some((k, v)) => (k.trim().to_string(), v.to_string()),
                 None => (item.trim().to_string(), "on".to_string()),

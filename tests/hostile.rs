@@ -5,78 +5,10 @@ mod common;
 mod vhd_builder;
 use common::*;
 
+use common::watch::watched;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// Result of one imgconv run under watch.
-struct Watched {
-    code: Option<i32>,
-    stderr: String,
-    elapsed: Duration,
-    max_rss_kib: i64,
-}
-
-impl Watched {
-    /// Asserts the run did not panic; `what` names it in the message.
-    fn assert_no_panic(&self, what: impl std::fmt::Debug) {
-        assert!(
-            !self.stderr.contains("panicked"),
-            "{what:?} panicked: {}",
-            self.stderr
-        );
-    }
-
-    /// Asserts the run took less than `limit`.
-    fn assert_faster_than(&self, what: impl std::fmt::Debug, limit: Duration) {
-        assert!(self.elapsed < limit, "{what:?} took {:?}", self.elapsed);
-    }
-
-    /// Asserts the run's peak memory stayed under 256 MiB.
-    fn assert_small(&self, what: impl std::fmt::Debug) {
-        assert!(
-            self.max_rss_kib < 256 * 1024,
-            "{what:?} used {} KiB",
-            self.max_rss_kib
-        );
-    }
-}
-
-/// Runs imgconv with `args`, measuring wall time and peak memory (wait4's rusage).
-#[allow(clippy::zombie_processes)] // reaped with wait4 below, to read its rusage
-fn watched(args: &[&str]) -> Watched {
-    let t = Instant::now();
-    let child = Command::new(imgconv_bin())
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut stderr = child.stderr.unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        use std::io::Read;
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let mut status = 0;
-    // SAFETY: plain wait4 on our own child; rusage is a POD out-parameter.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    assert_eq!(r, pid);
-    let code = if libc::WIFEXITED(status) {
-        Some(libc::WEXITSTATUS(status))
-    } else {
-        None
-    };
-    Watched {
-        code,
-        stderr: reader.join().unwrap(),
-        elapsed: t.elapsed(),
-        max_rss_kib: ru.ru_maxrss,
-    }
-}
 
 /// Asserts a clean refusal: exit code 1 (or 2 for compare), a message, fast, small.
 fn assert_clean_error(args: &[&str], expect_in_msg: &str) {
@@ -212,7 +144,7 @@ fn cyclic_and_too_deep_backing_chains_are_errors() {
     let b = d.path().join("b.qcow2");
     qemu_img(&overlay_args("qcow2", &["-u"], "b.qcow2", &a, "1M"));
     qemu_img(&overlay_args("qcow2", &["-u"], "a.qcow2", &b, "1M"));
-    assert_clean_error(&["info", s(&a)], "loop");
+    assert_clean_error(&["info", "--backing-chain", s(&a)], "loop");
     let selfref = d.path().join("self.qcow2");
     qemu_img(&overlay_args(
         "qcow2",
@@ -221,7 +153,7 @@ fn cyclic_and_too_deep_backing_chains_are_errors() {
         &selfref,
         "1M",
     ));
-    assert_clean_error(&["info", s(&selfref)], "loop");
+    assert_clean_error(&["info", "--backing-chain", s(&selfref)], "loop");
 
     // 20 images deep: more than the 16 allowed.
     let mut prev = d.path().join("l0.qcow2");
@@ -232,7 +164,9 @@ fn cyclic_and_too_deep_backing_chains_are_errors() {
         qemu_img(&overlay_args("qcow2", &["-u"], &back, &next, "1M"));
         prev = next;
     }
-    assert_clean_error(&["info", s(&prev)], "deeper");
+    assert_clean_error(&["info", "--backing-chain", s(&prev)], "deeper");
+    // Without the chain, info opens none of it (as qemu-img).
+    imgconv(&["info", s(&prev)]);
 }
 
 #[test]
@@ -683,12 +617,19 @@ fn vpc_parent_locator_loops_and_deep_chains_are_refused() {
     b.uuid = ub;
     a.write(&d.path().join("a.vhd"));
     b.write(&d.path().join("b.vhd"));
-    assert_clean_error(&["info", s(&d.path().join("a.vhd"))], "loops");
+    // Plain info opens no parent (as qemu-img); the chain is followed with --backing-chain.
+    assert_clean_error(
+        &["info", "--backing-chain", s(&d.path().join("a.vhd"))],
+        "loops",
+    );
     let mut me =
         Vhd::differencing(1 << 20, 64 << 10, Uuid::default()).windows_locator(b"W2ru", "me.vhd");
     me.parent_uuid = me.uuid;
     me.write(&d.path().join("me.vhd"));
-    assert_clean_error(&["info", s(&d.path().join("me.vhd"))], "loops");
+    assert_clean_error(
+        &["info", "--backing-chain", s(&d.path().join("me.vhd"))],
+        "loops",
+    );
     // A chain deeper than the limit: c0 → c1 → … → c20 (a dynamic base).
     let mut uuids: Vec<Uuid> = (0..=20).map(|_| Uuid::random()).collect();
     uuids[20] = Uuid::random();
@@ -701,9 +642,12 @@ fn vpc_parent_locator_loops_and_deep_chains_are_refused() {
     let mut base = Vhd::dynamic(1 << 20, 64 << 10);
     base.uuid = uuids[20];
     base.write(&d.path().join("c20.vhd"));
-    assert_clean_error(&["info", s(&d.path().join("c0.vhd"))], "deeper than");
+    assert_clean_error(
+        &["info", "--backing-chain", s(&d.path().join("c0.vhd"))],
+        "deeper than",
+    );
     // Within the limit it opens.
-    imgconv(&["info", s(&d.path().join("c10.vhd"))]);
+    imgconv(&["info", "--backing-chain", s(&d.path().join("c10.vhd"))]);
 }
 
 #[test]
@@ -947,8 +891,8 @@ fn hostile_vhdx_images_give_typed_errors() {
     };
     let ga = child(&a, "b.avhdx", Guid::random());
     child(&b, "a.avhdx", ga);
-    assert_clean_error(&["info", s(&a)], "loops");
+    assert_clean_error(&["info", "--backing-chain", s(&a)], "loops");
     let selfish = d.path().join("self.avhdx");
     child(&selfish, "self.avhdx", Guid::random());
-    assert_clean_error(&["info", s(&selfish)], "loops");
+    assert_clean_error(&["info", "--backing-chain", s(&selfish)], "loops");
 }

@@ -198,7 +198,7 @@ fn backing_files_resolve_against_the_url_unless_untrusted() {
         "16M",
     ]);
     let url = publish(&nginx, &evil, "img/evil.qcow2");
-    let o = imgconv_out(&["info", &url]);
+    let o = imgconv_out(&["info", "--backing-chain", &url]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && (err.contains("another origin") || err.contains("protocol")),

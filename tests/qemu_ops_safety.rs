@@ -364,20 +364,29 @@ struct QemuIo(Child);
 
 impl QemuIo {
     fn hold(img: &Path) -> QemuIo {
-        let child = Command::new("qemu-io")
-            .arg(s(img))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        // Wait until it holds the image.
+        let spawn = || {
+            // Sleeps (holding the image) until killed.
+            Command::new("qemu-io")
+                .args(["-c", "sleep 600000", s(img)])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let mut child = spawn();
+        // Wait until it holds the image. The probe takes read locks of its own: a
+        // qemu-io that starts at that moment cannot get its write lock and exits, and
+        // is started again.
         let t0 = Instant::now();
         while run("qemu-img", &["info", s(img)]).status.success() {
             assert!(
                 t0.elapsed() < Duration::from_secs(60),
                 "qemu-io did not open"
             );
+            if let Ok(Some(_)) = child.try_wait() {
+                child = spawn();
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         QemuIo(child)

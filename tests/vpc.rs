@@ -487,7 +487,15 @@ fn differencing_image_reads_through_its_parent() {
         "libvhdi, whole blocks"
     );
 
-    let j = info_json(&cpath);
+    // Plain info opens no parent (as qemu-img's, for any backing file): the chain does.
+    let chain: serde_json::Value = serde_json::from_str(&imgconv(&[
+        "info",
+        "--backing-chain",
+        "--output=json",
+        s(&cpath),
+    ]))
+    .unwrap();
+    let j = chain[0].clone();
     assert_eq!(j["virtual-size"], 4 * MIB);
     assert_eq!(j["backing-filename"], ".\\parent.vhd");
     assert_eq!(j["backing-filename-format"], "vpc");
@@ -532,7 +540,7 @@ fn differencing_image_reads_through_its_parent() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("UUID"));
     // No parent at all: the error names what was tried.
     std::fs::remove_file(&parent).unwrap();
-    let o = imgconv_out(&["info", s(&cpath)]);
+    let o = imgconv_out(&["info", "--backing-chain", s(&cpath)]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("not found") && err.contains("W2ru"), "{err}");
@@ -544,7 +552,7 @@ fn dfvfs_differencing_image_over_a_made_parent() {
     let d = scratch();
     let child = corpus_vhd(&c, "dfvfs/fat-differential.vhd.xz", d.path());
     // Without its parent (absent from the corpus) it is refused, naming the locators.
-    let o = imgconv_out(&["info", s(&child)]);
+    let o = imgconv_out(&["info", "--backing-chain", s(&child)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("fat-parent.vhd"));
     // A stand-in parent with the UUID the child names: the child's sectors come from the

@@ -19,6 +19,8 @@ use std::path::Path;
 use crate::detect::{Format, PROBE_LEN, PROBE_TAIL_LEN};
 use crate::driver::Driver;
 use crate::error::{Error, Result};
+use crate::image::OpenContext;
+use crate::io::spool::SpoolCap;
 use crate::io::{OutputSet, Storage};
 use crate::writer::{ImageWriter, WriteOptions};
 
@@ -82,6 +84,85 @@ fn read(storage: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {
 /// The error for an operation a format's driver does not offer.
 pub fn unsupported(format: Format, operation: &str) -> Error {
     Error::unsupported(format.name(), operation.to_string())
+}
+
+/// The virtual size the first bytes of an image of `format` declare, if they say.
+fn declared_size(format: Format, head: &[u8]) -> Option<u64> {
+    match format {
+        Format::Qcow2 => qcow2::header::Header::parse(head).ok().map(|h| h.size),
+        Format::Vdi => head
+            .get(..vdi::header::MAX_HEADER_BYTES)
+            .and_then(|b| vdi::header::Header::parse(b).ok())
+            .map(|h| h.disk_size),
+        Format::Vmdk => head
+            .get(..512)
+            .and_then(|b| b.try_into().ok())
+            .and_then(|b| vmdk::header::SparseHeader::parse(b, 0).ok())
+            .map(|h| h.capacity.saturating_mul(512)),
+        // A dynamic or differencing VHD starts with a copy of its footer; a fixed one
+        // (footer at the end only) and VHDX (size in its metadata region) declare none
+        // in their first bytes.
+        Format::Vpc if vpc::header::Footer::has_cookie(head) => {
+            Some(vpc::header::Footer::parse(head).current_size)
+        }
+        _ => None,
+    }
+}
+
+/// Spooled bytes allowed beyond twice the declared virtual size, and for an input whose
+/// first bytes declare none (a VMDK descriptor).
+pub const SPOOL_SLACK: u64 = 64 << 20;
+
+/// The cap on the temporary copy of an untrusted input that does not set one: twice the
+/// virtual size its header declares (a complete image holds the disk's data and its
+/// metadata, and internal snapshots rarely double it), plus [`SPOOL_SLACK`]. A stream
+/// that goes on past that is not a complete image of that size: an error, not a bigger
+/// temporary file. `head` is the image's first bytes.
+///
+/// `None` for a format whose first bytes cannot declare its size (a VHDX keeps it in its
+/// metadata region, a fixed VHD in its footer at the end): no default cap, only
+/// `--max-spool`.
+pub fn default_spool_cap(format: Format, head: &[u8]) -> Option<u64> {
+    if matches!(format, Format::Vhdx)
+        || (format == Format::Vpc && declared_size(format, head).is_none())
+    {
+        return None;
+    }
+    Some(
+        declared_size(format, head)
+            .map_or(0, |v| v.saturating_mul(2))
+            .saturating_add(SPOOL_SLACK),
+    )
+}
+
+/// The cap on the temporary copy of an input of `format` that starts with `head`:
+/// `--max-spool`; for a raw disk (its length recorded nowhere) also `--max-size`; for an
+/// untrusted image of another format, [`default_spool_cap`].
+pub fn spool_cap(format: Format, head: &[u8], ctx: &OpenContext) -> Option<SpoolCap> {
+    let o = &ctx.options;
+    let mut caps = Vec::new();
+    if let Some(b) = o.max_spool {
+        caps.push(SpoolCap {
+            bytes: b,
+            set_by: "temporary copy of a compressed or piped input (cap: --max-spool)",
+        });
+    }
+    if format == Format::Raw {
+        if let Some(b) = o.max_size {
+            caps.push(SpoolCap {
+                bytes: b,
+                set_by: "raw disk read from a stream of unrecorded length (cap: --max-size)",
+            });
+        }
+    } else if let Some(bytes) =
+        default_spool_cap(format, head).filter(|_| o.untrusted && o.max_spool.is_none())
+    {
+        caps.push(SpoolCap {
+            bytes,
+            set_by: "temporary copy of an untrusted compressed or piped input (cap: twice the declared virtual size plus 64 MiB; --max-spool sets another)",
+        });
+    }
+    caps.into_iter().min_by_key(|c| c.bytes)
 }
 
 /// Creates the writer for `format` that will write an image of `size` bytes to `target`.

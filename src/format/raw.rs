@@ -72,7 +72,9 @@ pub const DRIVER: Driver = Driver {
     probe: |_, _| true,
     open: Some(open),
     open_stream: Some(StreamReader {
-        accepts: |_, len, options| len.is_some() || options.stream_unknown_length,
+        accepts: |_, len, options| {
+            len.is_some() || options.stream_unknown_length || options.metadata_only
+        },
         open: open_stream,
     }),
     create: Some(create_writer),
@@ -96,15 +98,21 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
 
 /// Reads a raw disk straight from a stream, in one pass: of length `len` when the
 /// container records it (tar, xz index, zstd frame headers), else (with
-/// [`crate::image::OpenOptions::stream_unknown_length`]) until the stream ends.
+/// [`crate::image::OpenOptions::stream_unknown_length`]) until the stream ends, within
+/// `--max-size`. For `info` ([`crate::image::OpenOptions::metadata_only`]) a stream of
+/// unrecorded length is only measured: decoded to its end, its data not kept.
 pub fn open_stream(
     mut reader: Box<dyn Read + Send>,
     len: Option<u64>,
     ctx: &OpenContext,
 ) -> Result<Opened> {
     let name = ctx.filename.clone();
+    if len.is_none() && ctx.options.metadata_only {
+        return measured_stream(reader, ctx);
+    }
     let Some(len) = len else {
-        let device = StreamDevice::unknown_length(reader, name.clone())?;
+        let device =
+            StreamDevice::unknown_length_at_most(reader, name.clone(), ctx.options.max_size)?;
         // The size is unknown until the stream has been read.
         let info = ImageInfo::new(name, Format::Raw, 0);
         return Ok(Opened {
@@ -133,6 +141,32 @@ pub fn open_stream(
     Ok(Opened {
         device: Arc::new(StreamDevice::new(reader, len, name.clone())),
         info: ImageInfo::new(name, Format::Raw, len),
+    })
+}
+
+/// A raw disk on a stream of unrecorded length, measured by decoding it to its end
+/// (within `--max-size`): its size, and no data (nothing is written anywhere).
+fn measured_stream(mut reader: Box<dyn Read + Send>, ctx: &OpenContext) -> Result<Opened> {
+    let limit = ctx.options.max_size.unwrap_or(MAX_VIRTUAL_SIZE);
+    let n = crate::io::compressed::count(&mut (&mut reader).take(limit.saturating_add(1)))?;
+    if n > limit {
+        return Err(Error::TooLarge {
+            format: "raw",
+            structure: if ctx.options.max_size.is_some() {
+                "raw disk read from a stream of unrecorded length (cap: --max-size)"
+            } else {
+                "disk read from a stream"
+            },
+            size: n,
+            limit,
+        });
+    }
+    Ok(Opened {
+        device: Arc::new(crate::io::stream::MeasuredDevice::new(
+            n,
+            ctx.filename.clone(),
+        )),
+        info: ImageInfo::new(ctx.filename.clone(), Format::Raw, n),
     })
 }
 

@@ -121,8 +121,10 @@ pub fn decoder(compression: Compression, input: Box<dyn Read + Send>) -> Result<
         Compression::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(counted)),
         #[cfg(feature = "xz")]
         Compression::Xz => Box::new(XzMulti {
+            // 1 MiB reads: stream padding between and after streams is skipped a
+            // buffer at a time.
             dec: Some(xz_stream(BufReader::with_capacity(
-                1 << 16,
+                1 << 20,
                 Box::new(counted),
             ))?),
         }),
@@ -209,7 +211,11 @@ impl Read for XzMulti {
                 if b.is_empty() {
                     break;
                 }
-                let z = b.iter().take_while(|&&x| x == 0).count();
+                let z = if crate::zero::is_zero(b) {
+                    b.len()
+                } else {
+                    b.iter().take_while(|&&x| x == 0).count()
+                };
                 let all = z == b.len();
                 input.consume(z);
                 zeros += z as u64;
@@ -578,6 +584,28 @@ fn xz_varint(buf: &[u8], pos: &mut usize) -> Option<u64> {
     None
 }
 
+/// Bytes read at a time while walking backwards over xz stream padding.
+const PADDING_PIECE: usize = 1 << 20;
+
+/// How many zero bytes come right before `end` in `file`: read backwards in 1 MiB
+/// pieces (256 MiB of padding is 256 reads, not 64 million).
+fn trailing_zeros(file: &File, end: u64) -> Result<u64> {
+    let mut buf = vec![0u8; (end as usize).min(PADDING_PIECE)];
+    let mut pos = end;
+    while pos > 0 {
+        let n = (pos as usize).min(buf.len());
+        let piece = &mut buf[..n];
+        read_at(file, piece, pos - n as u64, "stream padding", "xz")?;
+        if crate::zero::is_zero(piece) {
+            pos -= n as u64;
+            continue;
+        }
+        let last = piece.iter().rposition(|&b| b != 0).unwrap_or(0);
+        return Ok(end - (pos - n as u64 + last as u64 + 1));
+    }
+    Ok(end)
+}
+
 /// Walks the streams of an xz file backwards through their footers and indexes, and
 /// adds up the uncompressed sizes of all blocks.
 fn xz_size(file: &File, len: u64) -> Result<u64> {
@@ -586,14 +614,7 @@ fn xz_size(file: &File, len: u64) -> Result<u64> {
     let mut total = 0u64;
     while pos > 0 {
         // Stream padding: zero bytes in multiples of four between and after streams.
-        let mut word = [0u8; 4];
-        while pos >= 4 {
-            read_at(file, &mut word, pos - 4, "stream padding", F)?;
-            if word != [0; 4] {
-                break;
-            }
-            pos -= 4;
-        }
+        pos -= trailing_zeros(file, pos)? / 4 * 4;
         if pos == 0 {
             break;
         }

@@ -55,22 +55,31 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Opens `path` read-only.
-    pub fn open(path: &Path) -> crate::error::Result<Self> {
-        let file = File::open(path).map_err(|e| crate::error::Error::io(path, e))?;
+    /// Opens `path` read-only: a regular file or a block device, nothing else.
+    ///
+    /// FIFOs, sockets, character devices and directories are refused with
+    /// [`crate::Error::NotAFile`], checked before opening (no device is opened by
+    /// accident) and again on the open file (the name may have been swapped meanwhile),
+    /// which is opened with `O_NONBLOCK` so that even a FIFO cannot block the open.
+    pub fn open(path: &Path) -> crate::Result<Self> {
+        let file = open_regular(path)?;
         Self::from_file(file, path.to_path_buf())
     }
 
-    /// Opens the image file `path` read-only, holding QEMU's read locks on it unless
-    /// `force_share` (`-U`): fails with [`crate::Error::Locked`] while another process
-    /// writes the image (see [`super::lock`]).
+    /// Opens the image file `path` read-only as [`FileStorage::open`] does (regular files
+    /// and block devices only), holding QEMU's read locks on it unless `force_share`
+    /// (`-U`): fails with [`crate::Error::Locked`] while another process writes the image
+    /// (see [`super::lock`]).
     pub fn open_image(path: &Path, force_share: bool) -> crate::Result<Self> {
         let access = if force_share {
             super::lock::Access::SharedRead
         } else {
             super::lock::Access::Read
         };
-        let file = super::lock::open_read(path, access)?;
+        let file = open_regular(path)?;
+        if file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+            super::lock::lock(&file, path, access)?;
+        }
         Self::from_file(file, path.to_path_buf())
     }
 
@@ -107,6 +116,54 @@ impl FileStorage {
     pub fn file(&self) -> &File {
         &self.file
     }
+}
+
+/// [`crate::Error::NotAFile`] unless `meta` is a regular file or a block device.
+/// Opens `path` read-only if it is a regular file or a block device (see
+/// [`FileStorage::open`]), back in blocking mode.
+fn open_regular(path: &Path) -> crate::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| crate::Error::io(path, e))?;
+    refuse_special(path, &meta)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| crate::Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| crate::Error::io(path, e))?;
+    refuse_special(path, &meta)?;
+    // Regular files and block devices: back to ordinary blocking reads.
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    unsafe {
+        let fd = file.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
+}
+
+fn refuse_special(path: &Path, meta: &std::fs::Metadata) -> crate::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = meta.file_type();
+    let kind = if ft.is_file() || ft.is_block_device() {
+        return Ok(());
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_dir() {
+        "directory"
+    } else {
+        "special file"
+    };
+    Err(crate::Error::NotAFile {
+        path: path.to_path_buf(),
+        kind,
+    })
 }
 
 impl Storage for FileStorage {

@@ -11,6 +11,7 @@ pub mod output;
 pub mod remote;
 pub mod spool;
 pub mod stream;
+pub mod table;
 pub mod tar;
 
 pub use file::{FileStorage, MemStorage, Storage};

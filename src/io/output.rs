@@ -1,28 +1,50 @@
-//! Output files that appear only when complete.
+//! Output files that appear only when complete, all together.
 //!
 //! Every file a writer creates is first written under a temporary name in the target's
-//! folder and renamed into place by [`OutputSet::commit`]. Dropping an uncommitted set
-//! removes the temporary files, and the names are also kept in a process-wide registry so
-//! that a signal handler can remove them on Ctrl-C ([`remove_pending_files`]).
+//! folder. [`OutputSet::commit`] puts them all in place as one transaction: each target
+//! is checked first (an existing directory, device or pipe there fails the commit before
+//! any file moves); then each temporary file is swapped with its existing target
+//! (`renameat2(RENAME_EXCHANGE)`, so that the old file ends up under the temporary name)
+//! or renamed to a fresh target; if any step fails, the steps already done are undone
+//! (swapped back), so that every target holds what it held before, and every temporary
+//! file is removed. Only when all are in place are the old files unlinked.
+//!
+//! Swapping instead of renaming over an existing file also avoids ext4's
+//! replace-via-rename heuristic, which starts writeback of the whole new file inside
+//! `rename()` (measured with 800 MiB files on ext4: `rename` over an existing file
+//! 0.77–0.86 s, exchange then unlink 0.25–0.36 s). Where the file system cannot swap,
+//! the old file is kept under a hard link until the commit is complete, then renamed
+//! over as before.
+//!
+//! Dropping an uncommitted set removes its temporary files, and their names are also
+//! kept in a process-wide registry so that a signal handler can remove them
+//! ([`remove_pending_files`]).
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
-static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Temporary files to remove on a signal, as C strings so that the handler only calls
+/// `unlink` (async-signal-safe) on them.
+static PENDING: Mutex<Vec<(PathBuf, CString)>> = Mutex::new(Vec::new());
 
 fn register(path: &Path) {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
     if let Ok(mut p) = PENDING.lock() {
-        p.push(path.to_path_buf());
+        p.push((path.to_path_buf(), c));
     }
 }
 
 fn unregister(path: &Path) {
     if let Ok(mut p) = PENDING.lock() {
-        p.retain(|q| q != path);
+        p.retain(|q| q.0 != path);
     }
 }
 
@@ -37,12 +59,106 @@ pub fn unregister_temporary(path: &Path) {
 }
 
 /// Removes every temporary file not yet committed. Called from the CLI's signal
-/// handler; uses `try_lock` so that it never blocks.
+/// handler: it only takes the lock with `try_lock` (never blocks) and calls `unlink`.
 pub fn remove_pending_files() {
     if let Ok(p) = PENDING.try_lock() {
-        for path in p.iter() {
-            let _ = std::fs::remove_file(path);
+        for (_, c) in p.iter() {
+            // SAFETY: unlink of a NUL-terminated path we own; async-signal-safe.
+            unsafe { libc::unlink(c.as_ptr()) };
         }
+    }
+}
+
+fn c_path(p: &Path) -> std::io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a path"))
+}
+
+/// `renameat2(from, to, flags)`, through the system call (older C libraries lack it).
+fn rename2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()> {
+    let (f, t) = (c_path(from)?, c_path(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; no memory is written.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests of the fallback: act as a file system that cannot swap names.
+    static NO_EXCHANGE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Swaps two existing names atomically.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    #[cfg(test)]
+    if NO_EXCHANGE.with(|n| n.get()) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    rename2(a, b, libc::RENAME_EXCHANGE)
+}
+
+/// How one file was put in place, so that it can be undone.
+enum Placed {
+    /// Swapped with the old target, which now sits under the temporary name.
+    Exchanged,
+    /// Renamed to a target that did not exist.
+    Fresh,
+    /// Renamed over the old target (the file system cannot swap); the old file kept
+    /// under `backup` when a hard link could be made.
+    Replaced { backup: Option<PathBuf> },
+}
+
+/// A name beside `target` for a temporary file: `.NAME.imgconv-PID-N.SUFFIX`.
+fn temp_name(target: &Path, attempt: u32, suffix: &str) -> Result<PathBuf> {
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = target
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{}: not a file name", target.display())))?;
+    Ok(dir.join(format!(
+        ".{}.imgconv-{}-{}.{suffix}",
+        name.to_string_lossy(),
+        std::process::id(),
+        attempt + (crate::random::u32() & 0xffff)
+    )))
+}
+
+/// Refuses a target where a file cannot be put: a directory, a device, a pipe, a socket.
+/// A missing target, a regular file or a symbolic link (replaced, not followed) is fine.
+fn check_target(target: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(target) {
+        Ok(m) if m.file_type().is_file() || m.file_type().is_symlink() => Ok(()),
+        Ok(m) => {
+            let what = if m.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file"
+            };
+            Err(Error::io(
+                target,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("the output's name is taken by {what}; nothing was written"),
+                ),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(target, e)),
     }
 }
 
@@ -106,20 +222,8 @@ impl OutputSet {
             // Writing into an existing image: QEMU's writer locks, as `convert -n` takes.
             return super::lock::open_write(target);
         }
-        let dir = match target.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = target
-            .file_name()
-            .ok_or_else(|| Error::invalid(format!("{}: not a file name", target.display())))?;
         for attempt in 0..100u32 {
-            let temp = dir.join(format!(
-                ".{}.imgconv-{}-{}.tmp",
-                name.to_string_lossy(),
-                std::process::id(),
-                attempt + (crate::random::u32() & 0xffff)
-            ));
+            let temp = temp_name(target, attempt, "tmp")?;
             match OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -144,16 +248,121 @@ impl OutputSet {
         )))
     }
 
-    /// Renames every temporary file into place.
+    /// Puts every temporary file in place, all or none (see the module doc): on an error
+    /// every target is left as it was and every temporary file is removed.
     pub fn commit(mut self) -> Result<()> {
         if let Some(mut s) = self.stream.take() {
             s.flush()?;
         }
-        for p in std::mem::take(&mut self.files) {
-            std::fs::rename(&p.temp, &p.target).map_err(|e| Error::io(&p.target, e))?;
+        for p in &self.files {
+            check_target(&p.target)?;
+        }
+        let mut placed: Vec<Placed> = Vec::with_capacity(self.files.len());
+        for p in &self.files {
+            match place(p) {
+                Ok(how) => placed.push(how),
+                Err(e) => {
+                    // Undo in reverse order; Drop then removes every temporary file,
+                    // except one that still holds an old file (it could not be swapped
+                    // back: keep the data rather than the promise).
+                    let mut keep = Vec::new();
+                    for (i, (p, how)) in self.files.iter().zip(placed.iter()).enumerate().rev() {
+                        if !undo(p, how) {
+                            keep.push(i);
+                        }
+                    }
+                    for i in keep {
+                        let p = self.files.remove(i);
+                        unregister(&p.temp);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        // All in place: the old files (under the temporary names) and backups go.
+        for (p, how) in self.files.iter().zip(placed.iter()) {
+            match how {
+                Placed::Exchanged => {
+                    let _ = std::fs::remove_file(&p.temp);
+                }
+                Placed::Replaced {
+                    backup: Some(backup),
+                } => {
+                    let _ = std::fs::remove_file(backup);
+                    unregister(backup);
+                }
+                _ => {}
+            }
             unregister(&p.temp);
         }
+        self.files.clear();
         Ok(())
+    }
+}
+
+/// Puts one temporary file at its target.
+fn place(p: &Pending) -> Result<Placed> {
+    let err = |e| Error::io(&p.target, e);
+    match exchange(&p.temp, &p.target) {
+        Ok(()) => return Ok(Placed::Exchanged),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            // No old file (or the temporary file vanished, which the rename reports).
+            std::fs::rename(&p.temp, &p.target).map_err(err)?;
+            return Ok(Placed::Fresh);
+        }
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+            ) => {}
+        Err(e) => return Err(err(e)),
+    }
+    // No swapping here: keep the old file under a hard link, then rename over it.
+    let mut backup = None;
+    for attempt in 0..10 {
+        let name = temp_name(&p.target, attempt, "old")?;
+        register(&name);
+        match std::fs::hard_link(&p.target, &name) {
+            Ok(()) => {
+                backup = Some(name);
+                break;
+            }
+            Err(e) => {
+                unregister(&name);
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    break;
+                }
+            }
+        }
+    }
+    if let Err(e) = std::fs::rename(&p.temp, &p.target) {
+        if let Some(b) = &backup {
+            let _ = std::fs::remove_file(b);
+            unregister(b);
+        }
+        return Err(err(e));
+    }
+    Ok(Placed::Replaced { backup })
+}
+
+/// Undoes [`place`] as far as possible: the old file back at the target, the new one
+/// back under its temporary name (removed by the caller). False when an old file could
+/// not be swapped back and still sits under the temporary name.
+fn undo(p: &Pending, how: &Placed) -> bool {
+    match how {
+        Placed::Exchanged => exchange(&p.temp, &p.target).is_ok(),
+        Placed::Fresh => {
+            let _ = std::fs::rename(&p.target, &p.temp);
+            true
+        }
+        Placed::Replaced { backup } => {
+            if let Some(b) = backup {
+                if std::fs::rename(b, &p.target).is_ok() {
+                    unregister(b);
+                }
+            }
+            true
+        }
     }
 }
 
@@ -186,5 +395,85 @@ mod tests {
         o.commit().unwrap();
         assert_eq!(std::fs::read(&t).unwrap(), b"y");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A set of three files, `a`, `b`, `c`, holding `tag`.
+    fn three(dir: &Path, tag: &[u8]) -> OutputSet {
+        let mut o = OutputSet::new();
+        for n in ["a", "b", "c"] {
+            o.create(&dir.join(n)).unwrap().write_all(tag).unwrap();
+        }
+        o
+    }
+
+    #[test]
+    fn commit_replaces_existing_files_and_leaves_only_them() {
+        for swap in [true, false] {
+            NO_EXCHANGE.with(|n| n.set(!swap));
+            replaces_existing_files();
+        }
+    }
+
+    fn replaces_existing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        three(dir.path(), b"old").commit().unwrap();
+        three(dir.path(), b"new").commit().unwrap();
+        assert_eq!(names(dir.path()), ["a", "b", "c"]);
+        for n in ["a", "b", "c"] {
+            assert_eq!(std::fs::read(dir.path().join(n)).unwrap(), b"new");
+        }
+    }
+
+    /// A target taken by a directory fails the commit before anything moves.
+    #[test]
+    fn a_blocked_target_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("b")).unwrap();
+        assert!(three(dir.path(), b"new").commit().is_err());
+        assert_eq!(names(dir.path()), ["b"]);
+        std::fs::remove_dir(dir.path().join("b")).unwrap();
+        three(dir.path(), b"old").commit().unwrap();
+        std::fs::remove_file(dir.path().join("b")).unwrap();
+        std::fs::create_dir(dir.path().join("b")).unwrap();
+        assert!(three(dir.path(), b"new").commit().is_err());
+        assert_eq!(names(dir.path()), ["a", "b", "c"]);
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"old");
+    }
+
+    /// A placement that fails half-way (here: the third temporary file vanished) undoes
+    /// the ones done: old files back, new ones gone, no temporary file left.
+    #[test]
+    fn a_failure_half_way_undoes_the_files_placed() {
+        for (existing, swap) in [(false, true), (true, true), (true, false)] {
+            NO_EXCHANGE.with(|n| n.set(!swap));
+            let dir = tempfile::tempdir().unwrap();
+            if existing {
+                three(dir.path(), b"old").commit().unwrap();
+            }
+            let o = three(dir.path(), b"new");
+            let c_temp = names(dir.path())
+                .into_iter()
+                .find(|n| n.starts_with(".c.imgconv-"))
+                .unwrap();
+            std::fs::remove_file(dir.path().join(c_temp)).unwrap();
+            assert!(o.commit().is_err());
+            if existing {
+                assert_eq!(names(dir.path()), ["a", "b", "c"]);
+                for n in ["a", "b", "c"] {
+                    assert_eq!(std::fs::read(dir.path().join(n)).unwrap(), b"old");
+                }
+            } else {
+                assert!(names(dir.path()).is_empty(), "{:?}", names(dir.path()));
+            }
+        }
     }
 }

@@ -22,6 +22,27 @@ const BLOCK: usize = 4096;
 /// Buffers in flight between the reader thread and the writer.
 const BUFFERS: usize = 3;
 
+/// The most bytes a spooled copy may hold, and what set that cap (named in the error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolCap {
+    /// Decoded bytes allowed.
+    pub bytes: u64,
+    /// Where the cap came from, as the error names it.
+    pub set_by: &'static str,
+}
+
+impl SpoolCap {
+    /// The error for a stream that goes on past the cap.
+    pub fn exceeded(&self, size: u64) -> Error {
+        Error::TooLarge {
+            format: "input",
+            structure: self.set_by,
+            size,
+            limit: self.bytes,
+        }
+    }
+}
+
 /// The folder spooled files go to: `tmpdir`, else `$TMPDIR`, else `/tmp`.
 pub fn spool_dir(tmpdir: Option<&Path>) -> PathBuf {
     tmpdir
@@ -62,12 +83,18 @@ pub fn anonymous_file(dir: &Path) -> Result<File> {
 }
 
 /// Copies `reader` to its end into a sparse anonymous file in `dir` and returns it as
-/// storage named `name` (for messages).
+/// storage named `name` (for messages). A stream longer than `cap` is an error as soon
+/// as it passes it (the file, already unlinked, goes with the error).
 ///
 /// The reader (typically a decompressor) runs on a thread of its own while this thread
 /// finds the zero blocks and writes the rest, so spooling costs little more wall time
 /// than decoding. Buffers go back and forth between the two: at most `BUFFERS` MiB.
-pub fn spool(reader: &mut (dyn Read + Send), dir: &Path, name: &Path) -> Result<FileStorage> {
+pub fn spool(
+    reader: &mut (dyn Read + Send),
+    dir: &Path,
+    name: &Path,
+    cap: Option<SpoolCap>,
+) -> Result<FileStorage> {
     use std::sync::mpsc::sync_channel;
     let file = anonymous_file(dir)?;
     // Filled buffers (with their length, or the read error) one way, empty ones back.
@@ -97,6 +124,11 @@ pub fn spool(reader: &mut (dyn Read + Send), dir: &Path, name: &Path) -> Result<
                 let (buf, got) = full_rx.recv().map_err(|_| {
                     Error::Format(format!("{}: the decoding thread failed", name.display()))
                 })??;
+                if let Some(cap) = cap {
+                    if pos + got as u64 > cap.bytes {
+                        return Err(cap.exceeded(pos + got as u64));
+                    }
+                }
                 write_sparse(&file, &buf[..got], pos, dir)?;
                 pos += got as u64;
                 if got < BUF {
@@ -153,6 +185,28 @@ mod tests {
     use crate::io::Storage;
 
     #[test]
+    fn a_stream_past_the_cap_is_an_error_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = SpoolCap {
+            bytes: 3 << 20,
+            set_by: "temporary copy (--max-spool)",
+        };
+        for (len, ok) in [(3 << 20, true), ((3 << 20) + 1, false), (50 << 20, false)] {
+            let r = spool(
+                &mut std::io::Cursor::new(vec![1u8; len]),
+                dir.path(),
+                Path::new("x"),
+                Some(cap),
+            );
+            assert_eq!(r.is_ok(), ok, "{len}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("--max-spool"), "{e}");
+            }
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+
+    #[test]
     fn spools_sparse_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut data = vec![0u8; (3 << 20) + 123];
@@ -162,6 +216,7 @@ mod tests {
             &mut std::io::Cursor::new(data.clone()),
             dir.path(),
             Path::new("x"),
+            None,
         )
         .unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
@@ -182,7 +237,7 @@ mod tests {
                 left: len,
                 piece: 100_000,
             };
-            let r = spool(&mut failing, dir.path(), Path::new("x"));
+            let r = spool(&mut failing, dir.path(), Path::new("x"), None);
             assert!(r.is_err(), "{len}");
             assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         }
@@ -192,6 +247,7 @@ mod tests {
                 &mut std::io::Cursor::new(vec![1u8; len]),
                 dir.path(),
                 Path::new("x"),
+                None,
             )
             .unwrap();
             assert_eq!(s.len(), len as u64);

@@ -103,6 +103,8 @@ pub struct StreamDevice {
     /// `size` is exact: declared, or the stream has ended. Read without the lock, which
     /// the reader holds while it waits for the decoder.
     length_known: AtomicBool,
+    /// The upper bound of an unknown length is the caller's `--max-size`.
+    limit_set_by_caller: bool,
     name: String,
     state: Mutex<State>,
 }
@@ -118,7 +120,21 @@ impl StreamDevice {
     /// the conversion engine. Decodes the first bytes at once, so that an empty stream
     /// is known to be empty before anyone asks.
     pub fn unknown_length(reader: Box<dyn Read + Send>, name: impl Into<String>) -> Result<Self> {
-        let dev = Self::with_size(reader, None, name.into());
+        Self::unknown_length_at_most(reader, name, None)
+    }
+
+    /// [`StreamDevice::unknown_length`], an error past `max_size` bytes (`--max-size`)
+    /// rather than [`MAX_VIRTUAL_SIZE`].
+    pub fn unknown_length_at_most(
+        reader: Box<dyn Read + Send>,
+        name: impl Into<String>,
+        max_size: Option<u64>,
+    ) -> Result<Self> {
+        let mut dev = Self::with_size(reader, None, name.into());
+        if let Some(m) = max_size {
+            dev.size = AtomicU64::new(m.min(MAX_VIRTUAL_SIZE));
+            dev.limit_set_by_caller = true;
+        }
         {
             let mut st = dev.lock()?;
             dev.ensure(&mut st, 0, 0)?;
@@ -131,6 +147,7 @@ impl StreamDevice {
             size: AtomicU64::new(size.unwrap_or(MAX_VIRTUAL_SIZE)),
             declared: size.is_some(),
             length_known: AtomicBool::new(size.is_some()),
+            limit_set_by_caller: false,
             name,
             state: Mutex::new(State {
                 feed: Feed::start(reader),
@@ -254,7 +271,11 @@ impl StreamDevice {
         } else {
             Error::TooLarge {
                 format: "raw",
-                structure: "disk read from a stream",
+                structure: if self.limit_set_by_caller {
+                    "raw disk read from a stream of unrecorded length (cap: --max-size)"
+                } else {
+                    "disk read from a stream"
+                },
                 size: limit.saturating_add(1),
                 limit,
             }
@@ -516,6 +537,48 @@ impl BlockDevice for StreamDevice {
 
     fn length_known(&self) -> bool {
         self.length_known.load(Ordering::Acquire)
+    }
+}
+
+/// A raw disk from a stream that was decoded to learn its size (for `info`) and not
+/// kept: it has a size, and reading it is an error.
+pub struct MeasuredDevice {
+    size: u64,
+    name: String,
+}
+
+impl MeasuredDevice {
+    /// The measured disk `name` of `size` bytes.
+    pub fn new(size: u64, name: impl Into<String>) -> Self {
+        MeasuredDevice {
+            size,
+            name: name.into(),
+        }
+    }
+
+    fn gone(&self) -> Error {
+        Error::invalid(format!(
+            "{}: the stream was read to measure the disk (metadata only); its data was not kept",
+            self.name
+        ))
+    }
+}
+
+impl BlockDevice for MeasuredDevice {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {
+        Err(self.gone())
+    }
+
+    fn map(&self, _offset: u64, _len: u64) -> Result<Extent> {
+        Err(self.gone())
+    }
+
+    fn sequential_only(&self) -> bool {
+        true
     }
 }
 

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::io::compressed::from_io;
 use crate::io::Storage;
-use crate::limits::{MAX_TAR_META_BYTES, MAX_TAR_SPARSE_ENTRIES};
+use crate::limits::{
+    MAX_TAR_META_BYTES, MAX_TAR_NAMES_LISTED, MAX_TAR_NAME_SHOWN, MAX_TAR_SPARSE_ENTRIES,
+};
 
 const F: &str = "tar";
 
@@ -604,61 +606,107 @@ pub fn skip_data(input: &mut dyn TarInput, entry: &Entry, consumed: u64) -> Resu
     input.skip(total - consumed.min(total))
 }
 
-/// Lists every member of an archive (`input` at its start).
-pub fn list(input: &mut dyn TarInput) -> Result<Vec<Entry>> {
-    let mut all = Vec::new();
-    while let Some(e) = next_entry(input)? {
-        skip_data(input, &e, 0)?;
-        all.push(e);
+/// Names of members, for messages: the first [`MAX_TAR_NAMES_LISTED`] (each cut at
+/// [`MAX_TAR_NAME_SHOWN`] bytes) and how many there were, so that an archive of a
+/// million members with 1 MiB names costs no more memory than one of three.
+#[derive(Debug, Clone, Default)]
+pub struct NameList {
+    names: Vec<String>,
+    total: u64,
+}
+
+impl NameList {
+    /// Notes one more name.
+    pub fn push(&mut self, name: &str) {
+        self.total += 1;
+        if self.names.len() < MAX_TAR_NAMES_LISTED {
+            let mut end = name.len().min(MAX_TAR_NAME_SHOWN);
+            while !name.is_char_boundary(end) {
+                end -= 1;
+            }
+            let mut shown = name[..end].to_string();
+            if end < name.len() {
+                shown.push('…');
+            }
+            self.names.push(shown);
+        }
     }
-    Ok(all)
+
+    /// How many names were noted.
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    /// True when none was noted.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+}
+
+impl std::fmt::Display for NameList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.names.join(", "))?;
+        let more = self.total - self.names.len() as u64;
+        if more > 0 {
+            write!(f, " and {more} more")?;
+        }
+        Ok(())
+    }
 }
 
 /// The error for an archive with several candidate images and no `--member`.
-pub fn ambiguous(names: &[String]) -> Error {
+pub fn ambiguous(names: &NameList) -> Error {
     Error::Format(format!(
-        "tar archive holds several disk images: {}; choose one with --member NAME",
-        names.join(", ")
+        "tar archive holds several disk images: {names}; choose one with --member NAME"
     ))
 }
 
-/// Picks the member to open from a full listing: the one named `wanted`, else the only
-/// candidate.
-pub fn choose(entries: &[Entry], wanted: Option<&str>) -> Result<Entry> {
-    let found = match wanted {
-        Some(w) => entries
-            .iter()
-            .find(|e| e.matches(w))
-            .cloned()
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "tar archive has no member '{w}' (members: {})",
-                    entries
-                        .iter()
-                        .map(|e| e.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?,
-        None => {
-            let c: Vec<&Entry> = entries.iter().filter(|e| e.is_candidate()).collect();
-            match c.as_slice() {
-                [one] => (*one).clone(),
-                [] => {
-                    return Err(Error::Format(
-                        "tar archive holds no disk image (no non-empty regular file)".into(),
-                    ))
+/// Reads members until the one to open — the one named `wanted`, else the first
+/// candidate image — and returns it with `input` at the start of its data. Members
+/// passed over are skipped as they come; only a bounded list of their names is kept
+/// (for the error when nothing is found).
+pub fn find_member(input: &mut dyn TarInput, wanted: Option<&str>) -> Result<Entry> {
+    let mut seen = NameList::default();
+    loop {
+        let Some(e) = next_entry(input)? else {
+            return Err(match wanted {
+                Some(w) => {
+                    Error::invalid(format!("tar archive has no member '{w}' (members: {seen})"))
                 }
-                many => {
-                    return Err(ambiguous(
-                        &many.iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
-                    ))
-                }
-            }
+                None => Error::Format(
+                    "tar archive holds no disk image (no non-empty regular file)".into(),
+                ),
+            });
+        };
+        let hit = match wanted {
+            Some(w) => e.matches(w),
+            None => e.is_candidate(),
+        };
+        if hit {
+            check_usable(&e)?;
+            return Ok(e);
         }
-    };
-    check_usable(&found)?;
-    Ok(found)
+        seen.push(&e.name);
+        skip_data(input, &e, 0)?;
+    }
+}
+
+/// Reads the rest of an archive after the member `chosen` (`input` past its data): every
+/// header must be sound, and when no member was named (`named` false) another candidate
+/// image is an error naming them (bounded).
+pub fn check_rest(input: &mut dyn TarInput, chosen: &Entry, named: bool) -> Result<()> {
+    let mut all = NameList::default();
+    all.push(&chosen.name);
+    while let Some(e) = next_entry(input)? {
+        if !named && e.is_candidate() {
+            all.push(&e.name);
+        }
+        skip_data(input, &e, 0)?;
+    }
+    if all.len() > 1 {
+        return Err(ambiguous(&all));
+    }
+    Ok(())
 }
 
 /// Refuses members whose data is not one byte range.
@@ -914,6 +962,28 @@ mod tests {
         b
     }
 
+    /// Every member of an archive, for the tests.
+    fn list(input: &mut dyn TarInput) -> Result<Vec<Entry>> {
+        let mut all = Vec::new();
+        while let Some(e) = next_entry(input)? {
+            skip_data(input, &e, 0)?;
+            all.push(e);
+        }
+        Ok(all)
+    }
+
+    /// The member an uncompressed archive in memory opens as (`wanted`, else the only
+    /// candidate).
+    fn choose(s: &MemStorage, wanted: Option<&str>) -> Result<Entry> {
+        let mut input = StorageInput { storage: s, pos: 0 };
+        let e = find_member(&mut input, wanted)?;
+        if wanted.is_none() {
+            skip_data(&mut input, &e, 0)?;
+            check_rest(&mut input, &e, false)?;
+        }
+        Ok(e)
+    }
+
     fn member(out: &mut Vec<u8>, name: &str, data: &[u8], typeflag: u8) {
         out.extend_from_slice(&header(name, data.len() as u64, typeflag, true));
         out.extend_from_slice(data);
@@ -965,16 +1035,44 @@ mod tests {
         assert_eq!(names, [long.as_str(), "disk/pax.img", "disk/", "vm.ovf"]);
         assert_eq!(all[1].size, 5);
         assert_eq!(all[0].data_offset, 3 * 512);
-        let err = choose(&all, None).unwrap_err().to_string();
+        let err = choose(&s, None).unwrap_err().to_string();
         assert!(
             err.contains("disk/pax.img") && err.contains("--member"),
             "{err}"
         );
         assert_eq!(
-            choose(&all, Some("./disk/pax.img")).unwrap().name,
+            choose(&s, Some("./disk/pax.img")).unwrap().name,
             "disk/pax.img"
         );
-        assert!(choose(&all, Some("nope")).is_err());
+        assert!(choose(&s, Some("nope")).is_err());
+    }
+
+    /// Thousands of members with long names: the error lists a few, cut short, and
+    /// counts the rest.
+    #[test]
+    fn names_in_messages_are_bounded() {
+        let mut t = Vec::new();
+        for i in 0..3000 {
+            let long = format!("{i:04}-{}", "n".repeat(5000));
+            member(
+                &mut t,
+                "././@LongLink",
+                format!("{long}\0").as_bytes(),
+                b'L',
+            );
+            member(&mut t, "x", b"", b'0');
+        }
+        t.extend_from_slice(&[0u8; 1024]);
+        let s = MemStorage::new(t);
+        let err = choose(&s, Some("absent")).unwrap_err().to_string();
+        assert!(err.len() < 8 * 1024, "{} bytes", err.len());
+        assert!(
+            err.contains("0000-nnn") && err.contains("and 2984 more"),
+            "{err}"
+        );
+        let mut n = NameList::default();
+        n.push("é".repeat(200).as_str());
+        assert!(n.to_string().ends_with('…'));
     }
 
     fn fix_checksum(b: &mut [u8; 512]) {
@@ -1008,13 +1106,9 @@ mod tests {
         let mut expect = vec![0u8; 20_000];
         expect[4096..5096].fill(7);
         expect[10_000..10_024].fill(7);
-        let s: Arc<dyn Storage> = Arc::new(MemStorage::new(t.clone()));
-        let all = list(&mut StorageInput {
-            storage: s.as_ref(),
-            pos: 0,
-        })
-        .unwrap();
-        let e = choose(&all, None).unwrap();
+        let mem = MemStorage::new(t.clone());
+        let e = choose(&mem, None).unwrap();
+        let s: Arc<dyn Storage> = Arc::new(mem);
         assert_eq!(
             (e.kind, e.size, e.real_size),
             (EntryKind::Sparse, 1024, 20_000)

@@ -16,10 +16,14 @@
 //! unrecorded length otherwise. Either way the compressed data is decoded exactly once;
 //! a spooled disk is then converted from the temporary file by all worker threads.
 //!
-//! `info` on a raw disk in a gzip or bzip2 file therefore decodes the whole file (and
-//! spools its data) to report the virtual size; for xz and zstd files it reads only the
-//! index or frame headers. Other formats need only their headers, but are spooled whole
-//! too, as their metadata may lie anywhere. (qemu-img cannot read compressed files.)
+//! `info` on a raw disk in a gzip or bzip2 file therefore decodes the whole file to
+//! report the virtual size, counting it without a copy
+//! ([`OpenOptions::metadata_only`]); for xz and zstd files it reads only the index or
+//! frame headers. Other formats need only their headers, but are spooled whole too, as
+//! their metadata may lie anywhere. (qemu-img cannot read compressed files.) A spooled
+//! copy stops at `--max-spool` ([`OpenOptions::max_spool`]; untrusted inputs get a
+//! default cap, see [`format::spool_cap`]), a raw stream of unrecorded length at
+//! `--max-size` ([`OpenOptions::max_size`]).
 //!
 //! [`StreamDevice`]: crate::io::stream::StreamDevice
 
@@ -112,9 +116,9 @@ pub fn open_stream(
         if accepts {
             return (stream.open)(reader, len, ctx);
         }
-        return open(spool_stream(reader, ctx)?, ctx);
+        return open(spool_stream(format, reader, ctx)?, ctx);
     }
-    open(spool_stream(reader, ctx)?, ctx)
+    open(spool_stream(format, reader, ctx)?, ctx)
 }
 
 /// Refuses a snapshot selection (`convert -l`) for formats without internal snapshots;
@@ -129,14 +133,27 @@ fn refuse_top_options(format: Format, ctx: &OpenContext) -> Result<()> {
     Ok(())
 }
 
-/// Spools `reader` to a sparse, unlinked temporary file.
-fn spool_stream(mut reader: Box<dyn Read + Send>, ctx: &OpenContext) -> Result<Arc<dyn Storage>> {
+/// Spools `reader`, an image of `format`, to a sparse, unlinked temporary file, within
+/// the cap its options and its first bytes set ([`format::spool_cap`]).
+fn spool_stream(
+    format: Format,
+    mut reader: Box<dyn Read + Send>,
+    ctx: &OpenContext,
+) -> Result<Arc<dyn Storage>> {
     let dir = crate::io::spool::spool_dir(ctx.options.tmpdir.as_deref());
     let name = ctx
         .path
         .clone()
         .unwrap_or_else(|| ctx.filename.clone().into());
-    Ok(Arc::new(crate::io::spool::spool(&mut reader, &dir, &name)?))
+    let head = peek(&mut reader, PROBE_LEN).map_err(from_io)?;
+    let cap = format::spool_cap(format, &head, ctx);
+    let mut reader = replay(head, reader);
+    Ok(Arc::new(crate::io::spool::spool(
+        &mut reader,
+        &dir,
+        &name,
+        cap,
+    )?))
 }
 
 /// Opens the file at `path`: compressed, tar, or a plain image.
@@ -181,7 +198,13 @@ fn open_compressed_file(
         Some(n) => RawLen::Known(n),
         None => RawLen::Unknown,
     };
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    // The file already open, not the name again (which may have been swapped since).
+    let mut f = file.try_clone().map_err(|e| Error::io(path, e))?;
+    {
+        use std::io::Seek;
+        f.seek(io::SeekFrom::Start(0))
+            .map_err(|e| Error::io(path, e))?;
+    }
     let mut dec = match c {
         Compression::Bzip2 => bzip2_file_decoder(f, len)?,
         _ => decoder(c, Box::new(f))?,
@@ -239,11 +262,17 @@ fn open_decoded(
 
 /// Opens the chosen member of an uncompressed tar file in place (a window, no copy).
 pub(crate) fn open_tar_storage(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Image> {
-    let entries = tar::list(&mut StorageInput {
+    let wanted = ctx.options.member.as_deref();
+    let mut input = StorageInput {
         storage: storage.as_ref(),
         pos: 0,
-    })?;
-    let e = tar::choose(&entries, ctx.options.member.as_deref())?;
+    };
+    let e = tar::find_member(&mut input, wanted)?;
+    if wanted.is_none() {
+        // Skipping is free here: make sure no other image follows.
+        tar::skip_data(&mut input, &e, 0)?;
+        tar::check_rest(&mut input, &e, false)?;
+    }
     let member: Arc<dyn Storage> = if e.kind == tar::EntryKind::Sparse {
         Arc::new(tar::SparseWindow::new(storage.clone(), &e)?)
     } else {
@@ -263,34 +292,7 @@ fn open_tar_stream(mut stream: Box<dyn Read + Send>, ctx: &OpenContext) -> Resul
         reader: &mut stream,
         pos: 0,
     };
-    let mut names = Vec::new();
-    let entry = loop {
-        match tar::next_entry(&mut input)? {
-            None => {
-                return Err(match &wanted {
-                    Some(w) => Error::invalid(format!(
-                        "tar archive has no member '{w}' (members: {})",
-                        names.join(", ")
-                    )),
-                    None => Error::Format(
-                        "tar archive holds no disk image (no non-empty regular file)".into(),
-                    ),
-                })
-            }
-            Some(e) => {
-                let hit = match &wanted {
-                    Some(w) => e.matches(w),
-                    None => e.is_candidate(),
-                };
-                if hit {
-                    tar::check_usable(&e)?;
-                    break e;
-                }
-                names.push(e.name.clone());
-                tar::skip_data(&mut input, &e, 0)?;
-            }
-        }
-    };
+    let entry = tar::find_member(&mut input, wanted.as_deref())?;
     let pos = input.pos;
     let member = TarMember {
         inner: stream,
@@ -336,20 +338,13 @@ impl TarMember {
             pos: self.pos,
         };
         tar::skip_data(&mut input, &self.entry, self.entry.size)?;
-        let mut others = Vec::new();
-        while let Some(e) = tar::next_entry(&mut input)? {
-            if self.check_others && e.is_candidate() {
-                others.push(e.name.clone());
-            }
-            tar::skip_data(&mut input, &e, 0)?;
+        let rest = tar::check_rest(&mut input, &self.entry, !self.check_others);
+        if matches!(rest, Err(Error::Format(_))) || rest.is_ok() {
+            // Drained so that the decompressor checks its trailing checksums (before
+            // naming the other images: a damaged stream is the bigger news).
+            io::copy(&mut self.inner, &mut io::sink()).map_err(from_io)?;
         }
-        io::copy(&mut self.inner, &mut io::sink()).map_err(from_io)?;
-        if !others.is_empty() {
-            let mut all = vec![self.entry.name.clone()];
-            all.extend(others);
-            return Err(tar::ambiguous(&all));
-        }
-        Ok(())
+        rest
     }
 }
 

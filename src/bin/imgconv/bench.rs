@@ -29,6 +29,9 @@ pub struct Args {
     /// The image is an option string (`driver=raw,file.filename=x`), not a file name.
     #[arg(long = "image-opts")]
     image_opts: bool,
+    /// Refuse references to other files.
+    #[arg(long)]
+    untrusted: bool,
     /// Number of requests (default 75000).
     #[arg(short = 'c', long = "count")]
     count: Option<String>,
@@ -152,9 +155,10 @@ pub fn run(a: Args) -> CmdResult {
         &a.file,
         a.format,
         a.image_opts,
-        false,
+        a.untrusted,
         &a.input,
         force_share,
+        false,
     )?;
     if a.write && (img.format() != Format::Raw || img.info().wrapper.is_some()) {
         return Err((

@@ -43,6 +43,9 @@ pub struct Args {
     /// Read without QEMU's image locks (for an image another process is writing).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Refuse references to other files (VMDK extent files other than the image).
+    #[arg(long)]
+    untrusted: bool,
     #[command(flatten)]
     remote: RemoteArgs,
     /// The image (a file, or an http(s):// URL read with range requests).
@@ -72,7 +75,13 @@ pub fn run(a: Args) -> CmdResult {
     }
     let spec = crate::spec::parse(&a.file, a.format, a.image_opts).map_err(fail(1))?;
     let path = Path::new(&spec.filename);
-    let mut options = OpenOptions::trusted();
+    // Untrusted, any other file named is refused (extents; the parent too, as
+    // everywhere).
+    let mut options = if a.untrusted {
+        OpenOptions::untrusted()
+    } else {
+        OpenOptions::trusted()
+    };
     options.remote = a.remote.options();
     options.force_share = a.force_share;
     // With -r the image is opened once, for writing (QEMU's writer locks): a second,

@@ -31,6 +31,14 @@ pub struct InputArgs {
     /// The member to open when the input is a tar archive holding several images.
     #[arg(long = "member", value_name = "NAME")]
     pub member: Option<String>,
+    /// Largest temporary copy of a compressed or piped input (with --untrusted, default
+    /// twice the virtual size the image declares plus 64 MiB).
+    #[arg(long = "max-spool", value_name = "SIZE", value_parser = parse_size_arg)]
+    pub max_spool: Option<u64>,
+    /// Largest raw disk read from a stream that records its length nowhere (gzip,
+    /// bzip2, zstd without content size, a pipe).
+    #[arg(long = "max-size", value_name = "SIZE", value_parser = parse_size_arg)]
+    pub max_size: Option<u64>,
     #[command(flatten)]
     pub remote: RemoteArgs,
 }
@@ -40,6 +48,8 @@ impl InputArgs {
     pub fn apply(&self, o: &mut OpenOptions) {
         o.tmpdir = self.tmpdir.clone();
         o.member = self.member.clone();
+        o.max_spool = self.max_spool;
+        o.max_size = self.max_size;
         o.remote = self.remote.options();
     }
 }
@@ -88,14 +98,23 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
     Ok(r.headers.remove(0))
 }
 
+/// Parses a size argument (`512M`, `2G`, bytes).
+pub fn parse_size_arg(s: &str) -> Result<u64, String> {
+    imgconv::writer::parse_size(s).map_err(|e| e.to_string())
+}
+
 /// Opens a source image (`-` = standard input) with an optional format, trust mode,
 /// spooling folder and tar member; without QEMU's read locks when `force_share` (`-U`).
+/// With `one_pass`, for a command that walks the image once in order (`map`,
+/// `compare`): a raw disk on a stream of unrecorded length is read in that one pass, not
+/// copied to a temporary file first.
 pub fn open_input(
     path: &str,
     format: Option<Format>,
     untrusted: bool,
     input: &InputArgs,
     force_share: bool,
+    one_pass: bool,
 ) -> imgconv::Result<Image> {
     let mut o = if untrusted {
         OpenOptions::untrusted()
@@ -104,6 +123,7 @@ pub fn open_input(
     };
     o.format = format;
     o.force_share = force_share;
+    o.stream_unknown_length = one_pass;
     input.apply(&mut o);
     imgconv::open(Path::new(path), &o)
 }
@@ -132,7 +152,8 @@ pub fn open_image(
 }
 
 /// Opens the image an argument names (a file name, `json:{...}`, or with `image_opts`
-/// an option string); errors read as qemu-img's: `Could not open 'ARG': why`.
+/// an option string); errors read as qemu-img's: `Could not open 'ARG': why`. See
+/// [`open_input`] for `one_pass`.
 pub fn open_spec(
     arg: &str,
     format: Option<Format>,
@@ -140,10 +161,18 @@ pub fn open_spec(
     untrusted: bool,
     input: &InputArgs,
     force_share: bool,
+    one_pass: bool,
 ) -> Result<Image, CmdError> {
     let spec = crate::spec::parse(arg, format, image_opts).map_err(fail(1))?;
-    open_input(&spec.filename, spec.format, untrusted, input, force_share)
-        .map_err(|e| could_not_open(arg, e))
+    open_input(
+        &spec.filename,
+        spec.format,
+        untrusted,
+        input,
+        force_share,
+        one_pass,
+    )
+    .map_err(|e| could_not_open(arg, e))
 }
 
 /// `Could not open 'ARG': why`, qemu-img's wording for a failed open.
@@ -239,16 +268,32 @@ pub fn human_size(n: u64) -> String {
     format!("{s} {}", UNITS[u])
 }
 
-/// Removes temporary outputs and exits on SIGINT / SIGTERM / SIGHUP.
+/// Signals that end imgconv after removing its temporary files: interruption and
+/// termination, the CPU-time limit (`prlimit --cpu`), alarms, user signals, and a
+/// closed output pipe (`imgconv info … | head -1`).
+const CLEANUP_SIGNALS: [libc::c_int; 8] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGXCPU,
+    libc::SIGALRM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGPIPE,
+];
+
+/// Removes temporary outputs and exits on every signal of [`CLEANUP_SIGNALS`]; ignores
+/// SIGXFSZ, so that a write past the file-size limit (`prlimit --fsize`, `ulimit -f`)
+/// fails with EFBIG and the conversion cleans up like on any other write error.
 pub fn install_signal_handlers() {
     extern "C" fn on_signal(sig: libc::c_int) {
         imgconv::io::output::remove_pending_files();
         // SAFETY: _exit is async-signal-safe.
         unsafe { libc::_exit(128 + sig) };
     }
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+    for sig in CLEANUP_SIGNALS {
         // SAFETY: installing a handler that only calls async-signal-safe functions
-        // (unlink via remove_file, _exit).
+        // (unlink, _exit).
         unsafe {
             libc::signal(
                 sig,
@@ -256,6 +301,8 @@ pub fn install_signal_handlers() {
             );
         }
     }
+    // SAFETY: ignoring a signal.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
 }
 
 /// An error message as printed: control characters escaped ([`esc`]), except the line

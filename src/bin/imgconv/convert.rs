@@ -284,7 +284,7 @@ fn convert_sources(
         let backing = open_image(
             &path.to_string_lossy(),
             opts.write.backing_format,
-            false,
+            a.untrusted,
             false,
         )
         .map_err(|e| could_not_open(b, e))?;

@@ -37,6 +37,9 @@ pub struct Args {
     /// Print nothing.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Refuse references to other files in the backing image (`-b`).
+    #[arg(long)]
+    untrusted: bool,
     /// The new image.
     file: Option<String>,
     /// Virtual size (defaults to `-o size=`, or the backing file's size).
@@ -94,7 +97,7 @@ pub fn run(a: Args) -> CmdResult {
             let backing = open_image(
                 &path.to_string_lossy(),
                 opts.write.backing_format,
-                false,
+                a.untrusted,
                 false,
             )
             .map_err(|e| could_not_open(&b, e))?;

@@ -22,7 +22,8 @@ pub struct Args {
     /// Output format: human or json.
     #[arg(long = "output", default_value = "human", value_parser = ["human", "json"])]
     output: String,
-    /// Show every image of the backing chain.
+    /// Show every image of the backing chain (opens the backing files; without it, as
+    /// qemu-img, no backing or data file is opened).
     #[arg(short = 'b', long = "backing-chain")]
     backing_chain: bool,
     /// Human output: also show what qemu-img does not — every file the image refers
@@ -47,10 +48,15 @@ pub struct Args {
 pub fn run(a: Args) -> CmdResult {
     crate::spec::check_objects(&a.objects).map_err(|e| (1, e))?;
     let spec = crate::spec::parse(&a.file, a.format, a.image_opts).map_err(|e| (1, e))?;
+    // As qemu-img's info: backing and data files (and a VDI's parent) are named, not
+    // opened, unless the chain is asked for (VMDK extents, part of the image itself,
+    // are opened unless untrusted).
     let mut o = if a.untrusted {
         imgconv::OpenOptions::untrusted().metadata_only()
-    } else {
+    } else if a.backing_chain {
         imgconv::OpenOptions::trusted()
+    } else {
+        imgconv::OpenOptions::trusted().metadata_only()
     };
     o.format = spec.format;
     o.force_share = a.force_share;

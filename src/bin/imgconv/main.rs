@@ -72,7 +72,20 @@ enum Command {
     Bitmap(bitmap::Args),
 }
 
+/// glibc gives each thread that allocates its own arena (up to 8 per core), each
+/// reserving 64 MiB of address space: with many workers that alone would break an
+/// address-space limit such as `prlimit --as=1GiB`. Four arenas are plenty: the
+/// conversion's buffers are pooled and reused.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     common::install_signal_handlers();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

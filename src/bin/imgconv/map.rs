@@ -108,8 +108,9 @@ pub fn run(a: Args) -> CmdResult {
         a.untrusted,
         &a.input,
         a.force_share,
+        true,
     )?;
-    let status = StatusReader::new(&img);
+    let status = StatusReader::new(&img).coarse();
     let end = status.size().min(start.saturating_add(max_length));
     let json = a.output == "json";
     let stdout = std::io::stdout();
@@ -158,7 +159,9 @@ fn walk(
         offset: None,
         file: None,
     };
-    while curr.start + curr.length < end {
+    // The end is re-read: a raw stream of unrecorded length learns its size at its end.
+    while curr.start + curr.length < end.min(status.size()) {
+        let end = end.min(status.size());
         let offset = curr.start + curr.length;
         // qemu probes at most 1 GiB at a time.
         let s = status

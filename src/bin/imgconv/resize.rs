@@ -31,6 +31,9 @@ pub struct Args {
     /// Print nothing.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
+    /// Refuse references to other files in the image.
+    #[arg(long)]
+    untrusted: bool,
     /// The image.
     file: String,
     /// New size, or +SIZE / -SIZE relative to the current one.
@@ -73,7 +76,7 @@ pub fn run(a: Args) -> CmdResult {
         Format::Raw => imgconv::io::Storage::len(&storage),
         _ => imgconv::open(
             path,
-            &imgconv::OpenOptions::trusted()
+            &trust(a.untrusted)
                 .format(format)
                 .metadata_only()
                 .force_share(),
@@ -120,7 +123,7 @@ pub fn run(a: Args) -> CmdResult {
     let resize = imgconv::format::driver(format)
         .resize
         .ok_or_else(|| (1, imgconv::format::unsupported(format, "resize")))?;
-    let ctx = imgconv::open::context_for_path(path, &imgconv::OpenOptions::trusted());
+    let ctx = imgconv::open::context_for_path(path, &trust(a.untrusted));
     resize(path, new, a.shrink, &ctx).map_err(fail(1))?;
     if format == Format::Raw && new > current && prealloc != Prealloc::Off {
         allocate(path, current, new, prealloc == Prealloc::Full).map_err(fail(1))?;
@@ -129,6 +132,15 @@ pub fn run(a: Args) -> CmdResult {
         println!("Image resized.");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Options of the given trust.
+fn trust(untrusted: bool) -> imgconv::OpenOptions {
+    if untrusted {
+        imgconv::OpenOptions::untrusted()
+    } else {
+        imgconv::OpenOptions::trusted()
+    }
 }
 
 /// Allocates `[from, to)` of a raw file: reserved (`falloc`) or written with zeros

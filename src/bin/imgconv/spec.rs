@@ -151,22 +151,7 @@ pub fn parse_option_string(
     s: &str,
     implied: Option<&str>,
 ) -> Result<BTreeMap<String, String>, String> {
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
+    let items = imgconv::writer::split_options(s);
     let mut out = BTreeMap::new();
     for (i, item) in items.into_iter().enumerate() {
         if item.is_empty() {

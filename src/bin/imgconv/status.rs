@@ -83,6 +83,9 @@ impl Part {
 pub struct StatusReader {
     parts: Vec<Part>,
     size: u64,
+    /// Answers reach as far as the library's extents do, not cut where qemu's drivers
+    /// stop theirs (see [`StatusReader::coarse`]).
+    coarse: bool,
 }
 
 fn layers_of(info: &ImageInfo) -> Vec<Layer> {
@@ -131,12 +134,35 @@ impl StatusReader {
             });
             start += img.size();
         }
-        StatusReader { parts, size: start }
+        StatusReader {
+            parts,
+            size: start,
+            coarse: false,
+        }
     }
 
-    /// The disk's size.
+    /// This reader with answers as long as the library's extents: for `map`, whose
+    /// entries merge neighbours of the same status and contiguous offsets anyway, so its
+    /// output is the same — but a 2^25-block VDI is walked in a few steps, not one per
+    /// block.
+    pub fn coarse(mut self) -> Self {
+        self.coarse = true;
+        self
+    }
+
+    /// The disk's size. A raw disk on a stream of unrecorded length (the last source)
+    /// gives an upper bound until its end has been read, then its exact size.
     pub fn size(&self) -> u64 {
-        self.size
+        match self.parts.last() {
+            Some(p) => p.start + p.dev.size(),
+            None => self.size,
+        }
+    }
+
+    /// True when [`StatusReader::size`] is exact (no stream of unrecorded length is
+    /// still being read).
+    pub fn length_known(&self) -> bool {
+        self.parts.iter().all(|p| p.dev.length_known())
     }
 
     fn part_at(&self, offset: u64) -> &Part {
@@ -175,6 +201,11 @@ impl StatusReader {
         let p = self.part_at(offset);
         let local = offset - p.start;
         let psize = p.dev.size();
+        if local >= psize {
+            return Err(imgconv::Error::invalid(format!(
+                "status asked at offset {offset}, past the end of the disk ({psize} bytes)"
+            )));
+        }
         let mut bytes = bytes.min(psize - local);
         if let Layer {
             format: Format::Qcow2,
@@ -188,7 +219,7 @@ impl StatusReader {
         let e = p.dev.map(local, bytes)?;
         let mut end = e.end().min(local + bytes);
         // Where each layer down to the answering one stops its answer.
-        for d in 0..=e.depth {
+        for d in (0..=e.depth).filter(|_| !self.coarse) {
             let l = p.layer(d);
             let span = match (l.format, l.cluster_size) {
                 (Format::Qcow2, Some(c)) if d == e.depth && e.compressed => Some(c),
@@ -243,7 +274,8 @@ impl StatusReader {
                 _ => ZERO,
             },
         };
-        if end == psize {
+        // Re-read: a stream of unrecorded length knows its size once its end is read.
+        if end == p.dev.size() {
             flags |= EOF;
         }
         let host_offset = host_offset.filter(|_| flags & OFFSET_VALID != 0);

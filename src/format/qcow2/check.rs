@@ -13,14 +13,93 @@ use super::header::{
     OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LEN,
 };
 use super::refcount::{
-    read_padded, read_refcounts, write_refcount, StoredRefcounts, OFFSET_MASK_REFTABLE,
+    read_padded, read_refcount_table, read_refcounts, write_refcount, DenseRefcounts,
+    StoredRefcounts, MAX_DENSE_REFCOUNTS, OFFSET_MASK_REFTABLE,
 };
 use super::snapshot::read_snapshot_table;
 use crate::error::{Error, Result};
 use crate::io::{read_struct, Storage};
-use crate::limits::{MAX_QCOW2_L1_BYTES, MAX_QCOW2_SNAPSHOTS};
+use std::collections::HashMap;
+
+use crate::limits::{MAX_QCOW2_CHECK_BYTES, MAX_QCOW2_L1_BYTES, MAX_QCOW2_SNAPSHOTS};
 
 pub use crate::driver::CheckReport;
+
+/// Clusters per page of [`RefCounts`].
+const REF_PAGE: u64 = 4096;
+
+/// References found per cluster, for the clusters that have any: pages of 4096 two-byte
+/// counters made on a cluster's first reference (counts of 65535 and more kept aside),
+/// at most [`MAX_QCOW2_CHECK_BYTES`] of them — a crafted image whose tables point all
+/// over a huge sparse file is refused, not allowed to fill the memory.
+struct RefCounts {
+    pages: HashMap<u64, Box<[u16]>>,
+    big: HashMap<u64, u64>,
+    /// Clusters covered: the file's, and one past its end when referenced.
+    len: u64,
+}
+
+impl RefCounts {
+    fn new(clusters: u64) -> Self {
+        RefCounts {
+            pages: HashMap::new(),
+            big: HashMap::new(),
+            len: clusters,
+        }
+    }
+
+    fn get(&self, c: u64) -> u64 {
+        match self
+            .pages
+            .get(&(c / REF_PAGE))
+            .map(|p| p[(c % REF_PAGE) as usize])
+        {
+            None => 0,
+            Some(u16::MAX) => self.big.get(&c).copied().unwrap_or(u16::MAX as u64),
+            Some(v) => v as u64,
+        }
+    }
+
+    /// Adds one reference to cluster `c`.
+    fn inc(&mut self, c: u64) -> Result<()> {
+        let page = c / REF_PAGE;
+        if !self.pages.contains_key(&page) {
+            let held = (self.pages.len() as u64 + 1) * REF_PAGE * 2;
+            if held > MAX_QCOW2_CHECK_BYTES {
+                return Err(Error::TooLarge {
+                    format: FMT,
+                    structure: "reference counts of the clusters the tables point at",
+                    size: held,
+                    limit: MAX_QCOW2_CHECK_BYTES,
+                });
+            }
+            self.pages
+                .insert(page, vec![0u16; REF_PAGE as usize].into_boxed_slice());
+        }
+        let slot = &mut self.pages.get_mut(&page).expect("inserted above")[(c % REF_PAGE) as usize];
+        if *slot == u16::MAX - 1 {
+            *slot = u16::MAX;
+            self.big.insert(c, u16::MAX as u64);
+        } else if *slot == u16::MAX {
+            *self.big.entry(c).or_insert(u16::MAX as u64) += 1;
+        } else {
+            *slot += 1;
+        }
+        self.len = self.len.max(c + 1);
+        Ok(())
+    }
+
+    /// True when some cluster of `[first, end)` has a reference.
+    fn any_in(&self, first: u64, end: u64) -> bool {
+        (first / REF_PAGE..end.div_ceil(REF_PAGE)).any(|p| {
+            self.pages.get(&p).is_some_and(|page| {
+                let from = first.max(p * REF_PAGE) - p * REF_PAGE;
+                let to = end.min((p + 1) * REF_PAGE) - p * REF_PAGE;
+                page[from as usize..to as usize].iter().any(|&v| v != 0)
+            })
+        })
+    }
+}
 
 struct Checker<'a> {
     storage: &'a dyn Storage,
@@ -28,7 +107,7 @@ struct Checker<'a> {
     cs: u64,
     file_len: u64,
     /// References found, per cluster.
-    refs: Vec<u64>,
+    refs: RefCounts,
     refcount_max: u64,
     data_file: bool,
     extended: bool,
@@ -44,13 +123,20 @@ const FMT: &str = "qcow2";
 
 impl Checker<'_> {
     fn msg(&mut self, m: String) {
-        self.r.messages.push(m);
+        self.r.message(m);
+    }
+
+    /// [`Checker::msg`] for messages formatted only while they are listed.
+    fn msg_with(&mut self, m: impl FnOnce() -> String) {
+        if self.r.listing() {
+            self.r.message(m());
+        }
     }
 
     /// Counts one reference to every cluster `[offset, offset + size)` touches.
-    fn inc(&mut self, offset: u64, size: u64) {
+    fn inc(&mut self, offset: u64, size: u64) -> Result<()> {
         if size == 0 {
-            return;
+            return Ok(());
         }
         // The last cluster of the file may be partly allocated, but no more.
         if (offset as i128) + (size as i128) - (self.file_len as i128) >= self.cs as i128 {
@@ -58,25 +144,20 @@ impl Checker<'_> {
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {size:#x}"
             ));
             self.r.corruptions += 1;
-            return;
+            return Ok(());
         }
         let first = offset / self.cs;
         let last = (offset + size - 1) / self.cs;
         for k in first..=last {
-            let k = k as usize;
-            if k >= self.refs.len() {
-                self.refs.resize(k + 1, 0);
-            }
-            if self.refs[k] == self.refcount_max {
-                self.msg(format!(
-                    "ERROR: overflow cluster offset={:#x}",
-                    (k as u64) * self.cs
-                ));
+            if self.refs.get(k) >= self.refcount_max {
+                let cs = self.cs;
+                self.msg_with(|| format!("ERROR: overflow cluster offset={:#x}", k * cs));
                 self.r.corruptions += 1;
                 continue;
             }
-            self.refs[k] += 1;
+            self.refs.inc(k)?;
         }
+        Ok(())
     }
 
     fn read_table(&self, offset: u64, entries: u64) -> Result<Vec<u64>> {
@@ -85,15 +166,39 @@ impl Checker<'_> {
         Ok(parse_u64_table(&buf))
     }
 
+    /// Calls `f(self, entry)` for every entry of the table of `entries` u64 at
+    /// `offset`, read 64 KiB at a time (an L1 table may be 32 MiB of a hole).
+    fn walk_table(
+        &mut self,
+        offset: u64,
+        entries: u64,
+        mut f: impl FnMut(&mut Self, u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        const PIECE: u64 = 8192;
+        let mut i = 0u64;
+        while i < entries {
+            let n = PIECE.min(entries - i);
+            let t = self.read_table(offset + i * 8, n)?;
+            for (k, e) in t.into_iter().enumerate() {
+                f(self, i + k as u64, e)?;
+            }
+            i += n;
+        }
+        Ok(())
+    }
+
     fn check_l1(&mut self, l1_offset: u64, l1_size: u64, active: bool) -> Result<()> {
-        self.inc(l1_offset, l1_size * 8);
+        self.inc(l1_offset, l1_size * 8)?;
         if l1_size == 0 {
             return Ok(());
         }
-        let l1 = self.read_table(l1_offset, l1_size)?;
-        for &e in &l1 {
+        self.walk_table(l1_offset, l1_size, |c, _, e| c.check_l1_entry(e, active))
+    }
+
+    fn check_l1_entry(&mut self, e: u64, active: bool) -> Result<()> {
+        {
             if e == 0 {
-                continue;
+                return Ok(());
             }
             if e & super::header::L1_RESERVED_MASK != 0 {
                 self.msg(format!(
@@ -102,7 +207,7 @@ impl Checker<'_> {
                 self.r.corruptions += 1;
             }
             let l2_offset = e & OFFSET_MASK;
-            self.inc(l2_offset, self.cs);
+            self.inc(l2_offset, self.cs)?;
             if l2_offset % self.cs != 0 {
                 self.msg(format!(
                     "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"
@@ -163,7 +268,7 @@ impl Checker<'_> {
                     continue;
                 }
                 let d = CompressedDescriptor::decode(e & !OFLAG_COMPRESSED, cb);
-                self.inc(d.host_offset, d.max_len());
+                self.inc(d.host_offset, d.max_len())?;
                 if active {
                     self.r.allocated_clusters += 1;
                     self.r.compressed_clusters += 1;
@@ -214,7 +319,7 @@ impl Checker<'_> {
                 next_contiguous = offset + self.cs;
             }
             if !self.data_file {
-                self.inc(offset, self.cs);
+                self.inc(offset, self.cs)?;
             }
         }
         Ok(())
@@ -222,7 +327,7 @@ impl Checker<'_> {
 
     /// Bitmaps extension: directory, bitmap tables and their data clusters.
     fn check_bitmaps(&mut self, dir_offset: u64, dir_size: u64, count: u32) -> Result<()> {
-        self.inc(dir_offset, dir_size);
+        self.inc(dir_offset, dir_size)?;
         if dir_size > 64 << 20 || dir_offset.saturating_add(dir_size) > self.file_len {
             self.msg(format!(
                 "ERROR bitmap directory at {dir_offset:#x} ({dir_size} bytes) is outside the image"
@@ -245,15 +350,15 @@ impl Checker<'_> {
             let table_size = be32(pos + 8) as u64;
             let name_size = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
             let extra = be32(pos + 20) as usize;
-            self.inc(table_offset, table_size * 8);
+            self.inc(table_offset, table_size * 8)?;
             if table_size * 8 <= MAX_QCOW2_L1_BYTES {
-                let t = self.read_table(table_offset, table_size)?;
-                for e in t {
+                self.walk_table(table_offset, table_size, |c, _, e| {
                     let off = e & OFFSET_MASK;
                     if off != 0 {
-                        self.inc(off, self.cs);
+                        c.inc(off, c.cs)?;
                     }
-                }
+                    Ok(())
+                })?;
             }
             pos = (pos + 24 + extra + name_size).next_multiple_of(8);
         }
@@ -261,7 +366,7 @@ impl Checker<'_> {
     }
 
     /// Refcount blocks: each is referenced once, and must lie in the file.
-    fn check_refblocks(&mut self, table: &[u64]) {
+    fn check_refblocks(&mut self, table: &[u64]) -> Result<()> {
         for (i, &e) in table.iter().enumerate() {
             let offset = e & OFFSET_MASK_REFTABLE;
             let cluster = offset / self.cs;
@@ -281,14 +386,14 @@ impl Checker<'_> {
                 self.rebuild = true;
                 continue;
             }
-            if cluster >= self.refs.len() as u64 {
+            if cluster >= self.refs.len {
                 self.msg(format!("ERROR refcount block {i} is outside image"));
                 self.r.corruptions += 1;
                 continue;
             }
             if offset != 0 {
-                self.inc(offset, self.cs);
-                let c = self.refs[cluster as usize];
+                self.inc(offset, self.cs)?;
+                let c = self.refs.get(cluster);
                 if c != 1 {
                     self.msg(format!("ERROR refcount block {i} refcount={c}"));
                     self.r.corruptions += 1;
@@ -296,42 +401,63 @@ impl Checker<'_> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The ranges of clusters `[first, end)` to compare, one refcount block each,
+    /// leaving out those with neither a stored block nor a reference (a huge sparse
+    /// file costs nothing there).
+    fn compare_ranges(&self, stored: &StoredRefcounts) -> Vec<(u64, u64)> {
+        let per = stored.per_block();
+        let n = self.refs.len;
+        let mut v = Vec::new();
+        let mut b = 0u64;
+        while b * per < n {
+            let (first, end) = (b * per, ((b + 1) * per).min(n));
+            if stored.has_block(b) || self.refs.any_in(first, end) {
+                v.push((first, end));
+            }
+            b += 1;
+        }
+        v
     }
 
     /// Stored against computed refcounts; returns the highest cluster in use.
-    fn compare(&mut self, stored: &StoredRefcounts) -> u64 {
+    fn compare(&mut self, stored: &StoredRefcounts) -> Result<u64> {
         let mut highest = 0;
-        for i in 0..self.refs.len() as u64 {
-            if stored.is_unreadable(i) {
-                self.msg(format!(
-                    "Can't get refcount for cluster {i}: Input/output error"
-                ));
-                self.r.check_errors += 1;
-                continue;
-            }
-            let have = stored.get(i);
-            let want = self.refs[i as usize];
-            if have > 0 || want > 0 {
-                highest = i;
-            }
-            if have != want {
-                if have == 0 {
-                    self.rebuild = true;
+        for (first, end) in self.compare_ranges(stored) {
+            for i in first..end {
+                if stored.is_unreadable(i) {
+                    self.msg_with(|| {
+                        format!("Can't get refcount for cluster {i}: Input/output error")
+                    });
+                    self.r.check_errors += 1;
+                    continue;
                 }
-                if have < want {
-                    self.msg(format!(
-                        "ERROR cluster {i} refcount={have} reference={want}"
-                    ));
-                    self.r.corruptions += 1;
-                } else {
-                    self.msg(format!(
-                        "Leaked cluster {i} refcount={have} reference={want}"
-                    ));
-                    self.r.leaks += 1;
+                let have = stored.get(i)?;
+                let want = self.refs.get(i);
+                if have > 0 || want > 0 {
+                    highest = i;
+                }
+                if have != want {
+                    if have == 0 {
+                        self.rebuild = true;
+                    }
+                    if have < want {
+                        self.msg_with(|| {
+                            format!("ERROR cluster {i} refcount={have} reference={want}")
+                        });
+                        self.r.corruptions += 1;
+                    } else {
+                        self.msg_with(|| {
+                            format!("Leaked cluster {i} refcount={have} reference={want}")
+                        });
+                        self.r.leaks += 1;
+                    }
                 }
             }
         }
-        highest
+        Ok(highest)
     }
 
     /// The compare pass with leak repair; returns the highest cluster in use.
@@ -343,28 +469,30 @@ impl Checker<'_> {
         h: &Header,
     ) -> Result<u64> {
         let mut highest = 0;
-        for i in 0..self.refs.len() as u64 {
-            if stored.is_unreadable(i) {
-                continue;
-            }
-            let have = stored.get(i);
-            let want = self.refs[i as usize];
-            if have != want {
-                if have < want {
-                    self.msg(format!(
-                        "ERROR cluster {i} refcount={have} reference={want}"
-                    ));
-                    self.r.corruptions += 1;
-                } else {
-                    write_refcount(file, storage, h, &stored.table, i, want)?;
-                    self.msg(format!(
-                        "Repairing cluster {i} refcount={have} reference={want}"
-                    ));
-                    self.r.leaks_fixed += 1;
+        for (first, end) in self.compare_ranges(stored) {
+            for i in first..end {
+                if stored.is_unreadable(i) {
+                    continue;
                 }
-            }
-            if want > 0 || have.min(want) > 0 {
-                highest = i;
+                let have = stored.get(i)?;
+                let want = self.refs.get(i);
+                if have != want {
+                    if have < want {
+                        self.msg_with(|| {
+                            format!("ERROR cluster {i} refcount={have} reference={want}")
+                        });
+                        self.r.corruptions += 1;
+                    } else {
+                        write_refcount(file, storage, h, &stored.table, i, want)?;
+                        self.msg_with(|| {
+                            format!("Repairing cluster {i} refcount={have} reference={want}")
+                        });
+                        self.r.leaks_fixed += 1;
+                    }
+                }
+                if want > 0 || have.min(want) > 0 {
+                    highest = i;
+                }
             }
         }
         file.sync()?;
@@ -372,18 +500,23 @@ impl Checker<'_> {
     }
 
     /// COPIED flags of the active tables must say "refcount is exactly 1".
-    fn check_copied(&mut self, l1: &[u64], stored: &StoredRefcounts) -> Result<()> {
+    fn check_copied(&mut self, stored: &StoredRefcounts) -> Result<()> {
+        let (offset, size) = (self.h.l1_table_offset, self.h.l1_size as u64);
+        self.walk_table(offset, size, |c, i, e| c.check_copied_entry(i, e, stored))
+    }
+
+    fn check_copied_entry(&mut self, i: u64, e: u64, stored: &StoredRefcounts) -> Result<()> {
         let per = if self.extended { 2 } else { 1 };
-        for (i, &e) in l1.iter().enumerate() {
+        {
             let l2_offset = e & OFFSET_MASK;
             if l2_offset == 0 {
-                continue;
+                return Ok(());
             }
             let c = l2_offset / self.cs;
             if stored.is_unreadable(c) {
-                continue;
+                return Ok(());
             }
-            let rc = stored.get(c);
+            let rc = stored.get(c)?;
             if (rc == 1) != (e & OFLAG_COPIED != 0) {
                 self.msg(format!(
                     "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
@@ -408,12 +541,12 @@ impl Checker<'_> {
                     if stored.is_unreadable(c) {
                         continue;
                     }
-                    stored.get(c)
+                    stored.get(c)?
                 };
                 if (rc == 1) != (e & OFLAG_COPIED != 0) {
-                    self.msg(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
-                    ));
+                    self.msg_with(|| {
+                        format!("ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}")
+                    });
                     self.r.corruptions += 1;
                 }
             }
@@ -438,7 +571,7 @@ pub fn check_and_repair(
 ) -> Result<CheckReport> {
     let (mut c, stored, h) = walk(storage)?;
     let before = (c.r.corruptions, c.r.leaks);
-    let mut highest = c.compare(&stored);
+    let mut highest = c.compare(&stored)?;
     let mut stored = stored;
     if fix_leaks.is_some() && c.rebuild {
         // QEMU refuses to repair anything then (only `-r all` rebuilds).
@@ -452,25 +585,15 @@ pub fn check_and_repair(
             // Second pass, as QEMU: repair leaks, report corruptions again.
             (c.r.corruptions, c.r.leaks) = before;
             highest = c.repair(&stored, file, storage, &h)?;
-            stored = read_refcounts(storage, &h, stored.counts.len() as u64)?;
+            stored = read_refcount_table(storage, &h)?;
         }
     }
-    finish(c, &stored, &h, highest)
+    finish(c, &stored, highest)
 }
 
 /// The COPIED-flag pass and the end offset, after the refcounts were compared.
-fn finish(
-    mut c: Checker<'_>,
-    stored: &StoredRefcounts,
-    h: &Header,
-    highest: u64,
-) -> Result<CheckReport> {
-    let l1 = if h.l1_size > 0 {
-        c.read_table(h.l1_table_offset, h.l1_size as u64)?
-    } else {
-        Vec::new()
-    };
-    c.check_copied(&l1, stored)?;
+fn finish(mut c: Checker<'_>, stored: &StoredRefcounts, highest: u64) -> Result<CheckReport> {
+    c.check_copied(stored)?;
     c.r.image_end_offset = (highest + 1) * c.cs;
     Ok(c.r)
 }
@@ -481,27 +604,39 @@ pub(crate) struct Analysis {
     pub report: CheckReport,
     /// References found to each cluster (one per path from an L1 table, as QEMU counts).
     pub refs: Vec<u64>,
-    /// The refcounts the image stores.
-    pub stored: StoredRefcounts,
+    /// The refcounts the image stores, for every cluster of `refs`.
+    pub stored: DenseRefcounts,
 }
 
-/// Checks the image and keeps the references it counted.
+/// Checks the image and keeps the references it counted, in memory for every cluster
+/// (at most [`MAX_DENSE_REFCOUNTS`] of them: an in-place change holds them all).
 pub(crate) fn analyze(storage: &dyn Storage) -> Result<Analysis> {
     let (mut c, stored, h) = walk(storage)?;
-    let highest = c.compare(&stored);
-    let refs = std::mem::take(&mut c.refs);
-    let mut report = finish(c, &stored, &h, highest)?;
+    let n = c.refs.len;
+    if n > MAX_DENSE_REFCOUNTS {
+        return Err(Error::TooLarge {
+            format: FMT,
+            structure: "refcounts held to change the image in place",
+            size: n * 8,
+            limit: MAX_DENSE_REFCOUNTS * 8,
+        });
+    }
+    let highest = c.compare(&stored)?;
+    let refs: Vec<u64> = (0..n).map(|i| c.refs.get(i)).collect();
+    let mut report = finish(c, &stored, highest)?;
+    drop(stored);
     report.messages.shrink_to_fit();
+    let (counts, table) = read_refcounts(storage, &h, n)?;
     Ok(Analysis {
         report,
         refs,
-        stored,
+        stored: DenseRefcounts { counts, table },
     })
 }
 
 /// Reads the header and counts every reference; returns the checker, the stored
 /// refcounts (covering every cluster referenced) and the header.
-fn walk(storage: &dyn Storage) -> Result<(Checker<'_>, StoredRefcounts, Header)> {
+fn walk(storage: &dyn Storage) -> Result<(Checker<'_>, StoredRefcounts<'_>, Header)> {
     let file_len = storage.len();
     let mut prefix = vec![0u8; 104.min(file_len as usize)];
     read_struct(storage, &mut prefix, 0, FMT, "header")?;
@@ -557,8 +692,9 @@ fn walk(storage: &dyn Storage) -> Result<(Checker<'_>, StoredRefcounts, Header)>
     } else {
         V2_HEADER_LEN as u64
     };
-    let exts = if (ext_start as usize) < first.len() {
-        parse_extensions(&first, ext_start).unwrap_or_default()
+    let ext_end = h.extensions_end(first.len() as u64);
+    let exts = if ext_start < ext_end {
+        parse_extensions(&first[..ext_end as usize], ext_start).unwrap_or_default()
     } else {
         Vec::new()
     };
@@ -575,7 +711,7 @@ fn walk(storage: &dyn Storage) -> Result<(Checker<'_>, StoredRefcounts, Header)>
         storage,
         cs,
         file_len,
-        refs: vec![0; nb_clusters as usize],
+        refs: RefCounts::new(nb_clusters),
         refcount_max: super::header::max_refcount(h.refcount_order),
         data_file: h
             .incompatible_features
@@ -601,7 +737,7 @@ fn walk(storage: &dyn Storage) -> Result<(Checker<'_>, StoredRefcounts, Header)>
             }
         }
     }
-    c.inc(0, cs);
+    c.inc(0, cs)?;
     c.check_l1(h.l1_table_offset, h.l1_size as u64, true)?;
     // Each snapshot has its own L1 table in the file: together they cannot be larger.
     let snap_l1_bytes: u64 = snapshots
@@ -636,14 +772,14 @@ fn walk(storage: &dyn Storage) -> Result<(Checker<'_>, StoredRefcounts, Header)>
         }
         c.check_l1(sn.l1_table_offset, sn.l1_size as u64, false)?;
     }
-    c.inc(h.snapshots_offset, snapshots_size);
+    c.inc(h.snapshots_offset, snapshots_size)?;
     c.inc(
         h.refcount_table_offset,
         h.refcount_table_clusters as u64 * cs,
-    );
+    )?;
     for e in &exts {
         match e {
-            HeaderExtension::CryptoHeader { offset, length } => c.inc(*offset, *length),
+            HeaderExtension::CryptoHeader { offset, length } => c.inc(*offset, *length)?,
             HeaderExtension::Bitmaps(b)
                 if h.autoclear_features.contains(AutoclearFeatures::BITMAPS) =>
             {
@@ -652,14 +788,9 @@ fn walk(storage: &dyn Storage) -> Result<(Checker<'_>, StoredRefcounts, Header)>
             _ => {}
         }
     }
-    // Stored refcounts for every cluster the references reach (at most one past the
-    // end of the file, see `inc`).
-    let stored = read_refcounts(storage, &h, (c.refs.len() as u64).max(nb_clusters))?;
-    c.check_refblocks(&stored.table);
-    let stored = if c.refs.len() > stored.counts.len() {
-        read_refcounts(storage, &h, c.refs.len() as u64)?
-    } else {
-        stored
-    };
+    // Stored refcounts, read a block at a time, for every cluster the references reach
+    // (at most one past the end of the file, see `inc`).
+    let stored = read_refcount_table(storage, &h)?;
+    c.check_refblocks(&stored.table)?;
     Ok((c, stored, h))
 }

@@ -34,7 +34,7 @@ use super::header::{
     BitmapsExtension, CompressedDescriptor, Header, HeaderExtension, IncompatibleFeatures,
     OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, V2_HEADER_LEN, V3_HEADER_LEN,
 };
-use super::refcount::{StoredRefcounts, OFFSET_MASK_REFTABLE};
+use super::refcount::{DenseRefcounts, OFFSET_MASK_REFTABLE};
 use super::snapshot::SnapshotEntry;
 use super::{read_metadata, FMT};
 use crate::error::{Error, Result};
@@ -88,7 +88,7 @@ pub struct Qcow2Edit {
     /// Bytes of the first cluster the old header, its extensions and names use.
     old_header_end: u64,
     old_header: Header,
-    stored: StoredRefcounts,
+    stored: DenseRefcounts,
     /// Clusters the old state uses: never written before the header switch.
     old_used: Vec<bool>,
     /// Refcounts of the state being built.

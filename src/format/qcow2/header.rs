@@ -451,6 +451,19 @@ impl Header {
             V2_HEADER_LEN as u64
         }
     }
+
+    /// Where the extension area ends, as QEMU reads it: at the backing file name when
+    /// there is one (so a name right after the header leaves no room for extensions,
+    /// and needs no end marker), else at the end of the first cluster; never past
+    /// `first_len`, the bytes of the first cluster the file holds.
+    pub fn extensions_end(&self, first_len: u64) -> u64 {
+        let end = if self.backing_file_offset != 0 {
+            self.backing_file_offset
+        } else {
+            self.cluster_size()
+        };
+        end.min(first_len)
+    }
 }
 
 /// Header extension type: end of the extension area.
@@ -701,7 +714,7 @@ pub fn parse_extensions(first_cluster: &[u8], start: u64) -> Result<Vec<HeaderEx
                 FMT,
                 "header extension",
                 pos,
-                "extension area runs past the first cluster without an end marker",
+                format!("extension area runs past its end ({end:#x}: the backing file name or the end of the first cluster) without an end marker"),
             ));
         }
         let p = pos as usize;
@@ -716,7 +729,7 @@ pub fn parse_extensions(first_cluster: &[u8], start: u64) -> Result<Vec<HeaderEx
                 FMT,
                 "header extension",
                 pos,
-                format!("extension {kind:#x} of {len} bytes runs past the first cluster"),
+                format!("extension {kind:#x} of {len} bytes runs past the end of the extension area ({end:#x})"),
             ));
         }
         if out.iter().any(|e| e.kind() == kind) {

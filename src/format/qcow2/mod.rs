@@ -50,6 +50,7 @@ use crate::detect::Format;
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::image::{FileReference, ImageInfo, OpenContext, Opened};
+use crate::io::table::{Entry as TableEntry, PagedTable};
 use crate::io::{read_struct, OutputSet, Storage};
 use crate::limits::{
     MAX_QCOW2_L1_BYTES, MAX_QCOW2_REFTABLE_BYTES, MAX_QCOW2_SNAPSHOTS, MAX_VIRTUAL_SIZE,
@@ -57,10 +58,10 @@ use crate::limits::{
 use crate::writer::{ImageWriter, WriteOptions};
 
 use header::{
-    parse_bitmap_directory, parse_extensions, parse_u64_table, AutoclearFeatures,
-    BitmapDirectoryEntry, CompatibleFeatures, FeatureKind, Header, HeaderExtension,
-    IncompatibleFeatures, BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE,
-    MAX_BITMAPS, MAX_BITMAP_DIRECTORY_BYTES, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, V2_HEADER_LEN,
+    parse_bitmap_directory, parse_extensions, AutoclearFeatures, BitmapDirectoryEntry,
+    CompatibleFeatures, FeatureKind, Header, HeaderExtension, IncompatibleFeatures,
+    BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE, CRYPT_AES, CRYPT_LUKS, CRYPT_NONE, MAX_BITMAPS,
+    MAX_BITMAP_DIRECTORY_BYTES, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, V2_HEADER_LEN,
 };
 use reader::{Qcow2Device, Qcow2Parts};
 use snapshot::read_snapshot_table;
@@ -125,13 +126,8 @@ pub fn read_metadata(storage: &dyn Storage) -> Result<Qcow2Metadata> {
     let h = Header::parse(&first)?;
 
     let ext_start = h.extensions_offset();
-    // Extensions end where the backing file name starts, or with the first cluster.
-    let ext_end = if h.backing_file_offset > ext_start {
-        h.backing_file_offset.min(first.len() as u64)
-    } else {
-        first.len() as u64
-    };
-    let extensions = if h.version >= 3 || ext_start + 8 <= ext_end {
+    let ext_end = h.extensions_end(first.len() as u64);
+    let extensions = if ext_start < ext_end {
         parse_extensions(&first[..ext_end as usize], ext_start)?
     } else {
         Vec::new()
@@ -620,18 +616,15 @@ fn open_inner(
         _ => None,
     };
 
-    let mut l1 = Vec::new();
-    if h.l1_size > 0 {
-        let mut buf = vec![0u8; h.l1_size as usize * 8];
-        read_struct(
-            storage.as_ref(),
-            &mut buf,
-            h.l1_table_offset,
-            FMT,
-            "L1 table",
-        )?;
-        l1 = parse_u64_table(&buf);
-    }
+    // Checked to lie inside the file; read a page at a time as the disk is walked.
+    let l1 = PagedTable::new(
+        storage.clone(),
+        h.l1_table_offset,
+        h.l1_size as u64,
+        TableEntry::U64Be,
+        FMT,
+        "L1 table",
+    );
     let device = Qcow2Device::new(Qcow2Parts {
         file: storage,
         data,
@@ -639,6 +632,11 @@ fn open_inner(
         l1,
         backing,
         backing_name: m.backing_file.clone(),
+        cache_bytes: if ctx.depth == 0 {
+            reader::L2_CACHE_BYTES
+        } else {
+            reader::L2_CACHE_BYTES / 8
+        },
     });
     Ok(Opened {
         device: Arc::new(device),

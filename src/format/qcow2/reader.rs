@@ -15,14 +15,16 @@ use super::header::{
 };
 use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
 use crate::error::{Error, Result};
+use crate::io::table::PagedTable;
 use crate::io::{read_struct, Storage};
 
 const FMT: &str = "qcow2";
 
-/// Bytes of L2 tables the cache may hold per image (at least 16 tables are always
-/// allowed). The engine reads in ascending order, so a small cache suffices; with 64 KiB
-/// clusters this covers 64 GiB of guest space.
-const L2_CACHE_BYTES: u64 = 8 << 20;
+/// Bytes of L2 tables the cache of the top image may hold (at least two tables are
+/// always allowed); each image of its backing chain gets an eighth. The engine reads in
+/// ascending order, so a small cache suffices; with 64 KiB clusters this covers 64 GiB
+/// of guest space.
+pub const L2_CACHE_BYTES: u64 = 8 << 20;
 
 /// Decompressors kept for reuse (each holds a window or a zstd context).
 const DECODER_POOL: usize = 16;
@@ -65,13 +67,15 @@ pub(crate) struct Qcow2Parts {
     pub(crate) data: Option<Arc<dyn Storage>>,
     /// The parsed header.
     pub(crate) header: Header,
-    /// The active L1 table.
-    pub(crate) l1: Vec<u64>,
+    /// The active L1 table, read a page at a time.
+    pub(crate) l1: PagedTable,
     /// The backing device, when opened.
     pub(crate) backing: Option<Arc<dyn BlockDevice>>,
     /// The backing file's name, when the image has one (for errors when it was not
     /// opened).
     pub(crate) backing_name: Option<String>,
+    /// Memory for the L2 cache.
+    pub(crate) cache_bytes: u64,
 }
 
 /// A qcow2 image as a [`BlockDevice`].
@@ -84,8 +88,7 @@ pub struct Qcow2Device {
     extended: bool,
     size: u64,
     compression: CompressionType,
-    l1: Vec<u64>,
-    l1_table_offset: u64,
+    l1: PagedTable,
     backing: Option<Arc<dyn BlockDevice>>,
     backing_name: Option<String>,
     cache: Mutex<L2Cache>,
@@ -100,7 +103,7 @@ impl Qcow2Device {
         let h = &parts.header;
         let cluster_bits = h.cluster_bits;
         let l2_bits = h.l2_entries().trailing_zeros();
-        let capacity = (L2_CACHE_BYTES >> cluster_bits).max(16) as usize;
+        let capacity = (parts.cache_bytes >> cluster_bits).max(2) as usize;
         Qcow2Device {
             external: h.has_external_data_file(),
             extended: h.extended_l2(),
@@ -111,7 +114,6 @@ impl Qcow2Device {
             file: parts.file,
             data: parts.data,
             l1: parts.l1,
-            l1_table_offset: h.l1_table_offset,
             backing: parts.backing,
             backing_name: parts.backing_name,
             cache: Mutex::new(L2Cache {
@@ -270,14 +272,20 @@ impl Qcow2Device {
         'outer: while pos < end {
             let l1_index = pos >> span_bits;
             let span_end = ((l1_index + 1) << span_bits).min(end);
-            let l1e = L1Entry(self.l1.get(l1_index as usize).copied().unwrap_or(0));
+            let l1e = L1Entry(self.l1.get(l1_index)?);
             let Some(l2_offset) = l1e.l2_offset() else {
                 match &first {
                     None => first = Some(Piece::Unallocated),
                     Some(f) if continues(f, &Piece::Unallocated, pos) => {}
                     Some(_) => break,
                 }
-                pos = span_end;
+                // Every following unallocated L1 entry at once (a huge sparse table).
+                let spans_left = ((end - 1) >> span_bits) - l1_index + 1;
+                let free = self
+                    .l1
+                    .run_while(l1_index, spans_left, |e| L1Entry(e).l2_offset().is_none())?
+                    .max(1);
+                pos = span_end.max(((l1_index + free) << span_bits).min(end));
                 continue;
             };
             let table = self.l2_table(l2_offset, self.l1_entry_offset(l1_index))?;
@@ -302,7 +310,7 @@ impl Qcow2Device {
     }
 
     fn l1_entry_offset(&self, l1_index: u64) -> u64 {
-        self.l1_table_offset + l1_index * 8
+        self.l1.entry_offset(l1_index)
     }
 
     fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<()> {

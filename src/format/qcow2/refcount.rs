@@ -155,28 +155,78 @@ impl<'a> BlockBuilder<'a> {
     }
 }
 
-/// Every cluster's refcount as the image's refcount structures record it.
-#[derive(Debug, Clone)]
-pub struct StoredRefcounts {
-    /// Refcount per cluster, for clusters `0..limit` (0 where no block covers it).
-    pub counts: Vec<u64>,
+/// Refcount blocks [`StoredRefcounts`] keeps read (each at most one cluster, 2 MiB).
+const STORED_BLOCKS_CACHED: usize = 8;
+
+/// A refcount block read by [`StoredRefcounts`], and when it was last used.
+type CachedBlock = (std::rc::Rc<Vec<u8>>, u64);
+
+/// The refcounts an image's refcount structures record, read a block at a time as they
+/// are asked for: the refcount table is held (at most
+/// [`MAX_QCOW2_REFTABLE_BYTES`](crate::limits::MAX_QCOW2_REFTABLE_BYTES)), the blocks
+/// are not (a refcount table may point 8 MiB worth of entries at blocks the file holds
+/// as holes).
+pub struct StoredRefcounts<'a> {
+    storage: &'a dyn Storage,
+    cluster_bits: u32,
+    order: u32,
+    per_block: u64,
     /// The refcount table entries.
     pub table: Vec<u64>,
-    /// Clusters whose refcount cannot be read (their block's offset is not aligned).
-    pub unreadable: Vec<(u64, u64)>,
+    cache: std::cell::RefCell<(BTreeMap<u64, CachedBlock>, u64)>,
 }
 
-impl StoredRefcounts {
-    /// The stored refcount of `cluster` (0 where no block covers it).
-    pub fn get(&self, cluster: u64) -> u64 {
-        self.counts.get(cluster as usize).copied().unwrap_or(0)
+impl StoredRefcounts<'_> {
+    /// Clusters one refcount block covers.
+    pub fn per_block(&self) -> u64 {
+        self.per_block
     }
 
-    /// True when the refcount of `cluster` cannot be read.
+    /// The block offset for block `index` when it is present and readable.
+    fn block_offset(&self, index: u64) -> Option<u64> {
+        let off = self.table.get(index as usize)? & OFFSET_MASK_REFTABLE;
+        (off != 0 && off % (1u64 << self.cluster_bits) == 0).then_some(off)
+    }
+
+    /// True when refcount block `index` exists (readable or not).
+    pub fn has_block(&self, index: u64) -> bool {
+        self.table
+            .get(index as usize)
+            .is_some_and(|e| e & OFFSET_MASK_REFTABLE != 0)
+    }
+
+    /// The stored refcount of `cluster` (0 where no block covers it, or where the
+    /// block cannot be read: see [`StoredRefcounts::is_unreadable`]). Blocks past the
+    /// end of the file read as zeros.
+    pub fn get(&self, cluster: u64) -> Result<u64> {
+        let index = cluster / self.per_block;
+        let Some(off) = self.block_offset(index) else {
+            return Ok(0);
+        };
+        let mut c = self.cache.borrow_mut();
+        c.1 += 1;
+        let tick = c.1;
+        if let Some((b, used)) = c.0.get_mut(&index) {
+            *used = tick;
+            return Ok(refcount_get(b, cluster % self.per_block, self.order));
+        }
+        let mut block = vec![0u8; 1usize << self.cluster_bits];
+        read_padded(self.storage, &mut block, off)?;
+        let v = refcount_get(&block, cluster % self.per_block, self.order);
+        if c.0.len() >= STORED_BLOCKS_CACHED {
+            if let Some(oldest) = c.0.iter().min_by_key(|(_, v)| v.1).map(|(k, _)| *k) {
+                c.0.remove(&oldest);
+            }
+        }
+        c.0.insert(index, (std::rc::Rc::new(block), tick));
+        Ok(v)
+    }
+
+    /// True when the refcount of `cluster` cannot be read (its block's offset is not
+    /// aligned).
     pub fn is_unreadable(&self, cluster: u64) -> bool {
-        self.unreadable
-            .iter()
-            .any(|&(a, b)| (a..b).contains(&cluster))
+        let index = cluster / self.per_block;
+        self.has_block(index) && self.block_offset(index).is_none()
     }
 }
 
@@ -192,11 +242,11 @@ pub fn read_padded(storage: &dyn Storage, buf: &mut [u8], offset: u64) -> Result
     read_struct(storage, &mut buf[..n], offset, "qcow2", "metadata")
 }
 
-/// Reads the refcount table and the refcount blocks covering clusters `0..limit`.
-///
-/// `limit` must be justified by the file (the caller passes the file's cluster count
-/// plus one). Blocks past the end of the file read as zeros.
-pub fn read_refcounts(storage: &dyn Storage, h: &Header, limit: u64) -> Result<StoredRefcounts> {
+/// Reads the refcount table; the blocks are read as [`StoredRefcounts::get`] asks.
+pub fn read_refcount_table<'a>(
+    storage: &'a dyn Storage,
+    h: &Header,
+) -> Result<StoredRefcounts<'a>> {
     let cs = h.cluster_size();
     let table_bytes = h.refcount_table_clusters as u64 * cs;
     if table_bytes > crate::limits::MAX_QCOW2_REFTABLE_BYTES {
@@ -209,35 +259,68 @@ pub fn read_refcounts(storage: &dyn Storage, h: &Header, limit: u64) -> Result<S
     }
     let mut buf = vec![0u8; table_bytes as usize];
     read_padded(storage, &mut buf, h.refcount_table_offset)?;
-    let table = parse_u64_table(&buf);
-    let per_block = refcount_block_entries(h.cluster_bits, h.refcount_order);
-    let mut counts = vec![0u64; limit as usize];
-    let mut unreadable = Vec::new();
-    let mut block = vec![0u8; cs as usize];
-    for (i, &e) in table.iter().enumerate() {
-        let first = i as u64 * per_block;
-        if first >= limit {
-            break;
-        }
-        let off = e & OFFSET_MASK_REFTABLE;
-        if off == 0 {
-            continue;
-        }
-        let n = per_block.min(limit - first);
-        if off % cs != 0 {
-            unreadable.push((first, first + n));
-            continue;
-        }
-        read_padded(storage, &mut block, off)?;
-        for j in 0..n {
-            counts[(first + j) as usize] = refcount_get(&block, j, h.refcount_order);
-        }
-    }
     Ok(StoredRefcounts {
-        counts,
-        table,
-        unreadable,
+        storage,
+        cluster_bits: h.cluster_bits,
+        order: h.refcount_order,
+        per_block: refcount_block_entries(h.cluster_bits, h.refcount_order),
+        table: parse_u64_table(&buf),
+        cache: Default::default(),
     })
+}
+
+/// Every cluster's stored refcount held in memory (from [`read_refcounts`]), for code
+/// that rewrites the refcount structures anyway (in-place changes).
+#[derive(Debug, Clone, Default)]
+pub struct DenseRefcounts {
+    /// The refcount of each cluster, from cluster 0.
+    pub counts: Vec<u64>,
+    /// The refcount table entries.
+    pub table: Vec<u64>,
+}
+
+impl DenseRefcounts {
+    /// The stored refcount of `cluster` (0 past the clusters read).
+    pub fn get(&self, cluster: u64) -> u64 {
+        self.counts.get(cluster as usize).copied().unwrap_or(0)
+    }
+}
+
+/// Most clusters whose refcounts [`read_refcounts`] holds at once (8 bytes each).
+pub const MAX_DENSE_REFCOUNTS: u64 = 16 << 20;
+
+/// Every cluster's refcount, `0..limit`, in memory (for rewriting the refcount
+/// structures when resizing moves the L1 table), refused past [`MAX_DENSE_REFCOUNTS`]
+/// clusters; and the refcount table.
+pub fn read_refcounts(
+    storage: &dyn Storage,
+    h: &Header,
+    limit: u64,
+) -> Result<(Vec<u64>, Vec<u64>)> {
+    if limit > MAX_DENSE_REFCOUNTS {
+        return Err(Error::TooLarge {
+            format: "qcow2",
+            structure: "refcounts held to rewrite the refcount structures",
+            size: limit * 8,
+            limit: MAX_DENSE_REFCOUNTS * 8,
+        });
+    }
+    let stored = read_refcount_table(storage, h)?;
+    let unaligned = (0..stored.table.len() as u64)
+        .any(|i| stored.has_block(i) && stored.block_offset(i).is_none());
+    if unaligned {
+        return Err(Error::corrupt(
+            "qcow2",
+            "refcount table",
+            h.refcount_table_offset,
+            "a refcount block offset is not aligned",
+        ));
+    }
+    let mut counts = vec![0u64; limit as usize];
+    for (c, v) in counts.iter_mut().enumerate() {
+        *v = stored.get(c as u64)?;
+    }
+    Ok((counts, stored.table))
 }
 
 /// Sets the stored refcount of `cluster` in its refcount block (which must exist),

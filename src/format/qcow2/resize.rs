@@ -17,7 +17,7 @@ use super::header::{
     CompressedDescriptor, Header, IncompatibleFeatures, CRYPT_NONE, OFFSET_MASK, OFLAG_COMPRESSED,
     OFLAG_ZERO,
 };
-use super::refcount::{read_refcounts, write_refcount, OFFSET_MASK_REFTABLE};
+use super::refcount::{read_refcount_table, read_refcounts, write_refcount, OFFSET_MASK_REFTABLE};
 use crate::error::{Error, Result};
 use crate::image::OpenContext;
 use crate::io::inplace::InPlaceFile;
@@ -232,29 +232,35 @@ fn discard_beyond(
     }
     freed.sort_unstable();
     let file_clusters = storage.len().div_ceil(cs);
-    let stored = read_refcounts(storage, h, file_clusters + 1)?;
-    let mut counts = stored.counts.clone();
+    let stored = read_refcount_table(storage, h)?;
     let mut k = 0;
+    let mut unreadable = false;
     while k < freed.len() {
         let c = freed[k];
         let n = freed[k..].iter().take_while(|&&x| x == c).count() as u64;
         k += n as usize;
         if stored.is_unreadable(c) {
+            unreadable = true;
             continue;
         }
-        let now = stored.get(c).saturating_sub(n);
+        // Each cluster once: the blocks `stored` keeps never saw this one change.
+        let now = stored.get(c)?.saturating_sub(n);
         write_refcount(file, storage, h, &stored.table, c, now)?;
-        if let Some(x) = counts.get_mut(c as usize) {
-            *x = now;
-        }
     }
     file.sync()?;
+    drop(stored);
     // The file ends after its last cluster in use, as qemu-img leaves it.
-    if stored.unreadable.is_empty() {
-        let last = counts
-            .iter()
-            .rposition(|&c| c > 0)
-            .map_or(0, |i| i as u64 + 1);
+    let stored = read_refcount_table(storage, h)?;
+    let per = stored.per_block();
+    unreadable |= (0..stored.table.len() as u64).any(|b| stored.is_unreadable(b * per));
+    if !unreadable {
+        let mut last = 0;
+        for c in (0..=file_clusters).rev() {
+            if stored.get(c)? > 0 {
+                last = c + 1;
+                break;
+            }
+        }
         if last * cs < storage.len() {
             file.set_len(last * cs)?;
         }
@@ -308,16 +314,7 @@ fn relocate_l1(
     let cs = h.cluster_size();
     let order = h.refcount_order;
     let file_clusters = storage.len().div_ceil(cs);
-    let stored = read_refcounts(storage, h, file_clusters)?;
-    if !stored.unreadable.is_empty() {
-        return Err(Error::corrupt(
-            FMT,
-            "refcount table",
-            h.refcount_table_offset,
-            "a refcount block offset is not aligned",
-        ));
-    }
-    let mut counts = stored.counts;
+    let (mut counts, table) = read_refcounts(storage, h, file_clusters)?;
     let free = |counts: &mut Vec<u64>, off: u64, len: u64| {
         for c in off / cs..(off + len).div_ceil(cs) {
             if let Some(x) = counts.get_mut(c as usize) {
@@ -333,7 +330,7 @@ fn relocate_l1(
         h.refcount_table_offset,
         h.refcount_table_clusters as u64 * cs,
     );
-    for &e in &stored.table {
+    for &e in &table {
         let off = e & OFFSET_MASK_REFTABLE;
         if off != 0 {
             free(&mut counts, off, cs);

@@ -11,9 +11,18 @@ use super::reader::read_header;
 use crate::driver::CheckReport;
 use crate::error::Result;
 use crate::io::{read_struct, Storage};
+use crate::limits::MAX_CHECK_MESSAGES;
 
 /// Bytes of block map read at a time.
 const MAP_CHUNK: usize = 1 << 20;
+
+/// Counts a block stored past the end of the file, keeping as many as are listed.
+fn note_past_eof(list: &mut Vec<(usize, u64)>, count: &mut u64, i: usize, start: u64) {
+    *count += 1;
+    if list.len() <= MAX_CHECK_MESSAGES {
+        list.push((i, start));
+    }
+}
 
 /// Checks the VDI image in `storage`. Fails only when the header itself is unusable
 /// (the image cannot be opened) or on an I/O error.
@@ -22,12 +31,15 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
     let file_len = storage.len();
     let blocks = h.blocks as usize;
     let mut r = CheckReport::default();
-    // `read_header` has checked that the map lies inside the file, which bounds it.
-    // One bit per physical block: already claimed by an earlier map entry.
-    let mut used = vec![0u64; blocks.div_ceil(64)];
+    // `read_header` has checked that the map lies inside the file; it is read a piece
+    // at a time. One bit per physical block that can lie in the file (an entry beyond
+    // is reported as past the end of the file): already claimed by an earlier entry.
+    let physical = (blocks as u64).min(file_len / h.block_stride().max(1) + 1) as usize;
+    let mut used = vec![0u64; physical.div_ceil(64)];
     let mut raw = vec![0u8; (blocks * 4).min(MAP_CHUNK)];
     let mut allocated = 0u64;
     let mut past_eof = Vec::new();
+    let mut past_eof_count = 0u64;
     let mut i = 0usize;
     while i < blocks {
         let n = ((blocks - i) * 4).min(raw.len());
@@ -43,24 +55,28 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
                 if (e as usize) < blocks {
                     allocated += 1;
                     let (w, bit) = (e as usize / 64, 1u64 << (e % 64));
-                    if used[w] & bit == 0 {
+                    let bs = h.block_size as u64;
+                    let visible = bs.min(h.disk_size.saturating_sub(i as u64 * bs));
+                    let start =
+                        h.data_offset as u64 + e as u64 * h.block_stride() + h.block_extra as u64;
+                    if (e as usize) >= physical {
+                        // Cannot lie in the file (nor be told apart from a duplicate).
+                        note_past_eof(&mut past_eof, &mut past_eof_count, i, start);
+                    } else if used[w] & bit == 0 {
                         used[w] |= bit;
-                        let bs = h.block_size as u64;
-                        let visible = bs.min(h.disk_size.saturating_sub(i as u64 * bs));
-                        let start = h.data_offset as u64
-                            + e as u64 * h.block_stride()
-                            + h.block_extra as u64;
                         if start + visible > file_len {
-                            past_eof.push((i, start));
+                            note_past_eof(&mut past_eof, &mut past_eof_count, i, start);
                         }
                     } else {
-                        r.messages
-                            .push(format!("ERROR: block index {e} also used by {e}"));
+                        if r.listing() {
+                            r.message(format!("ERROR: block index {e} also used by {e}"));
+                        }
                         r.corruptions += 1;
                     }
                 } else {
-                    r.messages
-                        .push(format!("ERROR: block index {i} too large, is {e}"));
+                    if r.listing() {
+                        r.message(format!("ERROR: block index {i} too large, is {e}"));
+                    }
                     r.corruptions += 1;
                 }
             }
@@ -68,17 +84,18 @@ pub fn check(storage: &dyn Storage) -> Result<CheckReport> {
         }
     }
     if allocated != h.blocks_allocated as u64 {
-        r.messages.push(format!(
+        r.message(format!(
             "ERROR: allocated blocks mismatch, is {allocated}, should be {}",
             h.blocks_allocated
         ));
         r.corruptions += 1;
     }
+    // Listed after the map's own problems, as far as messages are listed at all.
     for (i, start) in past_eof {
-        r.messages.push(format!(
+        r.message(format!(
             "ERROR: block {i} is stored at {start:#x}, past the end of the file ({file_len:#x})"
         ));
-        r.corruptions += 1;
     }
+    r.corruptions += past_eof_count;
     Ok(r)
 }

@@ -40,6 +40,7 @@ impl VdiInPlace {
                 "writing into a differencing image in place (as the base of a commit)",
             ));
         }
+        let storage: std::sync::Arc<dyn crate::io::Storage> = std::sync::Arc::new(storage);
         let map = read_block_map(&storage, &header)?;
         Ok(VdiInPlace {
             file,

@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::header::{
-    parse_block_map, Header, ImageType, PreHeader, BLOCK_ZERO, FORMAT, MAX_HEADER_BYTES,
-    PRE_HEADER_SIZE, SIGNATURE,
+    Header, ImageType, PreHeader, BLOCK_ZERO, FORMAT, MAX_HEADER_BYTES, PRE_HEADER_SIZE, SIGNATURE,
 };
 use crate::details::{FormatDetails, VdiDetails};
 use crate::detect::Format;
 use crate::device::{check_bounds, clamp_map_request, BlockDevice, Extent, ExtentKind};
 use crate::error::{Error, Result};
 use crate::image::{FileReference, Image, ImageInfo, OpenContext, Opened};
+use crate::io::table::{Entry as TableEntry, PagedTable};
 use crate::io::{read_struct, Storage};
 use crate::limits::{MAX_VDI_PARENT_CANDIDATES, MAX_VDI_PARENT_SCAN};
 
@@ -34,7 +34,8 @@ enum Block {
 pub struct VdiDevice {
     storage: Arc<dyn Storage>,
     header: Header,
-    map: Vec<u32>,
+    /// The block map, validated at open and read a page at a time.
+    map: PagedTable,
     /// For child images: the parent, or `None` when it was not opened (metadata only).
     parent: Option<Arc<dyn BlockDevice>>,
     has_parent: bool,
@@ -46,8 +47,12 @@ impl VdiDevice {
         &self.header
     }
 
-    fn block(&self, idx: u64) -> Block {
-        match self.map[idx as usize] {
+    fn block(&self, idx: u64) -> Result<Block> {
+        Ok(self.kind(self.map.get(idx)? as u32))
+    }
+
+    fn kind(&self, e: u32) -> Block {
+        match e {
             BLOCK_ZERO => Block::Zero,
             e if e > BLOCK_ZERO => Block::Free,
             e => Block::Data(
@@ -113,7 +118,7 @@ impl BlockDevice for VdiDevice {
             let within = pos % bs;
             let n = ((bs - within) as usize).min(buf.len() - done);
             let part = &mut buf[done..done + n];
-            match self.block(idx) {
+            match self.block(idx)? {
                 Block::Data(host) => self
                     .storage
                     .read_exact_at(part, host + within)
@@ -131,22 +136,25 @@ impl BlockDevice for VdiDevice {
         let len = clamp_map_request(offset, len, self.size())?;
         let bs = self.header.block_size as u64;
         let end = offset + len;
-        let first = self.block(offset / bs);
+        let idx = offset / bs;
+        let e0 = self.map.get(idx)? as u32;
+        let first = self.kind(e0);
         // Extend over following blocks of the same kind (data only while contiguous in
-        // the file, so that the host offset stays meaningful).
-        let mut next = (offset / bs + 1) * bs;
-        while next < end {
-            let b = self.block(next / bs);
-            let same = match (first, b) {
-                (Block::Data(h0), Block::Data(h)) => h == h0 + (next - offset / bs * bs),
-                (a, b) => a == b,
-            };
-            if !same {
-                break;
+        // the file, so that the host offset stays meaningful), a page of the map at a
+        // time.
+        let blocks = (end - 1) / bs + 1 - idx;
+        let contiguous = self.header.block_extra == 0;
+        let k = std::cell::Cell::new(0u64);
+        let same = self.map.run_while(idx, blocks, |e| {
+            let e = e as u32;
+            let n = k.get();
+            k.set(n + 1);
+            match first {
+                Block::Data(_) => n == 0 || (contiguous && u64::from(e) == u64::from(e0) + n),
+                _ => self.kind(e) == first,
             }
-            next += bs;
-        }
-        let run_end = next.min(end);
+        })?;
+        let run_end = ((idx + same.max(1)) * bs).min(end);
         let run = run_end - offset;
         Ok(match first {
             Block::Data(host) => {
@@ -210,32 +218,32 @@ pub fn read_header(storage: &dyn Storage) -> Result<(PreHeader, Header)> {
     Ok((p, h))
 }
 
-/// Bytes of block map read at a time.
-const MAP_READ_CHUNK: usize = 1 << 20;
-
-/// Reads the block map and checks every entry: inside the image's blocks, unique, and
-/// its data inside the file.
-pub(crate) fn read_block_map(storage: &dyn Storage, h: &Header) -> Result<Vec<u32>> {
+/// Checks every entry of the block map, walking it a page at a time: inside the image's
+/// blocks, its data inside the file, and unique. The map is never held whole: a header
+/// alone can declare 2^28 entries (1 GiB) that the file holds as a hole.
+fn check_block_map(storage: &Arc<dyn Storage>, h: &Header) -> Result<PagedTable> {
     let file_len = storage.len();
-    // `validate` has checked that the map lies inside the file, so its size is bounded
-    // by the file's.
-    // Read in pieces so that the raw bytes never double the map's memory.
-    let mut map = Vec::with_capacity(h.blocks as usize);
-    let mut raw = vec![0u8; (h.blocks as usize * 4).min(MAP_READ_CHUNK)];
-    while map.len() < h.blocks as usize {
-        let n = ((h.blocks as usize - map.len()) * 4).min(raw.len());
-        let at = h.blocks_offset as u64 + map.len() as u64 * 4;
-        read_struct(storage, &mut raw[..n], at, FORMAT, "block map")?;
-        map.extend(parse_block_map(&raw[..n]));
-    }
-    drop(raw);
-    let mut seen = vec![0u64; (h.blocks as usize).div_ceil(64)];
+    // `validate` has checked that the map lies inside the file.
+    let map = PagedTable::new(
+        storage.clone(),
+        h.blocks_offset as u64,
+        h.blocks as u64,
+        TableEntry::U32Le,
+        FORMAT,
+        "block map",
+    );
+    // One bit per physical block that can lie inside the file: an entry beyond fails
+    // the end-of-file check first, so the bitset is bounded by the file too.
+    let stride = h.block_stride().max(1);
+    let physical = (h.blocks as u64).min(file_len / stride + 1);
+    let mut seen = vec![0u64; physical.div_ceil(64) as usize];
     let bs = h.block_size as u64;
-    for (i, &e) in map.iter().enumerate() {
+    map.for_each(|i, e| {
+        let e = e as u32;
         if e >= BLOCK_ZERO {
-            continue;
+            return Ok(());
         }
-        let at = h.blocks_offset as u64 + 4 * i as u64;
+        let at = map.entry_offset(i);
         if e >= h.blocks {
             return Err(Error::corrupt(
                 FORMAT,
@@ -244,6 +252,20 @@ pub(crate) fn read_block_map(storage: &dyn Storage, h: &Header) -> Result<Vec<u3
                 format!(
                     "block {i} points to physical block {e}, but the image has {} blocks",
                     h.blocks
+                ),
+            ));
+        }
+        // The guest-visible part of the block must be in the file.
+        let visible = bs.min(h.disk_size.saturating_sub(i * bs));
+        let start = h.data_offset as u64 + e as u64 * stride + h.block_extra as u64;
+        if start + visible > file_len || e as u64 >= physical {
+            return Err(Error::corrupt(
+                FORMAT,
+                "block map entry",
+                at,
+                format!(
+                    "block {i} is stored at {start:#x}..{:#x}, past the end of the file ({file_len:#x})",
+                    start + visible
                 ),
             ));
         }
@@ -257,22 +279,21 @@ pub(crate) fn read_block_map(storage: &dyn Storage, h: &Header) -> Result<Vec<u3
             ));
         }
         seen[w] |= bit;
-        // The guest-visible part of the block must be in the file.
-        let visible = bs.min(h.disk_size.saturating_sub(i as u64 * bs));
-        let start = h.data_offset as u64 + e as u64 * h.block_stride() + h.block_extra as u64;
-        if start + visible > file_len {
-            return Err(Error::corrupt(
-                FORMAT,
-                "block map entry",
-                at,
-                format!(
-                    "block {i} is stored at {start:#x}..{:#x}, past the end of the file ({file_len:#x})",
-                    start + visible
-                ),
-            ));
-        }
-    }
+        Ok(())
+    })?;
     Ok(map)
+}
+
+/// Reads the whole block map, checked as [`check_block_map`] checks it, into memory
+/// (for writing into the image in place: 4 bytes per block of a map inside the file).
+pub(crate) fn read_block_map(storage: &Arc<dyn Storage>, h: &Header) -> Result<Vec<u32>> {
+    let map = check_block_map(storage, h)?;
+    let mut v = Vec::with_capacity(h.blocks as usize);
+    map.for_each(|_, e| {
+        v.push(e as u32);
+        Ok(())
+    })?;
+    Ok(v)
 }
 
 /// Where the parent of a differencing image comes from.
@@ -292,7 +313,7 @@ pub fn open_with(
     parent: ParentSource,
 ) -> Result<Opened> {
     let (pre, h) = read_header(storage.as_ref())?;
-    let map = read_block_map(storage.as_ref(), &h)?;
+    let map = check_block_map(&storage, &h)?;
     let kind = h.kind().unwrap_or(ImageType::Dynamic);
 
     let mut info = ImageInfo::new(ctx.filename.clone(), Format::Vdi, h.disk_size);

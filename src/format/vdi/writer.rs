@@ -154,7 +154,10 @@ pub struct VdiWriter {
     file: File,
     path: PathBuf,
     header: Header,
-    map: Vec<u32>,
+    /// Dynamic images: the virtual blocks stored, in the order of their physical
+    /// blocks (the engine writes in ascending order). The map itself — up to 2^28
+    /// entries, mostly free — is only ever made a piece at a time, when written.
+    stored: Vec<u32>,
     fixed: bool,
     /// Physical blocks used so far (dynamic images).
     allocated: u32,
@@ -187,11 +190,6 @@ pub fn create_writer(
     let header = new_header(size, &o)?;
     let file = out.create(target)?;
     let path = target.to_path_buf();
-    let map: Vec<u32> = if o.fixed {
-        (0..header.blocks).collect()
-    } else {
-        vec![BLOCK_FREE; header.blocks as usize]
-    };
     if o.fixed {
         let full = header.data_offset as u64 + header.blocks as u64 * header.block_stride();
         file.set_len(full).map_err(|e| Error::io(&path, e))?;
@@ -200,7 +198,7 @@ pub fn create_writer(
         file,
         path,
         header,
-        map,
+        stored: Vec::new(),
         fixed: o.fixed,
         allocated: 0,
         size,
@@ -216,6 +214,39 @@ impl VdiWriter {
         self.allocate_ahead
             .before_write(&self.file, at, data.len() as u64);
         write_all_at(&self.file, data, at, &self.path)
+    }
+}
+
+/// Block-map entries made and written at a time.
+const MAP_PIECE: u32 = 1 << 18;
+
+impl VdiWriter {
+    /// Writes the block map a piece at a time: static images map block i to physical
+    /// block i; dynamic ones their stored blocks in order, the rest free.
+    fn write_block_map(&self) -> Result<()> {
+        let blocks = self.header.blocks;
+        let mut next = self.stored.iter().enumerate().peekable();
+        let mut first = 0u32;
+        while first < blocks {
+            let n = MAP_PIECE.min(blocks - first);
+            let piece: Vec<u32> = if self.fixed {
+                (first..first + n).collect()
+            } else {
+                let mut p = vec![BLOCK_FREE; n as usize];
+                while let Some(&(phys, &idx)) = next.peek() {
+                    if idx >= first + n {
+                        break;
+                    }
+                    p[(idx - first) as usize] = phys as u32;
+                    next.next();
+                }
+                p
+            };
+            let at = self.header.blocks_offset as u64 + first as u64 * 4;
+            write_all_at(&self.file, &serialize_block_map(&piece), at, &self.path)?;
+            first += n;
+        }
+        Ok(())
     }
 }
 
@@ -245,8 +276,16 @@ impl ImageWriter for VdiWriter {
             let phys = if self.fixed {
                 idx
             } else {
+                // The map is rebuilt from `stored` assuming ascending blocks (the
+                // ImageWriter contract); anything else would be a wrong image.
+                if self.stored.last().is_some_and(|&last| last as u64 >= idx) {
+                    return Err(Error::invalid(format!(
+                        "vdi: internal error: block {idx} written after block {}",
+                        self.stored.last().copied().unwrap_or(0)
+                    )));
+                }
                 let p = self.allocated;
-                self.map[idx as usize] = p;
+                self.stored.push(idx as u32);
                 self.allocated += 1;
                 p as u64
             };
@@ -288,13 +327,7 @@ impl ImageWriter for VdiWriter {
         PreHeader::new(VIRTUALBOX_TEXT).serialize(&mut head);
         self.header.serialize(&mut head);
         write_all_at(&self.file, &head, 0, &self.path)?;
-        let map = serialize_block_map(&self.map);
-        write_all_at(
-            &self.file,
-            &map,
-            self.header.blocks_offset as u64,
-            &self.path,
-        )
+        self.write_block_map()
         // No fdatasync, like `qemu-img convert`: the rename on commit guards against
         // interruption.
     }

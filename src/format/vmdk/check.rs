@@ -14,7 +14,9 @@ const SECTOR: u64 = 512;
 /// the parent of a delta disk is not (as qemu-img, the check covers this image only).
 pub fn check_storage(req: &CheckRequest<'_>) -> Result<CheckReport> {
     let mut ctx = req.ctx.clone();
-    ctx.options.metadata_only = true;
+    // The parent of a delta disk is not opened, as in qemu-img's check; untrusted, every
+    // other file named (extents, the parent) is refused rather than recorded.
+    ctx.options.metadata_only = !ctx.options.untrusted;
     let opened = super::open(req.storage.clone(), &ctx)?;
     Ok(check(&Image::from_opened(opened)))
 }
@@ -62,13 +64,13 @@ pub fn check(image: &Image) -> CheckReport {
 fn report(r: &mut CheckReport, sector: u64, e: &Error) {
     match e {
         Error::Corrupt { reason, .. } if reason.contains("past the end") => {
-            r.messages.push(format!(
+            r.message(format!(
                 "ERROR: cluster offset for sector {sector} points after EOF"
             ));
             r.failed = Some("Invalid argument".into());
         }
         other => {
-            r.messages.push(format!(
+            r.message(format!(
                 "ERROR: could not get cluster_offset for sector {sector}"
             ));
             r.failed = Some(format!("Operation not permitted ({other})"));

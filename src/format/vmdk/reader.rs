@@ -13,10 +13,12 @@ use crate::io::{read_struct, Storage};
 use crate::limits::{MAX_DESCRIPTOR_BYTES, MAX_VIRTUAL_SIZE};
 
 use super::descriptor::NO_PARENT_CID;
-use super::descriptor::{decode_text, looks_like_descriptor, Access, Descriptor, ExtentType};
+use super::descriptor::{
+    decode_text, looks_like_descriptor, Access, Descriptor, ExtentLine, ExtentType,
+};
 use super::header::{SparseHeader, COWD_MAGIC, FMT, SECTOR, SESPARSE_MAGIC, SPARSE_MAGIC};
 use super::sesparse::SeSparseExtent;
-use super::sparse::{Grain, GrainSource, SparseExtent};
+use super::sparse::{Grain, GrainSource, SparseExtent, CACHE_BYTES};
 
 /// Where the bytes of one extent come from.
 enum Source {
@@ -208,17 +210,30 @@ fn le32(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// Opens a grain-mapped extent file of any kind (KDMV, COWD, seSparse) by its magic.
-fn open_grain_extent(storage: Arc<dyn Storage>) -> Result<Arc<dyn GrainSource>> {
+/// Cache memory for each of the `extents` grain-mapped extents of an image: the top
+/// image shares [`CACHE_BYTES`] among its extents, each image of a parent chain an
+/// eighth of that.
+fn cache_share(ctx: &OpenContext, extents: usize) -> u64 {
+    let image = if ctx.depth == 0 {
+        CACHE_BYTES
+    } else {
+        CACHE_BYTES / 8
+    };
+    image / extents.max(1) as u64
+}
+
+/// Opens a grain-mapped extent file of any kind (KDMV, COWD, seSparse) by its magic;
+/// its caches may take `cache_bytes`.
+fn open_grain_extent(storage: Arc<dyn Storage>, cache_bytes: u64) -> Result<Arc<dyn GrainSource>> {
     let head = sniff(storage.as_ref())?;
     if is_sesparse(&head) {
-        return Ok(Arc::new(SeSparseExtent::open(storage)?));
+        return Ok(Arc::new(SeSparseExtent::open(storage, cache_bytes)?));
     }
     if le32(&head) == COWD_MAGIC {
-        return Ok(Arc::new(SparseExtent::open_cowd(storage)?));
+        return Ok(Arc::new(SparseExtent::open_cowd(storage, cache_bytes)?));
     }
     let h = SparseHeader::parse(&head, 0)?;
-    Ok(Arc::new(SparseExtent::open(storage, h)?))
+    Ok(Arc::new(SparseExtent::open(storage, h, cache_bytes)?))
 }
 
 fn is_sesparse(b: &[u8; 512]) -> bool {
@@ -297,6 +312,54 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Opened> {
     open_descriptor(d, storage, ctx)
 }
 
+/// Untrusted images must say they are one file: a descriptor whose `createType` is
+/// anything but monolithicSparse or streamOptimized (the single-file subformats) is
+/// refused when the image is read (listing its metadata, `info`, is still allowed),
+/// also when it names no other file (ZERO extents) or is embedded in a sparse extent
+/// that imgconv would read alone. OpenStack's format inspector refuses the same.
+fn refuse_multi_file_type(d: &Descriptor, ctx: &OpenContext) -> Result<()> {
+    let single = ["monolithicSparse", "streamOptimized"]
+        .iter()
+        .any(|t| d.create_type.eq_ignore_ascii_case(t));
+    if ctx.options.untrusted && !ctx.options.metadata_only && !single {
+        return Err(Error::unsupported(
+            FMT,
+            format!(
+                "createType {:?} in untrusted mode (only the single-file monolithicSparse and streamOptimized are read)",
+                d.create_type
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The extent lines of a descriptor embedded in a sparse file are not read (the file
+/// is its own single extent, as in QEMU), but an untrusted file whose embedded
+/// descriptor names anything else — a second extent, another kind, a path — is
+/// refused when read: no tool writes one, and OpenStack's inspector refuses it too.
+fn refuse_other_embedded_extents(d: &Descriptor, ctx: &OpenContext) -> Result<()> {
+    if !ctx.options.untrusted || ctx.options.metadata_only {
+        return Ok(());
+    }
+    let own = |e: &ExtentLine| {
+        e.kind == ExtentType::Sparse
+            && e.filename
+                .as_deref()
+                .is_some_and(|n| !n.contains(['/', '\\']))
+    };
+    match d.extents.as_slice() {
+        [] => Ok(()),
+        [e] if own(e) => Ok(()),
+        _ => Err(Error::unsupported(
+            FMT,
+            format!(
+                "an embedded descriptor naming other extents ({} lines) in untrusted mode",
+                d.extents.len()
+            ),
+        )),
+    }
+}
+
 fn create_type_of(h: &SparseHeader) -> &'static str {
     if h.has_markers() {
         "streamOptimized"
@@ -311,7 +374,11 @@ fn open_monolithic(
     desc: Option<Descriptor>,
     ctx: &OpenContext,
 ) -> Result<Opened> {
-    let ext = Arc::new(SparseExtent::open(storage.clone(), h)?);
+    if let Some(d) = &desc {
+        refuse_multi_file_type(d, ctx)?;
+        refuse_other_embedded_extents(d, ctx)?;
+    }
+    let ext = Arc::new(SparseExtent::open(storage.clone(), h, cache_share(ctx, 1))?);
     let size = ext.capacity_bytes();
     let desc = desc.unwrap_or_else(|| Descriptor {
         version: 1,
@@ -337,7 +404,7 @@ fn open_extent_alone(
     create_type: &str,
     kind: &str,
 ) -> Result<Opened> {
-    let ext = open_grain_extent(storage.clone())?;
+    let ext = open_grain_extent(storage.clone(), cache_share(ctx, 1))?;
     let size = ext.capacity_bytes();
     let desc = Descriptor {
         version: 1,
@@ -433,7 +500,7 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
                         storage,
                     },
                     _ => {
-                        let ext = open_grain_extent(storage)?;
+                        let ext = open_grain_extent(storage, cache_share(ctx, d.extents.len()))?;
                         ei.cluster_size = Some(ext.grain_bytes());
                         ei.compressed = ext.compressed().then_some(true);
                         cluster.get_or_insert(ext.grain_bytes());
@@ -460,6 +527,8 @@ fn open_descriptor(d: Descriptor, own: Arc<dyn Storage>, ctx: &OpenContext) -> R
     info.cluster_size = cluster;
     info.dirty_flag = Some(false);
     info.references = refs;
+    // After the extents: a reference to another file is refused naming it.
+    refuse_multi_file_type(&d, ctx)?;
     finish(d, parts, total, extent_info, info, ctx)
 }
 

@@ -11,15 +11,13 @@ use crate::error::{Error, Result};
 use crate::io::{read_struct, Storage};
 
 use super::header::{FMT, SECTOR, SESPARSE_MAGIC};
-use super::sparse::{Grain, GrainSource};
+use super::sparse::{CacheShare, Grain, GrainSource};
+use crate::io::table::{Entry as TableEntry, PagedTable};
 
 /// Version of the constant header QEMU and ESXi write.
 pub const SESPARSE_VERSION: u64 = 0x0000_0002_0000_0001;
 /// Magic of the volatile header.
 pub const SESPARSE_VOLATILE_MAGIC: u64 = 0xCAFE_CAFE;
-
-/// Grain-table caches kept per extent before being emptied.
-const GT_CACHE_ENTRIES: usize = 1024;
 
 /// The constant header at sector 0 (all fields u64; offsets and sizes in sectors).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,8 +82,11 @@ impl SeSparseHeader {
 pub struct SeSparseExtent {
     storage: Arc<dyn Storage>,
     header: SeSparseHeader,
-    gd: Vec<u64>,
+    /// The grain directory, checked at open, read a page at a time.
+    gd: PagedTable,
     gt_cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
+    /// Grain tables the cache may hold.
+    cache_tables: usize,
 }
 
 fn bad(structure: &'static str, offset: u64, reason: impl Into<String>) -> Error {
@@ -93,8 +94,8 @@ fn bad(structure: &'static str, offset: u64, reason: impl Into<String>) -> Error
 }
 
 impl SeSparseExtent {
-    /// Opens the seSparse extent in `storage`.
-    pub fn open(storage: Arc<dyn Storage>) -> Result<Self> {
+    /// Opens the seSparse extent in `storage`; its caches may take `cache_bytes`.
+    pub fn open(storage: Arc<dyn Storage>, cache_bytes: u64) -> Result<Self> {
         let mut b = [0u8; 512];
         read_struct(storage.as_ref(), &mut b, 0, FMT, "seSparse header")?;
         let h = SeSparseHeader::parse(&b)?;
@@ -161,38 +162,41 @@ impl SeSparseExtent {
                 format!("{entries} entries needed, the directory is smaller"),
             ));
         }
-        let mut raw = vec![0u8; entries as usize * 8];
-        read_struct(
-            storage.as_ref(),
-            &mut raw,
+        // Walked a page at a time, never held whole.
+        let gd = PagedTable::new(
+            storage.clone(),
             h.grain_dir.0 * SECTOR,
+            entries,
+            TableEntry::U64Le,
             FMT,
             "seSparse grain directory",
-        )?;
-        let gd: Vec<u64> = raw.chunks_exact(8).map(LE::read_u64).collect();
+        );
         let gt_count = h.grain_tables.1 / h.grain_table_size;
-        for (i, &e) in gd.iter().enumerate() {
+        gd.for_each(|i, e| {
             let ok = e == 0 || (e >> 32 == 0x1000_0000 && (e & 0xffff_ffff) < gt_count);
             if !ok {
                 return Err(bad(
                     "seSparse grain directory",
-                    h.grain_dir.0 * SECTOR + i as u64 * 8,
+                    h.grain_dir.0 * SECTOR + i * 8,
                     format!("entry {e:#x} is not a grain table inside the table area"),
                 ));
             }
-        }
+            Ok(())
+        })?;
+        let cache = CacheShare::of(cache_bytes, h.grain_table_size * SECTOR, 0);
         Ok(SeSparseExtent {
             storage,
             header: h,
             gd,
             gt_cache: Mutex::new(HashMap::new()),
+            cache_tables: cache.tables,
         })
     }
 
     fn table(&self, gde: u64) -> Result<Option<Arc<Vec<u64>>>> {
-        let e = match self.gd.get(gde as usize) {
-            Some(&e) if e != 0 => e,
-            _ => return Ok(None),
+        let e = match self.gd.get(gde)? {
+            0 => return Ok(None),
+            e => e,
         };
         if let Ok(c) = self.gt_cache.lock() {
             if let Some(t) = c.get(&gde) {
@@ -211,22 +215,23 @@ impl SeSparseExtent {
         )?;
         let t = Arc::new(raw.chunks_exact(8).map(LE::read_u64).collect::<Vec<_>>());
         if let Ok(mut c) = self.gt_cache.lock() {
-            if c.len() >= GT_CACHE_ENTRIES {
+            if c.len() >= self.cache_tables {
                 c.clear();
             }
-            c.insert(gde, t.clone());
+            if self.cache_tables > 0 {
+                c.insert(gde, t.clone());
+            }
         }
         Ok(Some(t))
     }
 
     fn classify(&self, g: u64, e: u64) -> Result<Grain> {
         let h = &self.header;
+        let gde = self.gd.get(g / h.gt_entries())?;
         let err = |reason: String| {
             bad(
                 "seSparse grain table",
-                (h.grain_tables.0
-                    + (self.gd[(g / h.gt_entries()) as usize] & 0xffff_ffff) * h.grain_table_size)
-                    * SECTOR
+                (h.grain_tables.0 + (gde & 0xffff_ffff) * h.grain_table_size) * SECTOR
                     + (g % h.gt_entries()) * 8,
                 reason,
             )

@@ -7,6 +7,7 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
+use crate::io::table::{Entry as TableEntry, PagedTable};
 use crate::io::{read_struct, Storage};
 
 use super::header::{
@@ -14,8 +15,30 @@ use super::header::{
     MARKER_EOS, MARKER_FOOTER, SECTOR,
 };
 
-/// Grain tables kept in memory per extent before the cache is emptied.
-const GT_CACHE_ENTRIES: usize = 4096;
+/// Memory for the caches of one image's grain-mapped extents (grain tables and the
+/// last decompressed grain), shared out among its extents: an image of 4096 extents
+/// gets no more than one of one extent.
+pub const CACHE_BYTES: u64 = 8 << 20;
+
+/// What one extent may cache, from its share of [`CACHE_BYTES`].
+#[derive(Debug, Clone, Copy)]
+pub struct CacheShare {
+    /// Grain tables kept (none when the share is smaller than one).
+    pub tables: usize,
+    /// Whether the last decompressed grain is kept.
+    pub grain: bool,
+}
+
+impl CacheShare {
+    /// The share of `bytes` for tables of `table_bytes` and grains of `grain_bytes`:
+    /// half for tables, half for the grain.
+    pub fn of(bytes: u64, table_bytes: u64, grain_bytes: u64) -> Self {
+        CacheShare {
+            tables: ((bytes / 2) / table_bytes.max(1)).min(4096) as usize,
+            grain: grain_bytes <= bytes / 2,
+        }
+    }
+}
 
 /// What one grain is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +74,10 @@ pub struct SparseExtent {
     storage: Arc<dyn Storage>,
     /// The header in force (the footer's copy for GD_AT_END streams).
     pub header: SparseHeader,
-    gd: Vec<u32>,
+    /// The grain directory, checked at open, read a page at a time.
+    gd: PagedTable,
     gt_cache: Mutex<HashMap<usize, Arc<Vec<u32>>>>,
+    cache: CacheShare,
     grain_cache: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
@@ -64,15 +89,16 @@ fn io_err(storage: &dyn Storage, e: std::io::Error) -> Error {
 }
 
 impl SparseExtent {
-    /// Opens the sparse extent in `storage` whose header has been parsed as `header`.
-    pub fn open(storage: Arc<dyn Storage>, header: SparseHeader) -> Result<Self> {
+    /// Opens the sparse extent in `storage` whose header has been parsed as `header`;
+    /// its caches may take `cache_bytes`.
+    pub fn open(storage: Arc<dyn Storage>, header: SparseHeader, cache_bytes: u64) -> Result<Self> {
         header.validate(0)?;
-        Self::open_checked(storage, header)
+        Self::open_checked(storage, header, cache_bytes)
     }
 
     /// Opens a legacy ESX `COWD` (vmfsSparse) extent: 4096-entry grain tables, no
     /// zeroed grains, no descriptor.
-    pub fn open_cowd(storage: Arc<dyn Storage>) -> Result<Self> {
+    pub fn open_cowd(storage: Arc<dyn Storage>, cache_bytes: u64) -> Result<Self> {
         let mut b = [0u8; 44];
         read_struct(storage.as_ref(), &mut b, 0, FMT, "COWD header")?;
         let c = CowdHeader::parse(&b)?;
@@ -111,10 +137,14 @@ impl SparseExtent {
                 ),
             );
         }
-        Self::open_checked(storage, header)
+        Self::open_checked(storage, header, cache_bytes)
     }
 
-    fn open_checked(storage: Arc<dyn Storage>, mut header: SparseHeader) -> Result<Self> {
+    fn open_checked(
+        storage: Arc<dyn Storage>,
+        mut header: SparseHeader,
+        cache_bytes: u64,
+    ) -> Result<Self> {
         let file_len = storage.len();
         if header.gd_offset == GD_AT_END {
             header = read_footer(storage.as_ref(), &header)?;
@@ -150,25 +180,35 @@ impl SparseExtent {
         if header.gd_offset == 0 && entries > 0 {
             return Err(Error::corrupt(FMT, "grain directory", 56, "offset is 0"));
         }
-        let mut raw = vec![0u8; gd_bytes as usize];
-        read_struct(storage.as_ref(), &mut raw, gd_pos, FMT, "grain directory")?;
-        let gd = parse_u32_table(&raw);
+        // Walked a page at a time, never held whole (a header can declare 64 MiB of
+        // directory that the file holds as a hole).
+        let gd = PagedTable::new(
+            storage.clone(),
+            gd_pos,
+            entries,
+            TableEntry::U32Le,
+            FMT,
+            "grain directory",
+        );
         let gt_bytes = header.num_gtes_per_gt as u64 * 4;
-        for (i, &e) in gd.iter().enumerate() {
-            if e != 0 && (e as u64 * SECTOR + gt_bytes) > file_len {
+        gd.for_each(|i, e| {
+            if e != 0 && (e * SECTOR + gt_bytes) > file_len {
                 return Err(Error::corrupt(
                     FMT,
                     "grain directory",
-                    gd_pos + i as u64 * 4,
+                    gd_pos + i * 4,
                     format!("grain table at sector {e} is past the end of the file"),
                 ));
             }
-        }
+            Ok(())
+        })?;
+        let cache = CacheShare::of(cache_bytes, gt_bytes, header.grain_bytes());
         Ok(SparseExtent {
             storage,
             header,
             gd,
             gt_cache: Mutex::new(HashMap::new()),
+            cache,
             grain_cache: Mutex::new(None),
         })
     }
@@ -179,9 +219,7 @@ impl SparseExtent {
     }
 
     fn grain_table(&self, gde: usize) -> Result<Option<Arc<Vec<u32>>>> {
-        let Some(&sector) = self.gd.get(gde) else {
-            return Ok(None);
-        };
+        let sector = self.gd.get(gde as u64)?;
         if sector == 0 {
             return Ok(None);
         }
@@ -194,16 +232,18 @@ impl SparseExtent {
         read_struct(
             self.storage.as_ref(),
             &mut raw,
-            sector as u64 * SECTOR,
+            sector * SECTOR,
             FMT,
             "grain table",
         )?;
         let t = Arc::new(parse_u32_table(&raw));
         if let Ok(mut c) = self.gt_cache.lock() {
-            if c.len() >= GT_CACHE_ENTRIES {
+            if c.len() >= self.cache.tables {
                 c.clear();
             }
-            c.insert(gde, t.clone());
+            if self.cache.tables > 0 {
+                c.insert(gde, t.clone());
+            }
         }
         Ok(Some(t))
     }
@@ -228,7 +268,7 @@ impl SparseExtent {
             s => {
                 let pos = s as u64 * SECTOR;
                 if pos >= self.storage.len() {
-                    let gt_sector = self.gd[(g / per) as usize] as u64;
+                    let gt_sector = self.gd.get(g / per)?;
                     return Err(Error::corrupt(
                         FMT,
                         "grain table",
@@ -404,8 +444,10 @@ impl SparseExtent {
             ));
         }
         let data = Arc::new(data);
-        if let Ok(mut c) = self.grain_cache.lock() {
-            *c = Some((g, data.clone()));
+        if self.cache.grain {
+            if let Ok(mut c) = self.grain_cache.lock() {
+                *c = Some((g, data.clone()));
+            }
         }
         Ok(data)
     }

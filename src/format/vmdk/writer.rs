@@ -413,6 +413,17 @@ pub fn create_writer(
             } else {
                 TWO_GB_SECTORS
             };
+            // No more extent files than a reader takes (4096 × 2 GiB = 8 TiB): a huge
+            // declared size must not become millions of files.
+            let files = capacity.div_ceil(chunk).max(1);
+            if files > crate::limits::MAX_VMDK_EXTENTS as u64 {
+                return Err(Error::TooLarge {
+                    format: FMT,
+                    structure: "disk for 4096 extent files of 2 GiB",
+                    size: capacity * SECTOR,
+                    limit: crate::limits::MAX_VMDK_EXTENTS as u64 * chunk * SECTOR,
+                });
+            }
             let mut lines = Vec::new();
             let mut extents = Vec::new();
             let mut left = capacity;
@@ -757,7 +768,11 @@ pub struct StreamWriter {
     pos: u64,
     header: SparseHeader,
     encoder: Arc<StreamEncoder>,
-    gd: Vec<u32>,
+    /// Grain tables written, `(GD index, sector)`, ascending; the grain directory (up to
+    /// [`MAX_VMDK_GD_ENTRIES`](crate::limits::MAX_VMDK_GD_ENTRIES) entries, mostly
+    /// empty for a big sparse disk) is made a piece at a time when written.
+    gts: Vec<(u64, u32)>,
+    gd_entries: u64,
     cur: Option<(u64, Vec<u32>)>,
     /// The output file (not a pipe), synced at the end.
     file: Option<(File, PathBuf)>,
@@ -783,7 +798,15 @@ impl StreamWriter {
             newline_bytes: NEWLINE_BYTES,
             compress_algorithm: COMPRESSION_DEFLATE,
         };
-        let gd_entries = header.gd_entries() as usize;
+        let gd_entries = header.gd_entries();
+        if gd_entries > crate::limits::MAX_VMDK_GD_ENTRIES {
+            return Err(Error::TooLarge {
+                format: FMT,
+                structure: "grain directory of the streamOptimized output",
+                size: gd_entries * 4,
+                limit: crate::limits::MAX_VMDK_GD_ENTRIES * 4,
+            });
+        }
         let mut w = StreamWriter {
             sink,
             pos: 0,
@@ -791,7 +814,8 @@ impl StreamWriter {
                 grain_bytes: header.grain_bytes() as usize,
             }),
             header,
-            gd: vec![0; gd_entries],
+            gts: Vec::new(),
+            gd_entries,
             cur: None,
             file: None,
         };
@@ -816,7 +840,8 @@ impl StreamWriter {
     fn flush_gt(&mut self) -> Result<()> {
         if let Some((i, t)) = self.cur.take() {
             self.put(&Marker::meta_sector(GTES_PER_GT * 4 / SECTOR, MARKER_GT))?;
-            self.gd[i as usize] = self.sector()?;
+            let s = self.sector()?;
+            self.gts.push((i, s));
             self.put(&serialize_u32_table(&t))?;
         }
         Ok(())
@@ -866,12 +891,27 @@ impl ImageWriter for StreamWriter {
 
     fn finish(mut self: Box<Self>) -> Result<()> {
         self.flush_gt()?;
-        let gd_sectors = (self.gd.len() as u64 * 4).div_ceil(SECTOR);
+        let gd_sectors = (self.gd_entries * 4).div_ceil(SECTOR);
         self.put(&Marker::meta_sector(gd_sectors, MARKER_GD))?;
         let gd_sector = self.sector()?;
-        let mut gd = serialize_u32_table(&self.gd);
-        gd.resize((gd_sectors * SECTOR) as usize, 0);
-        self.put(&gd)?;
+        // The directory, 128 Ki entries at a time, padded to its last sector.
+        const PIECE: u64 = 1 << 17;
+        let gts = std::mem::take(&mut self.gts);
+        let mut next = gts.iter().peekable();
+        let mut first = 0u64;
+        while first < gd_sectors * SECTOR / 4 {
+            let n = PIECE.min(gd_sectors * SECTOR / 4 - first);
+            let mut piece = vec![0u32; n as usize];
+            while let Some(&&(i, s)) = next.peek() {
+                if i >= first + n {
+                    break;
+                }
+                piece[(i - first) as usize] = s;
+                next.next();
+            }
+            self.put(&serialize_u32_table(&piece))?;
+            first += n;
+        }
         self.put(&Marker::meta_sector(1, MARKER_FOOTER))?;
         let mut footer = self.header.clone();
         footer.gd_offset = gd_sector as u64;
