@@ -269,7 +269,7 @@ pub fn qcow2_edit(data: &[u8]) {
         if e.size() <= 1 << 32 {
             bitmap::add(&mut e, "fuzz", None)?;
         }
-        e.commit()
+        crate::format::qcow2::bitmap::commit(e)
     })();
     if edited.is_ok() {
         if let Ok(storage) = crate::io::FileStorage::open_image(&path, true) {

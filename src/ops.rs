@@ -121,7 +121,7 @@ pub fn rebase(path: &Path, o: &RebaseOptions) -> Result<()> {
     if o.unsafe_header_only {
         edit.backing_file = name;
         edit.backing_format = fmt_name;
-        return edit.commit();
+        return crate::format::qcow2::bitmap::commit(edit);
     }
     let old = open_unlocked(path, Format::Qcow2)?;
     let _held = lock_backing_chain(old.info())?;
@@ -152,7 +152,7 @@ pub fn rebase(path: &Path, o: &RebaseOptions) -> Result<()> {
         Some(&cb),
     )?;
     drop(old);
-    edit.commit()
+    crate::format::qcow2::bitmap::commit(edit)
 }
 
 // ---------------------------------------------------------------- commit
@@ -363,7 +363,7 @@ pub fn amend(path: &Path, format: Option<Format>, options: &str) -> Result<()> {
         backing_size,
     )?;
     drop(view);
-    edit.commit()
+    crate::format::qcow2::bitmap::commit(edit)
 }
 
 // ---------------------------------------------------------------- snapshot
@@ -406,7 +406,7 @@ pub fn snapshot(path: &Path, format: Option<Format>, action: &SnapshotAction) ->
         SnapshotAction::Apply(which) => qcow2::snapshot_edit::apply(&mut edit, which)?,
         SnapshotAction::Delete(name) => qcow2::snapshot_edit::delete(&mut edit, name)?,
     }
-    edit.commit()
+    crate::format::qcow2::bitmap::commit(edit)
 }
 
 /// The internal snapshots of the image at `path` (qemu-img `snapshot -l`; empty for
@@ -510,7 +510,7 @@ pub fn bitmap(
         }
         .map_err(fail(op))?;
     }
-    edit.commit()
+    crate::format::qcow2::bitmap::commit(edit)
         .map_err(fail(actions.last().map_or(first, BitmapAction::name)))
 }
 

@@ -348,8 +348,25 @@ pub fn bits_of(edit: &Qcow2Edit, name: &str) -> Result<Bits> {
     load(edit, &edit.bitmaps[i])
 }
 
+/// Commits `edit` ([`Qcow2Edit::commit`]) after setting, in every enabled bitmap, the
+/// bits of the guest clusters it wrote — as QEMU's enabled bitmaps record every write.
+/// Every in-place change of a qcow2 image ends here.
+pub fn commit(mut edit: Qcow2Edit) -> Result<()> {
+    if !edit.written_ranges().is_empty() {
+        let r = edit
+            .lay_out_header()
+            .and_then(|()| record_writes(&mut edit));
+        if let Err(e) = r {
+            // Dropping the transaction abandons it: the old image stays as it was.
+            drop(edit);
+            return Err(e);
+        }
+    }
+    edit.commit()
+}
+
 /// Sets, in every enabled bitmap, the bits of the guest clusters this transaction
-/// wrote (called by the commit).
+/// wrote (called by [`commit`]).
 pub(crate) fn record_writes(edit: &mut Qcow2Edit) -> Result<()> {
     let cs = edit.cluster_size();
     let size = edit.size();

@@ -88,7 +88,7 @@ impl InPlaceWriter for Qcow2InPlace {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        self.edit.commit()
+        super::bitmap::commit(self.edit)
     }
 }
 
@@ -108,13 +108,13 @@ pub fn make_empty(path: &Path) -> Result<()> {
             edit.discard_cluster(gc)?;
         }
     }
-    edit.commit()?;
+    super::bitmap::commit(edit)?;
     if simple {
         // Everything but the header is free now: move the remaining tables to the
         // front and cut the file after them.
         let mut edit = Qcow2Edit::open(path)?;
         edit.relocate_metadata();
-        edit.commit()?;
+        super::bitmap::commit(edit)?;
     }
     Ok(())
 }

@@ -877,7 +877,7 @@ impl Qcow2Edit {
     /// Settles the header fields that follow from the version and the rest of the
     /// state, places the backing file name after the extensions, and checks that it
     /// all fits in the first cluster.
-    fn lay_out_header(&mut self) -> Result<()> {
+    pub(crate) fn lay_out_header(&mut self) -> Result<()> {
         let has_bitmaps = !self.bitmaps.is_empty();
         let h = &mut self.header;
         if h.version >= 3 {
@@ -1261,7 +1261,8 @@ impl Qcow2Edit {
 
     /// Writes the new state: new tables first, a flush, the header, a flush; then cuts
     /// the file after its last used cluster. On error nothing of the old image has
-    /// changed (the file is cut back to its old length).
+    /// changed (the file is cut back to its old length). Enabled persistent bitmaps are
+    /// not told of the writes: [`super::bitmap::commit`] does that, then this.
     pub fn commit(mut self) -> Result<()> {
         let r = self.commit_inner();
         if r.is_err() {
@@ -1272,9 +1273,6 @@ impl Qcow2Edit {
 
     fn commit_inner(&mut self) -> Result<()> {
         self.lay_out_header()?;
-        if !self.written.is_empty() {
-            super::bitmap::record_writes(self)?;
-        }
         self.fix_copied_flags()?;
         self.flush_l2_cache()?;
         self.place_l1()?;
@@ -1455,7 +1453,7 @@ mod tests {
                     }
                     _ => {}
                 }
-                e.commit().unwrap();
+                bitmap::commit(e).unwrap();
                 assert_clean(&path);
                 assert!(read_all(&path, None) == model, "cs {cs} round {round}");
                 for (name, m) in &snaps {
@@ -1490,12 +1488,12 @@ mod tests {
         for gc in 0..100 {
             e.write_cluster(gc, &[gc as u8 + 1; 4096]).unwrap();
         }
-        e.commit().unwrap();
+        bitmap::commit(e).unwrap();
         let want = read_all(&path, None);
         for order in [0u32, 6, 1, 5, 2, 3, 4] {
             let mut e = Qcow2Edit::open(&path).unwrap();
             e.header.refcount_order = order;
-            e.commit().unwrap();
+            bitmap::commit(e).unwrap();
             assert_clean(&path);
             assert!(read_all(&path, None) == want, "order {order}");
         }
