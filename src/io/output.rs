@@ -216,6 +216,21 @@ impl OutputSet {
         self.stream.is_some()
     }
 
+    /// For writers of `format` that only create new files: refuses a stream and `-n`
+    /// with a typed [`Error::Unsupported`] naming which.
+    pub fn require_new_files(&self, format: &'static str) -> Result<()> {
+        if self.is_stream() {
+            return Err(Error::unsupported(format, "writing to a stream"));
+        }
+        if self.in_place {
+            return Err(Error::unsupported(
+                format,
+                "writing into an existing image (-n)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Creates the file that will become `target`, empty, opened read-write.
     pub fn create(&mut self, target: &Path) -> Result<File> {
         if self.in_place {

@@ -304,15 +304,7 @@ pub fn create_writer(
     out: &mut OutputSet,
 ) -> Result<Box<dyn ImageWriter>> {
     let o = VhdxOptions::from_write_options(opts)?;
-    if out.is_stream() {
-        return Err(Error::unsupported(FORMAT, "writing to a stream"));
-    }
-    if out.is_in_place() {
-        return Err(Error::unsupported(
-            FORMAT,
-            "writing into an existing image (-n)",
-        ));
-    }
+    out.require_new_files(FORMAT)?;
     let layout = Layout::new(size, &o)?;
     let g = layout.geometry;
     let file = out.create(target)?;

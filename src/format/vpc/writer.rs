@@ -212,15 +212,7 @@ pub fn create_writer(
     out: &mut OutputSet,
 ) -> Result<Box<dyn ImageWriter>> {
     let o = VpcOptions::from_write_options(opts)?;
-    if out.is_stream() {
-        return Err(Error::unsupported(FORMAT, "writing to a stream"));
-    }
-    if out.is_in_place() {
-        return Err(Error::unsupported(
-            FORMAT,
-            "writing into an existing image (-n)",
-        ));
-    }
+    out.require_new_files(FORMAT)?;
     let wanted = o.azure_size(size)?;
     let ns = new_size(wanted, o.force_size)?;
     let kind = if o.fixed {
