@@ -514,6 +514,90 @@ pub fn bitmap(
         .map_err(fail(actions.last().map_or(first, BitmapAction::name)))
 }
 
+/// What [`copy_bitmaps`] did: the bitmaps it copied and those it skipped because they
+/// were in use (inconsistent) and `skip_broken` was set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopiedBitmaps {
+    /// Names of the bitmaps copied, in the source's order.
+    pub copied: Vec<String>,
+    /// Names of the inconsistent bitmaps left out.
+    pub skipped: Vec<String>,
+}
+
+/// The persistent bitmaps of the qcow2 image at `source` (name, granularity, enabled,
+/// in use), read with read locks.
+fn source_bitmaps(
+    source: &Path,
+) -> Result<(
+    crate::io::FileStorage,
+    Vec<qcow2::header::BitmapDirectoryEntry>,
+)> {
+    let storage = crate::io::FileStorage::open_image(source, false)?;
+    let m = qcow2::read_metadata(&storage)?;
+    Ok((storage, m.bitmaps))
+}
+
+/// Refuses, before anything is written, a `convert --bitmaps` that qemu-img refuses:
+/// a source that is not a qcow2 file, or one with an inconsistent (in-use) bitmap
+/// unless `skip_broken`.
+pub fn check_bitmaps_copyable(source: &Path, format: Format, skip_broken: bool) -> Result<()> {
+    if format != Format::Qcow2 {
+        return Err(Error::invalid("Source lacks bitmap support"));
+    }
+    let (_, bitmaps) = source_bitmaps(source)?;
+    if !skip_broken {
+        if let Some(b) = bitmaps
+            .iter()
+            .find(|b| b.flags & qcow2::header::BITMAP_FLAG_IN_USE != 0)
+        {
+            return Err(Error::invalid(format!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                b.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Copies the persistent bitmaps of the qcow2 image at `source` into the qcow2 image
+/// at `target` (`convert --bitmaps`): each with its name, granularity, enabled state
+/// and bits, in one transaction on the target. An inconsistent (in-use) bitmap is an
+/// error, or left out when `skip_broken`. The two images must have the same size.
+pub fn copy_bitmaps(source: &Path, target: &Path, skip_broken: bool) -> Result<CopiedBitmaps> {
+    let (storage, bitmaps) = source_bitmaps(source)?;
+    let mut done = CopiedBitmaps::default();
+    if bitmaps.is_empty() {
+        return Ok(done);
+    }
+    let mut edit = Qcow2Edit::open(target)?;
+    for b in &bitmaps {
+        if b.flags & qcow2::header::BITMAP_FLAG_IN_USE != 0 {
+            if skip_broken {
+                done.skipped.push(b.name.clone());
+                continue;
+            }
+            return Err(Error::invalid(format!(
+                "Cannot copy inconsistent bitmap '{}'",
+                b.name
+            )));
+        }
+        let failed = |what: &str, e: Error| {
+            Error::invalid(format!("Failed to {what} bitmap {}: {}", b.name, e))
+        };
+        let bits = qcow2::bitmap::read_from(&storage, &b.name)?;
+        qcow2::bitmap::add(&mut edit, &b.name, Some(1u64 << b.granularity_bits))
+            .map_err(|e| failed("create", e))?;
+        if b.flags & qcow2::header::BITMAP_FLAG_AUTO == 0 {
+            qcow2::bitmap::set_enabled(&mut edit, &b.name, false)
+                .map_err(|e| failed("create", e))?;
+        }
+        qcow2::bitmap::merge(&mut edit, &b.name, &bits).map_err(|e| failed("populate", e))?;
+        done.copied.push(b.name.clone());
+    }
+    qcow2::bitmap::commit(edit)?;
+    Ok(done)
+}
+
 /// The bits of bitmap `source`: of the image being edited, or of the qcow2 image
 /// `file` (read with read locks).
 fn merge_source(

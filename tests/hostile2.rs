@@ -1006,3 +1006,46 @@ fn many_workers_fit_the_address_space_limit() {
         assert_eq!(names_in(&out_dir), Vec::<String>::new());
     }
 }
+
+/// The most snapshots qemu allows (65536, all blank) in a small qcow2: `info` (JSON
+/// and human), `snapshot -l` and `check` list or count them in bounded memory, and the
+/// JSON list is qemu-img's.
+#[test]
+fn the_most_snapshots_are_listed_in_bounded_memory() {
+    let d = scratch();
+    let img = d.path().join("many.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    let table = 1u64 << 20;
+    let n = 65536u64;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&(n as u32).to_be_bytes(), 60).unwrap();
+        f.write_all_at(&table.to_be_bytes(), 64).unwrap();
+        // Blank entries of 40 bytes each (no extra data, no id, no name).
+        f.set_len(table + 40 * n).unwrap();
+    }
+    let limited = Watch {
+        address_space: Some(1 << 30),
+        timeout: Some(Duration::from_secs(60)),
+        ..Watch::default()
+    };
+    for args in [
+        vec!["info", "--output=json", s(&img)],
+        vec!["info", s(&img)],
+        vec!["snapshot", "-l", s(&img)],
+    ] {
+        let w = limited.run(&args);
+        w.assert_code(&args, 0);
+        w.assert_rss_below(&args, 64 << 10);
+        if args[1] == "--output=json" {
+            let ours: serde_json::Value = serde_json::from_str(&w.stdout).unwrap();
+            let theirs = qemu_info(&img);
+            assert_eq!(ours["snapshots"].as_array().unwrap().len(), n as usize);
+            assert_eq!(ours["snapshots"], theirs["snapshots"]);
+        }
+    }
+    let w = limited.run(&["check", s(&img)]);
+    w.assert_no_panic("check");
+    w.assert_rss_below("check", 64 << 10);
+}

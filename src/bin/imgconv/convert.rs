@@ -230,9 +230,6 @@ fn convert_sources(
             .map_err(|e| could_not_open(s, e))?;
         imgs.push(img);
     }
-    if a.bitmaps {
-        check_bitmaps(&imgs, out_format, a.skip_broken_bitmaps)?;
-    }
     let mut src: Arc<dyn BlockDevice> = if imgs.len() == 1 {
         imgs[0].device().clone()
     } else {
@@ -263,6 +260,9 @@ fn convert_sources(
     opts.engine.target_is_zero = a.target_is_zero;
     opts.engine.copy_offload = a.copy_range;
     opts.no_create = a.no_create;
+    if a.bitmaps {
+        check_bitmaps(a, sources, &imgs, out_format, &opts)?;
+    }
     let remote_dst = imgconv::io::remote::classify(&dst);
     if remote_dst.is_some() && (opts.write.backing_file.is_some() || a.no_create) {
         return Err((
@@ -341,6 +341,19 @@ fn convert_sources(
         imgconv::Error::Io { .. } => (1, imgconv::Error::Format(crate::common::describe(&e))),
         other => (1, other),
     })?;
+    if a.bitmaps {
+        // As qemu-img: the bitmaps follow the data, into the finished target.
+        let source = bitmap_source(a, &sources[0]);
+        let done = imgconv::ops::copy_bitmaps(
+            std::path::Path::new(&source),
+            std::path::Path::new(&dst),
+            a.skip_broken_bitmaps,
+        )
+        .map_err(fail(1))?;
+        for name in &done.skipped {
+            eprintln!("imgconv: warning: Skipping inconsistent bitmap '{name}'");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -357,45 +370,47 @@ fn compressed_cluster(format: Format, opts: &ConvertOptions) -> u64 {
     }
 }
 
-/// `--bitmaps`: qemu copies the source's persistent bitmaps into a qcow2 target.
-/// Sources without bitmaps convert as usual; copying bitmaps is not written yet, so a
-/// source that has some is refused before anything is written.
+/// `--bitmaps`, before anything is written: qemu-img copies the persistent bitmaps of
+/// one qcow2 source file into a qcow2 (version 3) target, and refuses the rest.
 fn check_bitmaps(
+    a: &Args,
+    sources: &[String],
     imgs: &[Image],
     out_format: Format,
-    skip_broken: bool,
+    opts: &ConvertOptions,
 ) -> Result<(), crate::common::CmdError> {
-    if out_format != Format::Qcow2 {
-        return Err((
-            1,
-            imgconv::Error::invalid(format!(
-                "Format driver '{out_format}' does not support bitmaps"
-            )),
+    let invalid = |m: String| Err((1, imgconv::Error::invalid(m)));
+    if sources.len() > 1 {
+        return invalid("Copying bitmaps only possible with single source".into());
+    }
+    let v2 = opts
+        .write
+        .options
+        .get("compat")
+        .is_some_and(|c| c == "0.10" || c == "v2");
+    if out_format != Format::Qcow2 || v2 {
+        return invalid(format!(
+            "Format driver '{out_format}' does not support bitmaps"
         ));
     }
-    for img in imgs {
-        if img.format() != Format::Qcow2 {
-            return Err((1, imgconv::Error::invalid("Source lacks bitmap support")));
-        }
-        let bitmaps = match &img.info().format_specific {
-            Some(imgconv::details::FormatDetails::Qcow2(q)) => q.bitmaps.as_slice(),
-            _ => &[],
-        };
-        let wanted = bitmaps
-            .iter()
-            .filter(|b| !(skip_broken && b.flags.iter().any(|f| f == "in-use")));
-        if let Some(b) = wanted.into_iter().next() {
-            return Err((
-                1,
-                imgconv::Error::unsupported(
-                    "qcow2",
-                    format!(
-                        "copying persistent bitmaps (--bitmaps): the source has bitmap '{}'",
-                        b.name
-                    ),
-                ),
-            ));
-        }
+    let img = &imgs[0];
+    if img.info().wrapper.is_some()
+        || img.info().archive_member.is_some()
+        || imgconv::io::remote::classify(&sources[0]).is_some()
+    {
+        return invalid("Source lacks bitmap support".into());
     }
-    Ok(())
+    imgconv::ops::check_bitmaps_copyable(
+        std::path::Path::new(&bitmap_source(a, &sources[0])),
+        img.format(),
+        a.skip_broken_bitmaps,
+    )
+    .map_err(fail(1))
+}
+
+/// The file name of a source given as a plain name, `--image-opts` or `json:`.
+fn bitmap_source(a: &Args, source: &str) -> String {
+    crate::spec::parse(source, a.format, a.image_opts)
+        .map(|s| s.filename)
+        .unwrap_or_else(|_| source.to_string())
 }

@@ -71,13 +71,32 @@ pub fn run(a: Args) -> CmdResult {
     }
     let follow = !a.untrusted;
     if a.output == "json" {
-        let text = if a.backing_chain {
-            let list: Vec<Value> = chain.iter().map(|i| json_info(i, follow)).collect();
-            crate::qjson::to_string(&Value::Array(list))
+        // Snapshots (up to 65535 of them) are written one by one, never held as a
+        // whole tree of JSON values.
+        let tree = if a.backing_chain {
+            Value::Array(chain.iter().map(|i| json_info(i, follow)).collect())
         } else {
-            crate::qjson::to_string(&json_info(img.info(), follow))
+            json_info(img.info(), follow)
         };
-        println!("{text}");
+        let objects: Vec<&Value> = match &tree {
+            Value::Array(list) => list.iter().collect(),
+            one => vec![one],
+        };
+        let lists: Vec<(&Value, &[imgconv::image::SnapshotInfo])> = objects
+            .iter()
+            .zip(&chain)
+            .filter_map(|(o, i)| Some((o.get("snapshots")?, i.snapshots.as_slice())))
+            .collect();
+        let mut deferred = |v: &Value, s: &mut String, level: usize, sink: crate::qjson::Sink| {
+            let Some((_, list)) = lists.iter().find(|(p, _)| std::ptr::eq(*p, v)) else {
+                return false;
+            };
+            crate::qjson::write_list(s, list.iter().map(|x| json!(x)), level, sink);
+            true
+        };
+        let mut out = std::io::stdout().lock();
+        crate::qjson::write_to(&mut out, &tree, &mut deferred)
+            .map_err(|e| (1, imgconv::Error::io("standard output", e)))?;
     } else {
         let mut first = true;
         for i in chain {
@@ -129,6 +148,7 @@ fn children(i: &ImageInfo, follow: bool) -> Vec<(String, String, u64, u64)> {
 
 /// The JSON object qemu-img prints (QAPI `ImageInfo`), plus imgconv's `compression`,
 /// `archive-member` and `references`, which qemu's parsers ignore.
+/// The snapshot list is a placeholder (`null`) for the caller to write item by item.
 pub fn json_info(i: &ImageInfo, follow: bool) -> Value {
     let mut m = Map::new();
     // Insertion order is QAPI's: qemu's key order depends on it within a bucket.
@@ -152,7 +172,7 @@ pub fn json_info(i: &ImageInfo, follow: bool) -> Value {
         m.insert("backing-filename-format".into(), json!(b));
     }
     if !i.snapshots.is_empty() {
-        m.insert("snapshots".into(), json!(i.snapshots));
+        m.insert("snapshots".into(), Value::Null);
     }
     if let Some(fs) = &i.format_specific {
         m.insert(format_specific_key(i.format).into(), json!(fs));

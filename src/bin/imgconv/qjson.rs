@@ -27,16 +27,86 @@ pub fn ordered(m: &Map<String, Value>) -> Vec<(&String, &Value)> {
 /// `v` as qemu-img prints JSON (no trailing newline).
 pub fn to_string(v: &Value) -> String {
     let mut s = String::new();
-    write_value(&mut s, v, 0);
+    write_value_flushing(&mut s, v, 0, &mut |_, _, _, _| false, &mut |_| {});
     s
 }
 
-fn write_value(s: &mut String, v: &Value, level: usize) {
-    let pad = |s: &mut String, level: usize| {
-        for _ in 0..level {
-            s.push_str("    ");
+/// Writes a placeholder of the tree as a list built item by item (so that a long
+/// list, such as 65535 snapshots, is never held whole as JSON values); returns false
+/// for every value that is not a placeholder.
+/// It writes through the sink it is given, as [`write_list`] does.
+pub type Deferred<'a> = dyn FnMut(&Value, &mut String, usize, Sink) -> bool + 'a;
+
+/// Takes the text gathered so far (and clears it).
+pub type Sink<'a> = &'a mut dyn FnMut(&mut String);
+
+/// Writes `v` as [`to_string`] does, with `deferred` standing in for its placeholders,
+/// to `w` in pieces of about 64 KiB; ends with a newline.
+pub fn write_to(
+    w: &mut dyn std::io::Write,
+    v: &Value,
+    deferred: &mut Deferred,
+) -> std::io::Result<()> {
+    let mut s = String::new();
+    let mut failed = None;
+    let mut sink = |s: &mut String| {
+        if failed.is_none() {
+            if let Err(e) = w.write_all(s.as_bytes()) {
+                failed = Some(e);
+            }
         }
+        s.clear();
     };
+    write_value_flushing(&mut s, v, 0, deferred, &mut sink);
+    s.push('\n');
+    sink(&mut s);
+    match failed {
+        Some(e) => Err(e),
+        None => w.flush(),
+    }
+}
+
+/// Writes `items` as a JSON list at `level`, each built when written.
+pub fn write_list(
+    s: &mut String,
+    items: impl ExactSizeIterator<Item = Value>,
+    level: usize,
+    sink: Sink,
+) {
+    let n = items.len();
+    s.push_str("[\n");
+    for (k, v) in items.enumerate() {
+        pad(s, level + 1);
+        write_value_flushing(s, &v, level + 1, &mut |_, _, _, _| false, sink);
+        if k + 1 < n {
+            s.push(',');
+        }
+        s.push('\n');
+    }
+    pad(s, level);
+    s.push(']');
+}
+
+fn pad(s: &mut String, level: usize) {
+    for _ in 0..level {
+        s.push_str("    ");
+    }
+}
+
+/// Writes `v`, handing the text to `sink` whenever more than 64 KiB have gathered.
+fn write_value_flushing(
+    s: &mut String,
+    v: &Value,
+    level: usize,
+    deferred: &mut Deferred,
+    sink: Sink,
+) {
+    if s.len() >= 1 << 16 {
+        sink(s);
+    }
+    if deferred(v, s, level, sink) {
+        return;
+    }
     match v {
         Value::Object(m) => {
             s.push_str("{\n");
@@ -45,7 +115,7 @@ fn write_value(s: &mut String, v: &Value, level: usize) {
                 pad(s, level + 1);
                 write_string(s, k);
                 s.push_str(": ");
-                write_value(s, v, level + 1);
+                write_value_flushing(s, v, level + 1, deferred, sink);
                 if n + 1 < entries.len() {
                     s.push(',');
                 }
@@ -58,7 +128,7 @@ fn write_value(s: &mut String, v: &Value, level: usize) {
             s.push_str("[\n");
             for (n, v) in items.iter().enumerate() {
                 pad(s, level + 1);
-                write_value(s, v, level + 1);
+                write_value_flushing(s, v, level + 1, deferred, sink);
                 if n + 1 < items.len() {
                     s.push(',');
                 }
