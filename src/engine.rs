@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::device::{BlockDevice, Extent};
 use crate::error::{Error, Result};
+use crate::io::aligned::AlignedBuf;
 use crate::writer::{DataRun, GrainEncoder, ImageWriter};
 use crate::zero::is_zero;
 
@@ -143,7 +144,7 @@ enum Job {
         len: u64,
         parts: Vec<Extent>,
         /// Already read (sequential-only sources are read by the dispatcher).
-        buf: Option<Vec<u8>>,
+        buf: Option<AlignedBuf>,
     },
 }
 
@@ -152,14 +153,14 @@ struct Done {
     pieces: Vec<Piece>,
     bytes: u64,
     /// The unit's bytes, which the data pieces point into; back to the pool once written.
-    buf: Vec<u8>,
+    buf: AlignedBuf,
 }
 
 /// Read buffers recycled between the workers and the collector: in steady state a
 /// conversion allocates nothing per unit and never zero-fills memory that a read is
 /// about to overwrite.
 struct BufPool {
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Vec<AlignedBuf>>,
     keep: usize,
 }
 
@@ -172,22 +173,18 @@ impl BufPool {
     }
 
     /// A buffer of `len` bytes with unspecified contents.
-    fn get(&self, len: usize) -> Vec<u8> {
+    fn get(&self, len: usize) -> AlignedBuf {
         let mut b = self
             .free
             .lock()
             .ok()
             .and_then(|mut f| f.pop())
             .unwrap_or_default();
-        if b.len() < len {
-            b.resize(len, 0);
-        } else {
-            b.truncate(len);
-        }
+        b.resize(len);
         b
     }
 
-    fn put(&self, b: Vec<u8>) {
+    fn put(&self, b: AlignedBuf) {
         if b.capacity() == 0 {
             return;
         }
@@ -353,6 +350,7 @@ fn dispatch(
     let (src, grain, cancel) = (ctx.src, ctx.grain, ctx.cancel);
     let sequential = src.sequential_only();
     let mut size = src.size();
+    let mut mapper = Mapper::new(src);
     let mut pos = 0u64;
     let mut seq = 0u64;
     while pos < size {
@@ -362,7 +360,7 @@ fn dispatch(
         if ctx.cancelled.is_cancelled() {
             return Err(Error::Interrupted);
         }
-        let ext = map_upto(src, pos, u64::MAX, &mut size)?;
+        let ext = mapper.upto(pos, u64::MAX, &mut size)?;
         // `-S 0` (no zero granularity): zero stretches are written as data too, so
         // that the output is fully allocated, as qemu-img makes it.
         let job = if ext.kind.reads_as_zero() && ctx.zero_gran != 0 {
@@ -376,7 +374,7 @@ fn dispatch(
                 if ctx.cancelled.is_cancelled() {
                     return Err(Error::Interrupted);
                 }
-                let e = map_upto(src, zend, u64::MAX, &mut size)?;
+                let e = mapper.upto(zend, u64::MAX, &mut size)?;
                 if !e.kind.reads_as_zero() {
                     break;
                 }
@@ -404,8 +402,14 @@ fn dispatch(
         let job = match job {
             Some(j) => j,
             None => {
-                let (end, parts) =
-                    data_unit(src, pos, &mut size, grain, chunk, ctx.zero_gran != 0)?;
+                let (end, parts) = data_unit(
+                    &mut mapper,
+                    pos,
+                    &mut size,
+                    grain,
+                    chunk,
+                    ctx.zero_gran != 0,
+                )?;
                 let buf = if sequential {
                     Some(read_parts(src, ctx.pool, pos, end - pos, &parts)?)
                 } else {
@@ -430,25 +434,59 @@ fn dispatch(
     Ok(())
 }
 
-/// Maps the source at `pos` up to `stop` (or its end), then refreshes `*size` and
-/// checks the extent against both. `pos` must be below both.
-fn map_upto(src: &dyn BlockDevice, pos: u64, stop: u64, size: &mut u64) -> Result<Extent> {
-    let e = src.map(pos, stop.min(*size) - pos)?;
-    *size = src.size();
-    let limit = stop.min(*size);
-    if e.offset != pos || e.len == 0 || e.end() > limit {
-        return Err(Error::Format(format!(
-            "internal error: map({pos:#x}) returned {}+{} beyond {limit:#x}",
-            e.offset, e.len
-        )));
+/// The dispatcher's view of the source's map: the last extent the source returned is
+/// kept, and questions inside it are answered from it. A unit is cut from several
+/// questions, and each costs the source real work (a raw file answers with
+/// `SEEK_DATA`/`SEEK_HOLE`, which walk the page cache from the offset asked to the next
+/// change: asked at every unit of a long extent, that walk grows with the extent).
+struct Mapper<'a> {
+    src: &'a dyn BlockDevice,
+    last: Option<Extent>,
+}
+
+impl<'a> Mapper<'a> {
+    fn new(src: &'a dyn BlockDevice) -> Self {
+        Mapper { src, last: None }
     }
-    Ok(e)
+
+    /// Maps the source at `pos` up to `stop` (or its end), then refreshes `*size` and
+    /// checks the extent against both. `pos` must be below both.
+    fn upto(&mut self, pos: u64, stop: u64, size: &mut u64) -> Result<Extent> {
+        let cached = self
+            .last
+            .as_ref()
+            .filter(|l| l.offset <= pos && pos < l.end() && l.end() <= *size);
+        let e = match cached {
+            Some(l) => *l,
+            None => {
+                let e = self.src.map(pos, *size - pos)?;
+                *size = self.src.size();
+                if e.offset != pos || e.len == 0 || e.end() > *size {
+                    return Err(Error::Format(format!(
+                        "internal error: map({pos:#x}) returned {}+{} beyond {:#x}",
+                        e.offset, e.len, *size
+                    )));
+                }
+                self.last = Some(e);
+                e
+            }
+        };
+        // The part of `e` from `pos` to `stop`.
+        let end = e.end().min(stop.min(*size));
+        let skip = pos - e.offset;
+        Ok(Extent {
+            offset: pos,
+            len: end - pos,
+            host_offset: e.host_offset.map(|h| h + skip),
+            ..e
+        })
+    }
 }
 
 /// Cuts a data unit starting at `pos` (grain-aligned): up to `chunk` bytes, ending early
 /// (when `cut_at_zeros`) where a zero stretch covers at least one whole grain.
 fn data_unit(
-    src: &dyn BlockDevice,
+    mapper: &mut Mapper<'_>,
     pos: u64,
     size: &mut u64,
     grain: u64,
@@ -458,7 +496,7 @@ fn data_unit(
     let mut parts = Vec::new();
     let mut cur = pos;
     while cur < (pos + chunk).min(*size) {
-        let mut e = map_upto(src, cur, pos + chunk, size)?;
+        let mut e = mapper.upto(cur, pos + chunk, size)?;
         if e.kind.reads_as_zero() && cur > pos && cut_at_zeros {
             let cut = align_up(cur, grain);
             if cut + grain <= e.end() || (e.end() == *size && cut < *size) {
@@ -475,7 +513,7 @@ fn data_unit(
     // A data extent ending mid-grain: extend the unit to the grain's end.
     let end = align_up(cur, grain).min(*size);
     while cur < end.min(*size) {
-        let e = map_upto(src, cur, end, size)?;
+        let e = mapper.upto(cur, end, size)?;
         cur = e.end();
         parts.push(e);
     }
@@ -491,7 +529,7 @@ fn read_parts(
     offset: u64,
     len: u64,
     parts: &[Extent],
-) -> Result<Vec<u8>> {
+) -> Result<AlignedBuf> {
     let mut buf = pool.get(len as usize);
     let mut cur = 0usize;
     let mut i = 0;
@@ -560,7 +598,7 @@ fn process(ctx: &WorkerCtx<'_>, job: Job) -> Result<Done> {
             seq,
             pieces: zero_pieces(ctx, offset, len)?,
             bytes: len,
-            buf: Vec::new(),
+            buf: AlignedBuf::new(),
         }),
         Job::Data {
             seq,
@@ -575,7 +613,7 @@ fn process(ctx: &WorkerCtx<'_>, job: Job) -> Result<Done> {
                         seq,
                         pieces,
                         bytes: len,
-                        buf: Vec::new(),
+                        buf: AlignedBuf::new(),
                     });
                 }
             }

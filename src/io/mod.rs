@@ -1,6 +1,7 @@
 //! Bytes in and out: positional file reads, memory, atomic sparse outputs, and the
 //! way in through decompressors, tar archives, pipes and spooled temporary files.
 
+pub(crate) mod aligned;
 pub mod compressed;
 pub mod file;
 #[cfg(feature = "http")]
