@@ -343,6 +343,9 @@ error_log $NG/logs/error.log;
 events { worker_connections 256; }
 http {
   access_log off;
+  # qemu's curl driver stalled (no timeout) when nginx closed a connection after its
+  # default 1000 requests; one connection per run is what a real server gives too.
+  keepalive_requests 1000000;
   client_body_temp_path $NG/tmp;
   types { }
   default_type application/octet-stream;
@@ -363,10 +366,10 @@ NGINX
         "curl -s $U/disk.raw.xz | xz -dc -T0 | cp --sparse=always /dev/stdin $OUT/b.tmp && $Q -f raw -O qcow2 $OUT/b.tmp $BO; rc=\$?; rm -f $OUT/b.tmp; exit \$rc"
     row "qcow2 over HTTP→raw (vs qemu-img's curl driver)" disk.qcow2 "$D" \
         "$I convert -O raw $U/disk.qcow2 $IO" \
-        "$Q -f qcow2 -O raw $U/disk.qcow2 $BO"
+        "timeout 600 $Q -f qcow2 -O raw $U/disk.qcow2 $BO"
     row "qcow2 over HTTP→qcow2 (vs qemu-img's curl driver)" disk.qcow2 "$D" \
         "$I convert -O qcow2 $U/disk.qcow2 $IO" \
-        "$Q -f qcow2 -O qcow2 $U/disk.qcow2 $BO"
+        "timeout 600 $Q -f qcow2 -O qcow2 $U/disk.qcow2 $BO"
 fi
 
 # ---------------------------------------------------------------- report

@@ -229,7 +229,14 @@ pub fn run(
     let encoder = writer.encoder();
     // Units in flight (read, being encoded, or waiting for their turn): enough to keep
     // every worker busy while the writer catches up, few enough to bound memory.
-    let max_in_flight = (threads * 4).min((threads + 2).max(16));
+    // A sequential source is read by the dispatcher alone: without an encoder to keep
+    // busy, a few units ahead of the writer are enough (a decompressing reader is
+    // usually what limits, and keeps memory of its own).
+    let max_in_flight = if src.sequential_only() && encoder.is_none() {
+        threads + 2
+    } else {
+        (threads * 4).min((threads + 2).max(16))
+    };
     let pool = BufPool::new(max_in_flight + 1);
     let cancel = AtomicBool::new(false);
 

@@ -43,7 +43,7 @@
 //! | VHDX region table, metadata table, parent locator | 2047 entries, 2047 entries, items ≤ 1 MiB inside the region | `vhdx::header::RegionTable::parse`, `vhdx::metadata::MetadataTable::parse`, `ParentLocator::parse` |
 //! | VHDX replayed view (`vhdx/replay.rs`) | one 4 KiB copy per data descriptor, one range per zero descriptor | bounded by the log's size |
 //! | [`MAX_XZ_INDEX_BYTES`] | 64 MiB | xz index read to learn a compressed file's size |
-//! | [`XZ_THREADING_MEMORY`], [`MAX_XZ_DECODER_MEMORY`] | 128 MiB, 1 GiB | the xz decoder (one thread above the first, refused above the second) |
+//! | [`XZ_THREADING_MEMORY`], [`MAX_XZ_DECODER_MEMORY`] | 40 MiB, 1 GiB | the xz decoder (one thread above the first, refused above the second) |
 //! | [`MAX_TAR_META_BYTES`] | 1 MiB | tar GNU long names and pax headers |
 //! | [`MAX_TAR_SPARSE_ENTRIES`] | 2^20 | tar sparse member maps |
 //! | [`MAX_CHECK_MESSAGES`] | 100000 (a few MiB) | messages a `check` report lists (more problems are counted) |
@@ -105,8 +105,12 @@ pub const MAX_VHDX_LOG_BYTES: u64 = 32 << 20;
 /// few bytes per block; 64 MiB covers millions of blocks).
 pub const MAX_XZ_INDEX_BYTES: u64 = 64 << 20;
 
-/// Memory the multithreaded xz decoder may use before it falls back to one thread.
-pub const XZ_THREADING_MEMORY: u64 = 128 << 20;
+/// Memory the multithreaded xz decoder may use before it decodes with fewer threads
+/// (down to one, still beside the reader). Each thread holds a whole block's output and
+/// its dictionary: two threads fit for `xz -T0 -3` (12 MiB blocks), so that a raw.xz
+/// download converts in parallel within a 64 MiB peak; `-6` streams (24 MiB blocks)
+/// decode on one thread.
+pub const XZ_THREADING_MEMORY: u64 = 40 << 20;
 
 /// Memory above which the xz decoder refuses a stream (its dictionary and buffers).
 pub const MAX_XZ_DECODER_MEMORY: u64 = 1 << 30;
