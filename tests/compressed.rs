@@ -1094,3 +1094,30 @@ fn one_pass_conversion_interrupted_or_damaged_leaves_nothing() {
         assert_empty(&outdir);
     }
 }
+
+/// xz streams as `xz -T0` writes them (multi-block): with 12 MiB blocks (`-3`) two
+/// decoder threads fit the 64 MiB budget; with 24 MiB blocks (`-6`) the decoder drops
+/// to one thread rather than exceed it. Either way the disk is read right.
+#[test]
+fn multithreaded_xz_stays_within_the_memory_budget() {
+    use common::watch::Watch;
+    let d = scratch();
+    let raw = d.path().join("big.raw");
+    // 160 MiB with data in every 8 MiB: every block holds some.
+    let pieces: Vec<(u64, usize, u8)> = (0..20u64)
+        .map(|k| (k * (8 << 20), 1 << 20, k as u8 + 1))
+        .collect();
+    make_raw(&raw, 160 << 20, &pieces);
+    let w = Watch::default();
+    for preset in ["-3", "-6"] {
+        let xz = d.path().join(format!("big{preset}.raw.xz"));
+        compress_to(&["xz", "-T2", preset, "-c"], &raw, &xz);
+        let out = d.path().join("out.qcow2");
+        let _ = std::fs::remove_file(&out);
+        let args = ["convert", "-O", "qcow2", s(&xz), s(&out)];
+        let r = w.run(&args);
+        r.assert_code(&args, 0);
+        r.assert_rss_below(&args, 64 << 10);
+        assert_same_fmt(&raw, "raw", &out, "qcow2");
+    }
+}

@@ -38,7 +38,7 @@ const LOOKAHEAD: u64 = 1 << 20;
 /// Bytes of one decoded buffer (a multiple of [`BLOCK`]).
 const FEED_BUF: usize = 1 << 20;
 /// Decoded buffers queued ahead of the device.
-const FEED_DEPTH: usize = 4;
+const FEED_DEPTH: usize = 2;
 
 /// A stretch of the disk: all zeros, or data held in the decoded buffers.
 #[derive(Clone, Copy)]
