@@ -1116,8 +1116,8 @@ fn multithreaded_xz_stays_within_the_memory_budget() {
         let _ = std::fs::remove_file(&out);
         let args = ["convert", "-O", "qcow2", s(&xz), s(&out)];
         let r = w.run(&args);
-        r.assert_code(&args, 0);
-        r.assert_rss_below(&args, 64 << 10);
+        r.assert_code(args, 0);
+        r.assert_rss_below(args, 64 << 10);
         assert_same_fmt(&raw, "raw", &out, "qcow2");
     }
 }
