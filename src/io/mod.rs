@@ -20,6 +20,23 @@ pub use output::OutputSet;
 
 use crate::error::{Error, Result};
 
+/// The end of a read of `len` bytes at `offset` from a storage of `file_len` bytes, or
+/// an `UnexpectedEof` error naming `what` the storage is ("remote file", …) when the
+/// read would run past its end.
+pub(crate) fn read_end(offset: u64, len: usize, file_len: u64, what: &str) -> std::io::Result<u64> {
+    offset
+        .checked_add(len as u64)
+        .filter(|&e| e <= file_len)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "read of {len} bytes at {offset:#x} runs past the end of the {file_len}-byte {what}"
+                ),
+            )
+        })
+}
+
 /// Reads exactly `buf.len()` bytes of the structure `structure` at `offset`; a read past
 /// the end of the file becomes a [`Error::Corrupt`] naming the structure.
 pub fn read_struct(

@@ -414,19 +414,7 @@ impl Storage for ReplayedStorage {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.len)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "read of {} bytes at {offset:#x} runs past the end of the replayed {}-byte file",
-                        buf.len(),
-                        self.len
-                    ),
-                )
-            })?;
+        let end = crate::io::read_end(offset, buf.len(), self.len, "replayed file")?;
         let mut pos = offset;
         // The piece that starts at or before `offset` may cover it.
         let first = self

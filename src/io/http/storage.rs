@@ -317,19 +317,7 @@ impl Storage for HttpStorage {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.len)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "read of {} bytes at {offset:#x} runs past the end of the {}-byte remote file",
-                        buf.len(),
-                        self.len
-                    ),
-                )
-            })?;
+        let end = crate::io::read_end(offset, buf.len(), self.len, "remote file")?;
         if buf.is_empty() {
             return Ok(());
         }
