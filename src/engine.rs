@@ -484,7 +484,12 @@ impl<'a> Mapper<'a> {
         Ok(Extent {
             offset: pos,
             len: end - pos,
-            host_offset: e.host_offset.map(|h| h + skip),
+            // A compressed extent's host offset names the whole compressed piece.
+            host_offset: if e.compressed {
+                e.host_offset.filter(|_| skip == 0)
+            } else {
+                e.host_offset.map(|h| h + skip)
+            },
             ..e
         })
     }
@@ -958,6 +963,53 @@ mod tests {
                 .filter(|r| r.0)
                 .all(|&(_, o, l)| o + l <= 4 * 65536 || o >= 6 * 65536));
         }
+    }
+
+    /// A long data extent is asked about once, not once per unit (a raw file answers
+    /// each question with a page-cache walk to the next hole).
+    #[test]
+    fn long_extents_are_mapped_once() {
+        struct Counted {
+            inner: Patchy,
+            maps: std::sync::atomic::AtomicUsize,
+        }
+        impl BlockDevice for Counted {
+            fn size(&self) -> u64 {
+                self.inner.size()
+            }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+                self.inner.read_at(buf, offset)
+            }
+            fn map(&self, offset: u64, len: u64) -> Result<Extent> {
+                self.maps.fetch_add(1, Ordering::Relaxed);
+                self.inner.map(offset, len)
+            }
+        }
+        let mut data = pattern(64 * 65536);
+        data[40 * 65536..50 * 65536].fill(0);
+        let dev = Counted {
+            inner: Patchy {
+                data: data.clone(),
+                zero_from: 40 * 65536,
+                zero_to: 50 * 65536,
+            },
+            maps: Default::default(),
+        };
+        let rec = Recorder {
+            grain: 65536,
+            image: Arc::new(Mutex::new(vec![0; data.len()])),
+            ..Default::default()
+        };
+        let image = rec.image.clone();
+        let opts = EngineOptions {
+            chunk_size: 65536,
+            ..Default::default()
+        };
+        run(&dev, Box::new(rec), &opts).unwrap();
+        assert_eq!(*image.lock().unwrap(), data);
+        // Three extents, 54 units of data.
+        let maps = dev.maps.load(Ordering::Relaxed);
+        assert!(maps <= 4, "{maps} map calls");
     }
 
     #[test]
