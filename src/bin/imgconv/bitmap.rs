@@ -10,7 +10,7 @@ use imgconv::writer::parse_size;
 use imgconv::Format;
 
 use crate::common::{parse_format, CmdResult};
-use crate::ops_common::refuse_unsupported;
+use crate::ops_common::Unsupported;
 
 /// Arguments of `imgconv bitmap`.
 ///
@@ -51,12 +51,8 @@ pub struct Args {
     /// Image format (probed when omitted; bitmaps exist in qcow2 version 3 images).
     #[arg(short = 'f', long = "format", value_parser = parse_format)]
     format: Option<Format>,
-    /// Not supported (image specifications instead of file names).
-    #[arg(long = "image-opts", hide = true)]
-    image_opts: bool,
-    /// Not supported (secrets for encrypted images).
-    #[arg(long = "object", hide = true)]
-    object: Vec<String>,
+    #[command(flatten)]
+    unsupported: Unsupported,
     /// The image and the bitmap's name.
     #[arg(num_args = 0..)]
     rest: Vec<String>,
@@ -99,7 +95,7 @@ fn ordered_actions(a: &Args) -> Vec<BitmapAction> {
 
 /// Runs `imgconv bitmap`.
 pub fn run(a: Args) -> CmdResult {
-    refuse_unsupported(a.image_opts, &a.object).map_err(|e| (1, e))?;
+    a.unsupported.refuse()?;
     let bad = |m: &str| (1, imgconv::Error::invalid(m.to_string()));
     let any = a.add || a.remove || a.clear || a.enable || a.disable || !a.merge.is_empty();
     if !any {

@@ -8,7 +8,7 @@ use imgconv::ops::CommitOptions;
 use imgconv::Format;
 
 use crate::common::{parse_format, CmdResult};
-use crate::ops_common::{parse_cache, refuse_unsupported, Progress};
+use crate::ops_common::{parse_cache, Progress, Unsupported};
 
 /// Arguments of `imgconv commit`.
 ///
@@ -40,12 +40,8 @@ pub struct Args {
     /// Print nothing but errors.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-    /// Not supported (image specifications instead of file names).
-    #[arg(long = "image-opts", hide = true)]
-    image_opts: bool,
-    /// Not supported (secrets for encrypted images).
-    #[arg(long = "object", hide = true)]
-    object: Vec<String>,
+    #[command(flatten)]
+    unsupported: Unsupported,
     /// The image.
     file: String,
 }
@@ -53,7 +49,7 @@ pub struct Args {
 /// Runs `imgconv commit`.
 pub fn run(a: Args) -> CmdResult {
     let _ = &a.cache;
-    refuse_unsupported(a.image_opts, &a.object).map_err(|e| (1, e))?;
+    a.unsupported.refuse()?;
     if let Some(r) = &a.rate {
         imgconv::writer::parse_size(r).map_err(|_| {
             (

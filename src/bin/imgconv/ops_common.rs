@@ -17,8 +17,27 @@ pub fn parse_cache(s: &str) -> Result<String, String> {
     }
 }
 
+/// `--image-opts` and `--object`, which the image-changing subcommands parse as qemu-img
+/// does and then refuse with a reason ([`Unsupported::refuse`]) rather than ignore.
+#[derive(clap::Args)]
+pub struct Unsupported {
+    /// Not supported (image specifications instead of file names).
+    #[arg(long = "image-opts", hide = true)]
+    image_opts: bool,
+    /// Not supported (secrets for encrypted images).
+    #[arg(long = "object", hide = true)]
+    object: Vec<String>,
+}
+
+impl Unsupported {
+    /// Fails (exit code 1) when either option was given.
+    pub fn refuse(&self) -> Result<(), crate::common::CmdError> {
+        refuse_unsupported(self.image_opts, &self.object).map_err(|e| (1, e))
+    }
+}
+
 /// Options imgconv does not have, refused with a reason rather than ignored.
-pub fn refuse_unsupported(image_opts: bool, objects: &[String]) -> Result<(), imgconv::Error> {
+fn refuse_unsupported(image_opts: bool, objects: &[String]) -> Result<(), imgconv::Error> {
     if image_opts {
         return Err(imgconv::Error::invalid(
             "--image-opts is not supported: give the image as a file name",

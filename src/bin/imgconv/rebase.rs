@@ -8,7 +8,7 @@ use imgconv::ops::RebaseOptions;
 use imgconv::Format;
 
 use crate::common::{parse_format, CmdResult};
-use crate::ops_common::{parse_cache, refuse_unsupported, Progress};
+use crate::ops_common::{parse_cache, Progress, Unsupported};
 
 /// Arguments of `imgconv rebase`.
 ///
@@ -51,12 +51,8 @@ pub struct Args {
     /// Compress the clusters copied into the image.
     #[arg(short = 'c', long = "compress")]
     compress: bool,
-    /// Not supported (image specifications instead of file names).
-    #[arg(long = "image-opts", hide = true)]
-    image_opts: bool,
-    /// Not supported (secrets for encrypted images).
-    #[arg(long = "object", hide = true)]
-    object: Vec<String>,
+    #[command(flatten)]
+    unsupported: Unsupported,
     /// The image.
     file: String,
 }
@@ -64,7 +60,7 @@ pub struct Args {
 /// Runs `imgconv rebase`.
 pub fn run(a: Args) -> CmdResult {
     let _ = (&a.cache, &a.backing_cache, a.force_share);
-    refuse_unsupported(a.image_opts, &a.object).map_err(|e| (1, e))?;
+    a.unsupported.refuse()?;
     if a.backing.is_none() && !a.unsafe_mode {
         return Err((
             1,

@@ -10,7 +10,7 @@ use imgconv::ops::SnapshotAction;
 use imgconv::Format;
 
 use crate::common::{human_size, parse_format, CmdResult};
-use crate::ops_common::refuse_unsupported;
+use crate::ops_common::Unsupported;
 
 /// Arguments of `imgconv snapshot`.
 ///
@@ -42,19 +42,15 @@ pub struct Args {
     /// Print nothing but errors.
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-    /// Not supported (image specifications instead of file names).
-    #[arg(long = "image-opts", hide = true)]
-    image_opts: bool,
-    /// Not supported (secrets for encrypted images).
-    #[arg(long = "object", hide = true)]
-    object: Vec<String>,
+    #[command(flatten)]
+    unsupported: Unsupported,
     /// The image.
     file: String,
 }
 
 /// Runs `imgconv snapshot`.
 pub fn run(a: Args) -> CmdResult {
-    refuse_unsupported(a.image_opts, &a.object).map_err(|e| (1, e))?;
+    a.unsupported.refuse()?;
     let given = [
         a.list,
         a.create.is_some(),
