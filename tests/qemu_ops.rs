@@ -703,3 +703,77 @@ fn commands_match_qemu_img() {
         "bitmap rows compared {set_bits_compared} set bits"
     );
 }
+
+/// `convert --bitmaps` of a source with an in-use (inconsistent) bitmap: refused by both
+/// programs before any output exists; with `--skip-broken-bitmaps` both copy the others.
+#[test]
+fn convert_bitmaps_in_use_refused_or_skipped() {
+    let d = scratch();
+    let img = d.path().join("img.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "16M"]);
+    qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    qemu_img(&["bitmap", "--add", s(&img), "b1"]);
+    qemu_io(&["-c", "write -P 7 1M 64k", s(&img)]);
+    // Mark b0 in use: its directory entry's flags (4 bytes) lie 6 bytes before its
+    // name length (2), extra data size (4) and name. Older copies of the directory
+    // (in freed clusters) get the same mark; only the current one counts.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let needle = b"\x00\x02\x00\x00\x00\x00b0";
+    let places: Vec<usize> = (0..bytes.len() - needle.len())
+        .filter(|&i| &bytes[i..i + needle.len()] == needle)
+        .collect();
+    assert!(!places.is_empty(), "b0's directory entry");
+    for at in places {
+        bytes[at - 3] |= 1;
+    }
+    std::fs::write(&img, &bytes).unwrap();
+    let flags = &qemu_info(&img)["format-specific"]["data"]["bitmaps"];
+    assert!(flags.to_string().contains("in-use"), "{flags}");
+
+    for program in ["qemu-img", imgconv_bin()] {
+        let out = d.path().join("out.qcow2");
+        let _ = std::fs::remove_file(&out);
+        let o = run_in(
+            d.path(),
+            program,
+            &[
+                "convert",
+                "--bitmaps",
+                "-O",
+                "qcow2",
+                "img.qcow2",
+                "out.qcow2",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(1), "{program}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("Cannot copy inconsistent bitmap 'b0'"),
+            "{program}: {err}"
+        );
+        if program != "qemu-img" {
+            assert!(!out.exists(), "imgconv left an output behind");
+        }
+        let o = run_in(
+            d.path(),
+            program,
+            &[
+                "convert",
+                "--bitmaps",
+                "--skip-broken-bitmaps",
+                "-O",
+                "qcow2",
+                "img.qcow2",
+                "out.qcow2",
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "{program}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let names: Vec<String> = bitmap_bits(&out).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["b1"], "{program}");
+        assert_qemu_check_clean(&out);
+    }
+}
