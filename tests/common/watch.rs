@@ -20,6 +20,8 @@ pub struct Watched {
     pub elapsed: Duration,
     /// Peak resident memory.
     pub max_rss_kib: i64,
+    /// CPU time (user and system): unlike wall time, not stretched by a busy disk.
+    pub cpu: Duration,
     /// It was killed for running past the timeout.
     pub timed_out: bool,
 }
@@ -109,7 +111,7 @@ impl Watch<'_> {
         cmd.arg("/usr/bin/time")
             .arg("-o")
             .arg(report.path())
-            .args(["-f", "%x %M"])
+            .args(["-f", "%x %M %U %S"])
             .arg(super::imgconv_bin())
             .args(args)
             .envs(self.env.iter().copied())
@@ -174,22 +176,28 @@ impl Watch<'_> {
             let _ = f.join();
         }
         // "Command terminated by signal N" (or "… exited with non-zero status N"),
-        // then "STATUS MAXRSS".
+        // then "STATUS MAXRSS USER SYSTEM".
         let reported = std::fs::read_to_string(report.path()).unwrap_or_default();
         let signal = reported
             .lines()
             .find_map(|l| l.strip_prefix("Command terminated by signal "))
             .and_then(|n| n.trim().parse::<i32>().ok());
-        let last: Vec<i64> = reported
+        let last: Vec<&str> = reported
             .lines()
             .last()
             .unwrap_or("")
             .split_whitespace()
-            .filter_map(|x| x.parse().ok())
             .collect();
-        let (code, signal, max_rss_kib) = match (&last[..], signal) {
-            (&[_, rss], Some(sig)) => (None, Some(sig), rss),
-            (&[c, rss], None) => (Some(c as i32), None, rss),
+        let int = |i: usize| last.get(i).and_then(|x| x.parse::<i64>().ok());
+        let secs = |i: usize| {
+            last.get(i)
+                .and_then(|x| x.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let cpu = Duration::from_secs_f64(secs(2) + secs(3));
+        let (code, signal, max_rss_kib) = match (int(0), int(1), signal) {
+            (Some(_), Some(rss), Some(sig)) => (None, Some(sig), rss),
+            (Some(c), Some(rss), None) => (Some(c as i32), None, rss),
             // GNU time itself was killed (timeout).
             _ => (None, Some(libc::SIGKILL), 0),
         };
@@ -213,6 +221,7 @@ impl Watch<'_> {
             stderr: err_reader.join().unwrap(),
             elapsed: t.elapsed(),
             max_rss_kib,
+            cpu,
             timed_out: timed_out.load(std::sync::atomic::Ordering::SeqCst),
         }
     }
