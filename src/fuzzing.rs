@@ -382,7 +382,32 @@ pub fn compressed(data: &[u8]) {
     let opts = OpenOptions::untrusted().stream_unknown_length();
     if let Ok(img) = crate::open::open_stream_input(reader, "fuzz-input", &opts) {
         let to_raw = crate::convert::ConvertOptions::new(Format::Raw);
-        let _ = crate::convert::convert_to_writer(&img, Box::new(std::io::sink()), &to_raw);
+        let sink = BudgetSink { left: READ_BUDGET };
+        let _ = crate::convert::convert_to_writer(&img, Box::new(sink), &to_raw);
+    }
+}
+
+/// An output that takes [`READ_BUDGET`] bytes, then fails: a small input may declare a
+/// disk of gigabytes, whose zeros a raw stream must spell out (legitimate, not a hang);
+/// the conversion stops at the budget like one whose reader went away.
+struct BudgetSink {
+    left: u64,
+}
+
+impl std::io::Write for BudgetSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len() as u64;
+        if n > self.left {
+            return Err(std::io::Error::other(
+                "the fuzz target's output budget is spent",
+            ));
+        }
+        self.left -= n;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
