@@ -17,7 +17,7 @@
 //! over as before.
 //!
 //! The page cache of an old file about to be replaced is dropped when its replacement is
-//! created ([`forget_cached_pages`]): the new file's pages then reuse memory instead of
+//! created (`forget_cached_pages`): the new file's pages then reuse memory instead of
 //! pushing other pages out, as they do after QEMU's truncation of its target.
 //!
 //! Dropping an uncommitted set removes its temporary files, and their names are also
