@@ -245,7 +245,8 @@ fn drop_clean_pages(file: &File, len: u64) {
     drop_range(clean_from, len);
 }
 
-/// `struct cachestat` of `<linux/mman.h>`.
+/// `struct cachestat` of `<linux/mman.h>`. Only `nr_dirty` is read; the other fields
+/// are there because the kernel writes the whole struct.
 #[repr(C)]
 #[derive(Default)]
 struct CacheStat {
@@ -381,8 +382,6 @@ impl OutputSet {
         }
         for p in &mut self.files {
             p.wait_forgetting();
-        }
-        for p in &self.files {
             check_target(&p.target)?;
         }
         let mut placed: Vec<Placed> = Vec::with_capacity(self.files.len());
