@@ -126,13 +126,30 @@ need() {
 # ---------------------------------------------------------------- measuring
 # run_timed CMD: runs CMD through bash under GNU time; sets T (seconds), C (CPU seconds,
 # user + system), M (peak KiB), RC (exit status) and ERR (first line of stderr).
+# Waits (at most 2 minutes) until no `imgconv-release` process is left: the one imgconv
+# starts after replacing a big output frees the old file's blocks once imgconv has
+# returned. Every run starts after it, so that it slows no timed run.
+wait_release() {
+    local k
+    for ((k = 0; k < 2400; k++)); do
+        grep -qsx imgconv-release /proc/[0-9]*/comm || return 0
+        sleep 0.05
+    done
+}
+
+# run_timed CMD: sets T (wall s), C (CPU s), M (peak RSS KiB), RC, ERR, and R (s from
+# the command's exit until the old output's blocks were freed in the background).
 run_timed() {
-    local tf=$OUT/.time errf=$OUT/.err t0 t1 cu cs
+    local tf=$OUT/.time errf=$OUT/.err t0 t1 t2 cu cs
+    wait_release
     t0=$(date +%s%N)
     /usr/bin/time -f '%U %S %M' -o "$tf" bash -c "$1" >/dev/null 2>"$errf"
     RC=$?
     t1=$(date +%s%N)
+    wait_release
+    t2=$(date +%s%N)
     T=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
+    R=$(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
     read -r cu cs M < <(tail -n 1 "$tf" 2>/dev/null)
     case $M in '' | *[!0-9]*) M=0 ;; esac
     C=$(awk -v u="${cu:-0}" -v s="${cs:-0}" 'BEGIN { printf "%.2f", u + s }')
@@ -174,7 +191,7 @@ row() {
     # shellcheck disable=SC2086 # a list of names
     need $needs
     echo "row: $label" >&2
-    local note="" it=() bt=() ic=() bc=() im=0 bm=0 k isz bsz
+    local note="" it=() bt=() ic=() bc=() ir=() im=0 bm=0 k isz bsz
     rm -f "$OUT"/i.out* "$OUT"/b.out*
     run_timed "$icmd"
     if [ "$RC" -ne 0 ]; then
@@ -195,15 +212,16 @@ row() {
     run_timed "$bcmd" # warm-up of the baseline
     [ "$RC" -ne 0 ] && note="${note:+$note; }baseline failed ($RC): $ERR"
     if [ -z "$note" ]; then
-        local mode shown imed bmed
+        local mode shown imed bmed rmed rnote
         # fresh: no output file before each run; existing: the previous run's output is
         # still there and gets replaced (the warm-up runs left one for the first run).
         for mode in $TARGETS; do
-            it=() bt=() ic=() bc=() im=0 bm=0
+            it=() bt=() ic=() bc=() ir=() im=0 bm=0
             for ((k = 0; k < N; k++)); do
                 [ "$mode" = fresh ] && rm -f "$OUT"/i.out*
                 run_timed "$icmd"
                 it+=("$T")
+                ir+=("$R")
                 ic+=("$C")
                 [ "$M" -gt "$im" ] && im=$M
                 [ "$mode" = fresh ] && rm -f "$OUT"/b.out*
@@ -219,7 +237,11 @@ row() {
             [ "$label" = "raw→raw vs cp --sparse=always (floor)" ] && CP_MEDIAN[$mode]=$bmed
             shown=$label
             [ "$mode" = existing ] && shown="$label, existing target"
-            ROWS+=("| $shown | $imed | $bmed | $(ratio "$imed" "$bmed") | $(ratio "$imed" "${CP_MEDIAN[$mode]}") | $(median "${ic[@]}") | $(median "${bc[@]}") | $isz | $bsz | $(mib "$im") | $(mib "$bm") | |")
+            rmed=$(median "${ir[@]}")
+            rnote=""
+            awk -v r="$rmed" 'BEGIN { exit !(r >= 0.1) }' \
+                && rnote="old output freed in the background, $rmed s after imgconv returned"
+            ROWS+=("| $shown | $imed | $bmed | $(ratio "$imed" "$bmed") | $(ratio "$imed" "${CP_MEDIAN[$mode]}") | $(median "${ic[@]}") | $(median "${bc[@]}") | $isz | $bsz | $(mib "$im") | $(mib "$bm") | $rnote |")
         done
     else
         ROWS+=("| $label | – | – | – | – | – | – | – | – | – | – | ${note//|/\\|} |")

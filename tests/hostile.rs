@@ -341,6 +341,47 @@ fn an_existing_destination_is_replaced_only_by_a_complete_image() {
     assert_eq!(only_files(d.path()), ["a.raw", "keep.img"]);
 }
 
+/// Replacing a big file (here 80 MiB of blocks, over the 64 MiB from which the old
+/// file's blocks are freed by a background process): `convert`, `dd` and `create`
+/// return with their output captured (the background process holds no stdout or
+/// stderr), the new file in place, the old one unlinked and no temporary name left.
+#[test]
+fn a_big_existing_destination_is_replaced_and_the_old_file_unlinked() {
+    use std::os::unix::fs::MetadataExt;
+    let d = scratch();
+    let src = d.path().join("a.raw");
+    make_raw(&src, 80 << 20, &[(0, 80 << 20, 1)]);
+    let dst = d.path().join("b.raw");
+    let dd_of = format!("of={}", s(&dst));
+    let dd_if = format!("if={}", s(&src));
+    let commands: [(&str, Vec<&str>); 3] = [
+        ("convert", vec!["convert", "-O", "raw", s(&src), s(&dst)]),
+        ("dd", vec!["dd", "-O", "raw", "bs=1M", &dd_if, &dd_of]),
+        ("create", vec!["create", "-f", "raw", s(&dst), "1M"]),
+    ];
+    for (name, args) in commands {
+        make_raw(&dst, 80 << 20, &[(0, 80 << 20, 7)]);
+        let old = std::fs::File::open(&dst).unwrap();
+        let o = imgconv_out(&args);
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            old.metadata().unwrap().nlink(),
+            0,
+            "{name}: old file unlinked"
+        );
+        if name == "create" {
+            assert_eq!(std::fs::metadata(&dst).unwrap().len(), 1 << 20);
+        } else {
+            assert_same(&src, &dst);
+        }
+        assert_eq!(only_files(d.path()), ["a.raw", "b.raw"], "{name}");
+    }
+}
+
 #[test]
 fn fuzz_regressions_do_not_panic() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions");

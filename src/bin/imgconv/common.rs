@@ -271,7 +271,7 @@ pub fn human_size(n: u64) -> String {
 /// Signals that end imgconv after removing its temporary files: interruption and
 /// termination, the CPU-time limit (`prlimit --cpu`), alarms, user signals, and a
 /// closed output pipe (`imgconv info … | head -1`).
-const CLEANUP_SIGNALS: [libc::c_int; 8] = [
+pub const CLEANUP_SIGNALS: [libc::c_int; 8] = [
     libc::SIGINT,
     libc::SIGTERM,
     libc::SIGHUP,

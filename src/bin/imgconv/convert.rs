@@ -334,7 +334,7 @@ fn convert_sources(
     } else if opts.no_create {
         imgconv::io::OutputSet::in_place()
     } else {
-        imgconv::io::OutputSet::new()
+        crate::release::output_set()
     };
     let r = imgconv::convert::convert_to(src.as_ref(), std::path::Path::new(&dst), out, &opts);
     r.map_err(|e| match e {

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use clap::Args as ClapArgs;
 use imgconv::device::ZeroDevice;
-use imgconv::io::OutputSet;
 use imgconv::writer::{parse_size, WriteOptions};
 use imgconv::{ConvertOptions, Format};
 
@@ -120,7 +119,7 @@ pub fn run(a: Args) -> CmdResult {
     imgconv::convert::convert_to(
         &ZeroDevice::new(size),
         Path::new(&file),
-        OutputSet::new(),
+        crate::release::output_set(),
         &opts,
     )
     .map_err(in_file)?;

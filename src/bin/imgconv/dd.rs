@@ -165,7 +165,7 @@ pub fn run(a: Args) -> CmdResult {
     let out = if a.no_create {
         imgconv::io::OutputSet::in_place()
     } else {
-        imgconv::io::OutputSet::new()
+        crate::release::output_set()
     };
     imgconv::convert::convert_to(src.as_ref(), Path::new(output), out, &opts).map_err(|e| {
         (

@@ -19,6 +19,7 @@ mod optionhelp;
 mod progress;
 mod qjson;
 mod rebase;
+mod release;
 mod resize;
 mod snapshot;
 mod spec;
