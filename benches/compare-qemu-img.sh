@@ -126,13 +126,24 @@ need() {
 # ---------------------------------------------------------------- measuring
 # run_timed CMD: runs CMD through bash under GNU time; sets T (seconds), C (CPU seconds,
 # user + system), M (peak KiB), RC (exit status) and ERR (first line of stderr).
-# Waits (at most 2 minutes) until no `imgconv-release` process is left: the one imgconv
-# starts after replacing a big output frees the old file's blocks once imgconv has
-# returned. Every run starts after it, so that it slows no timed run.
+# Waits (at most 2 minutes) until no `imgconv-release` process is running: the one
+# imgconv starts after replacing a big output frees the old file's blocks once imgconv
+# has returned. Every run starts after it, so that it slows no timed run. (A zombie
+# waiting for PID 1 to reap it has done its work.)
+release_running() {
+    local f name state
+    for f in /proc/[0-9]*/comm; do
+        read -r name <"$f" 2>/dev/null || continue
+        [ "$name" = imgconv-release ] || continue
+        read -r _ _ state _ <"${f%comm}stat" 2>/dev/null || continue
+        [ "$state" != Z ] && return 0
+    done
+    return 1
+}
 wait_release() {
     local k
     for ((k = 0; k < 2400; k++)); do
-        grep -qsx imgconv-release /proc/[0-9]*/comm || return 0
+        release_running || return 0
         sleep 0.05
     done
 }
