@@ -602,7 +602,11 @@ mod tests {
 
     /// A set of three files, `a`, `b`, `c`, holding `tag`.
     fn three(dir: &Path, tag: &[u8]) -> OutputSet {
-        let mut o = OutputSet::new();
+        three_in(OutputSet::new(), dir, tag)
+    }
+
+    /// `a`, `b`, `c` holding `tag`, created in `o`.
+    fn three_in(mut o: OutputSet, dir: &Path, tag: &[u8]) -> OutputSet {
         for n in ["a", "b", "c"] {
             o.create(&dir.join(n)).unwrap().write_all(tag).unwrap();
         }
@@ -633,11 +637,8 @@ mod tests {
         tag: &[u8],
     ) -> (OutputSet, std::sync::mpsc::Receiver<Vec<File>>) {
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut o = OutputSet::new().release_replaced_with(move |files| tx.send(files).unwrap());
-        for n in ["a", "b", "c"] {
-            o.create(&dir.join(n)).unwrap().write_all(tag).unwrap();
-        }
-        (o, rx)
+        let o = OutputSet::new().release_replaced_with(move |files| tx.send(files).unwrap());
+        (three_in(o, dir, tag), rx)
     }
 
     /// The release callback gets the replaced files, unlinked and still readable; with
