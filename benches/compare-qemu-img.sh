@@ -124,8 +124,6 @@ need() {
 }
 
 # ---------------------------------------------------------------- measuring
-# run_timed CMD: runs CMD through bash under GNU time; sets T (seconds), C (CPU seconds,
-# user + system), M (peak KiB), RC (exit status) and ERR (first line of stderr).
 # Waits (at most 2 minutes) until no `imgconv-release` process is running: the one
 # imgconv starts after replacing a big output frees the old file's blocks once imgconv
 # has returned. Every run starts after it, so that it slows no timed run. (A zombie
@@ -148,8 +146,10 @@ wait_release() {
     done
 }
 
-# run_timed CMD: sets T (wall s), C (CPU s), M (peak RSS KiB), RC, ERR, and R (s from
-# the command's exit until the old output's blocks were freed in the background).
+# run_timed CMD: runs CMD through bash under GNU time; sets T (seconds), C (CPU seconds,
+# user + system), M (peak KiB), RC (exit status), ERR (first line of stderr) and R
+# (seconds from the command's exit until the old output's blocks were freed in the
+# background).
 run_timed() {
     local tf=$OUT/.time errf=$OUT/.err t0 t1 t2 cu cs
     wait_release

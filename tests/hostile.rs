@@ -342,9 +342,10 @@ fn an_existing_destination_is_replaced_only_by_a_complete_image() {
 }
 
 /// Replacing a big file (here 80 MiB of blocks, over the 64 MiB from which the old
-/// file's blocks are freed by a background process): `convert`, `dd` and `create`
-/// return with their output captured (the background process holds no stdout or
-/// stderr), the new file in place, the old one unlinked and no temporary name left.
+/// file's blocks are freed by a background process): `convert`, `dd` and `create` go
+/// through that path and succeed with the new file in place, the old one unlinked and no
+/// temporary name left. (What the background process holds is checked by the unit test
+/// in `src/bin/imgconv/release.rs`.)
 #[test]
 fn a_big_existing_destination_is_replaced_and_the_old_file_unlinked() {
     use std::os::unix::fs::MetadataExt;

@@ -1154,6 +1154,7 @@ impl Qcow2Edit {
                 // Past both count vectors every cluster counts 0, so only the part of
                 // the block below them is looked at (an old table may name thousands of
                 // blocks of 2^17 to 2^19 one-bit entries each, nearly all past the file).
+                // Taken per block: placing a block allocates, which grows the counts.
                 let known = self.counts.len().max(self.stored.counts.len()) as u64;
                 let range = (b * per).min(known)..((b + 1) * per).min(known);
                 let needed = range.clone().any(|c| self.count(c) > 0);
